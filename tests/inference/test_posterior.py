@@ -1,0 +1,57 @@
+import math
+
+import pytest
+import torch
+
+from mtl_med.inference import PosteriorAggregator, sample_posterior
+from mtl_med.networks import SFGHighResNet
+
+
+def test_regression_mean_and_std_in_chunks():
+    samples = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]).reshape(5, 1, 1, 1)
+    agg = PosteriorAggregator(regression=["ct"], labels={})
+    agg.update({"ct": samples[:2]})
+    agg.update({"ct": samples[2:3]})
+    agg.update({"ct": samples[3]}, stacked=False)
+    agg.update({"ct": samples[4:]})
+    out = agg.result()
+    assert out["ct"].item() == pytest.approx(4.0)
+    assert out["ct_std"].item() == pytest.approx(math.sqrt(((samples - 4.0) ** 2).mean().item()))
+
+
+def test_labels_mode_disagreement_entropy():
+    labels = torch.tensor([0, 1, 1, 2, 1])
+    logits = torch.nn.functional.one_hot(labels, 3).float().reshape(5, 1, 3, 1)  # S, B, C, X
+    agg = PosteriorAggregator(labels={"seg": 3})
+    agg.update({"seg": logits})
+    out = agg.result()
+    assert out["seg"].item() == 1 and out["seg"].dtype == torch.int64
+    assert out["seg_disagreement"].item() == pytest.approx(0.4)
+    freq = torch.tensor([0.2, 0.6, 0.2])
+    assert out["seg_entropy"].item() == pytest.approx(float(-(freq * freq.log()).sum()))
+
+
+def test_single_sample_has_no_spread():
+    agg = PosteriorAggregator(regression=["ct"], labels={"seg": 2})
+    agg.update({"ct": torch.randn(1, 2, 3), "seg": torch.randn(1, 2, 2, 3)})
+    out = agg.result()
+    assert out["ct_std"].abs().max() == 0 and out["seg_disagreement"].abs().max() == 0
+
+
+def test_posterior_of_sfg_highresnet():
+    torch.manual_seed(0)
+    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    x = torch.randn(2, 1, 16, 16)
+    run = lambda seed, **kw: sample_posterior(model, x, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    a, b, c = run(0, num_samples=7, samples_per_batch=3), run(0, num_samples=7, samples_per_batch=3), run(1, num_samples=7, samples_per_batch=3)
+    assert a["sct"].shape == (2, 1, 16, 16) and a["seg"].shape == (2, 1, 16, 16)
+    assert a["seg"].min() >= 0 and a["seg"].max() <= 5
+    assert (a["sct_std"] > 0).any() and (a["sct_std"] >= 0).all()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["sct"], c["sct"])
+    assert model.training  # the model's mode is restored
+
+
+def test_deterministic_network_has_zero_posterior_spread():
+    model = SFGHighResNet(features=(4, 8, 8), sharing="hard_sharing")
+    out = sample_posterior(model, torch.randn(1, 1, 16, 16), num_samples=4, samples_per_batch=2)
+    assert out["sct_std"].max() < 1e-5 and out["seg_disagreement"].max() == 0
