@@ -2,3 +2,4 @@
 
 from .masked import MaskedCrossEntropyLoss, MaskedDiceCELoss, MaskedRMSELoss
 from .multitask import MultiTaskLoss
+from .adashare import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss

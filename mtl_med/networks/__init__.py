@@ -3,3 +3,5 @@
 from .highresnet import SFGHighResNet
 from .sfg import SFGNetwork
 from .vgg import VGG_CFGS, SFGVGG
+from .resnet import ResNet, TaskHeads, resnet18, resnet34
+from .vgg import TaskRoutingVGG

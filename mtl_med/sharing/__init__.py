@@ -1,1 +1,3 @@
 """mtl_med.sharing"""
+
+from . import adashare

@@ -1,0 +1,217 @@
+"""Task Routing (Strezoski et al., ICCV 2019): fixed random per-task channel masks.
+
+Sharing-ratio convention (the paper's, sections 3 and 4.2): ``sigma`` is the fraction of the units
+of a layer that are *shared by every task*; the other ``1 - sigma`` are task specific. ``sigma = 0``
+gives each task its own units (disjoint subnetworks when there are at least as many units as
+tasks), ``sigma = 1`` makes every unit shared (hard parameter sharing). The authors' public code
+uses the opposite convention (its ``sigma`` is the fraction of units *nullified* per task, drawn
+independently per task); convert with care when comparing.
+
+With ``C`` units, ``T`` tasks and ``n_s = round(sigma * C)`` shared units, the ``C - n_s`` specific
+units are dealt out at random to the tasks in turn, so every unit is used by at least one task and
+each mask row has about ``(1 - sigma) * C * (1 - 1 / T)`` zeros. When ``C - n_s < T`` each task gets
+one specific unit and the specific units are reused by several tasks.
+
+The active task is an argument of ``forward`` (an ``int``, or a ``LongTensor`` of per-example task
+ids), never a global, so DataParallel/DDP replicas and concurrent models cannot disturb one another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "routing_masks",
+    "TaskRouting",
+    "TaskSampler",
+    "split_by_task",
+    "as_task_index",
+]
+
+
+def routing_masks(
+    num_tasks: int,
+    num_units: int,
+    sigma: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Binary routing masks ``(num_tasks, num_units)`` (``bool``) for sharing ratio ``sigma``.
+
+    Args:
+        num_tasks: number of tasks ``T`` (>= 1).
+        num_units: number of channels ``C`` of the routed layer (>= 1).
+        sigma: fraction of units shared by all tasks, in ``[0, 1]`` (see module docstring).
+        generator: source of randomness (CPU generator); ``None`` uses torch's global RNG.
+    """
+    if num_tasks < 1 or num_units < 1:
+        raise ValueError(f"need num_tasks >= 1 and num_units >= 1, got {num_tasks=}, {num_units=}")
+    if not 0.0 <= float(sigma) <= 1.0:
+        raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+    masks = torch.zeros(num_tasks, num_units, dtype=torch.bool)
+    perm = torch.randperm(num_units, generator=generator)
+    n_shared = int(round(float(sigma) * num_units))
+    shared, specific = perm[:n_shared], perm[n_shared:]
+    masks[:, shared] = True
+    n_spec = specific.numel()
+    if n_spec:
+        task_order = torch.randperm(num_tasks, generator=generator)
+        if n_spec >= num_tasks:
+            # deal the specific units to the tasks in turn: each unit owned by exactly one task
+            owners = task_order[torch.arange(n_spec) % num_tasks]
+            masks[owners, specific] = True
+        else:
+            # fewer units than tasks: one unit per task, every unit used by at least one task
+            units = specific[torch.arange(num_tasks) % n_spec]
+            masks[task_order, units] = True
+    return masks
+
+
+def as_task_index(task: int | str | torch.Tensor, task_names: Sequence[str]) -> int | torch.Tensor:
+    """Normalise a task given by name, index or per-example id tensor; checks the range."""
+    n = len(task_names)
+    if isinstance(task, str):
+        if task not in task_names:
+            raise KeyError(f"unknown task {task!r}; tasks are {list(task_names)}")
+        return list(task_names).index(task)
+    if isinstance(task, torch.Tensor):
+        if task.ndim == 0:
+            task = int(task.item())
+        else:
+            if task.dtype.is_floating_point or task.dtype == torch.bool:
+                raise TypeError(f"per-example task ids must be an integer tensor, got {task.dtype}")
+            if task.numel() and (int(task.min()) < 0 or int(task.max()) >= n):
+                raise IndexError(f"task ids must be in [0, {n}), got range [{int(task.min())}, {int(task.max())}]")
+            return task.long()
+    task = int(task)
+    if not 0 <= task < n:
+        raise IndexError(f"task index {task} out of range for {n} tasks")
+    return task
+
+
+class TaskRouting(nn.Module):
+    """Task Routing Layer (section 3.2, eq. 1): ``TRL_A(X) = m_A * X`` channel-wise.
+
+    Place it right after batch-norm (section 3.2, fig. 3). The masks are a non-trainable ``bool``
+    buffer ``masks`` of shape ``(num_tasks, num_units)``, saved and restored with ``state_dict``.
+    The product is out of place, so a masked channel receives exactly zero gradient whatever
+    activation follows.
+
+    Args:
+        num_units: number of channels ``C``.
+        num_tasks: number of tasks ``T``.
+        sigma: sharing ratio, the fraction of units shared by all tasks (paper convention,
+            0 = task-specific units only, 1 = hard sharing).
+        generator: a ``torch.Generator`` for the masks (takes precedence over ``seed``).
+        seed: seed for a private generator when ``generator`` is not given; with neither, the
+            global RNG is used.
+        masks: explicit ``(num_tasks, num_units)`` masks instead of random ones.
+
+    ``forward(x, task)``: ``x`` is ``(B, C, *spatial)`` (any number of spatial dims, or none);
+    ``task`` is an ``int`` (one task for the whole batch, algorithm 1) or a ``LongTensor`` of
+    shape ``(B,)`` with one task id per example.
+    """
+
+    def __init__(
+        self,
+        num_units: int,
+        num_tasks: int,
+        sigma: float = 0.5,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        masks: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.num_units, self.num_tasks, self.sigma = int(num_units), int(num_tasks), float(sigma)
+        if masks is None:
+            if generator is None and seed is not None:
+                generator = torch.Generator().manual_seed(int(seed))
+            masks = routing_masks(self.num_tasks, self.num_units, self.sigma, generator)
+        masks = torch.as_tensor(masks).bool()
+        if masks.shape != (self.num_tasks, self.num_units):
+            raise ValueError(f"masks must have shape ({num_tasks}, {num_units}), got {tuple(masks.shape)}")
+        if not bool(masks.any(0).all()):
+            raise ValueError("every unit must be used by at least one task")
+        self.register_buffer("masks", masks)
+
+    def mask_for(self, task: int | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Mask rows for ``task``: ``(1, C)`` for an ``int``, ``(B, C)`` for per-example ids."""
+        if isinstance(task, torch.Tensor) and task.ndim > 0:
+            m = self.masks[task.to(self.masks.device)]
+        else:
+            m = self.masks[int(task)].unsqueeze(0)
+        return m if dtype is None else m.to(dtype)
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.num_units:
+            raise ValueError(f"expected {self.num_units} channels, got input of shape {tuple(x.shape)}")
+        m = self.mask_for(task, x.dtype)
+        m = m.reshape(m.shape + (1,) * (x.ndim - 2))
+        return x * m
+
+    def extra_repr(self) -> str:
+        return f"num_units={self.num_units}, num_tasks={self.num_tasks}, sigma={self.sigma}"
+
+
+class TaskSampler:
+    """Draws the active task of each mini-batch (algorithm 1, line 3), from an explicit seed.
+
+    ``sample()`` returns a task index; ``sample(batch_size)`` returns a ``LongTensor`` of
+    per-example task ids (the "all tasks in one batch" option). Iterating yields one task index
+    per mini-batch forever; ``zip(loader, sampler)`` pairs batches with tasks.
+
+    Args:
+        num_tasks: number of tasks.
+        seed: seed of the private generator.
+        weights: optional (unnormalised) sampling weights per task; uniform by default.
+    """
+
+    def __init__(self, num_tasks: int, seed: int = 0, weights: Sequence[float] | None = None):
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        self.num_tasks = int(num_tasks)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        w = torch.ones(self.num_tasks) if weights is None else torch.as_tensor(weights, dtype=torch.float)
+        if w.shape != (self.num_tasks,) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(f"weights must be {num_tasks} non-negative numbers with a positive sum")
+        self.weights = w
+
+    def sample(self, batch_size: int | None = None) -> int | torch.Tensor:
+        n = 1 if batch_size is None else int(batch_size)
+        ids = torch.multinomial(self.weights, n, replacement=True, generator=self.generator)
+        return int(ids[0]) if batch_size is None else ids
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            yield self.sample()
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def split_by_task(
+    values: torch.Tensor | Mapping[str, torch.Tensor],
+    task_ids: torch.Tensor,
+    task_names: Sequence[str],
+) -> dict[str, torch.Tensor]:
+    """Group the rows of a batch by their task id.
+
+    ``values`` is a ``(B, ...)`` tensor (one output per example) or a mapping task name -> ``(B, ...)``
+    targets; returns ``{task_name: rows whose id is that task}`` for every task present, in batch
+    order. Used with per-example task ids so that outputs and targets line up for
+    :class:`mtl_med.losses.MultiTaskLoss`.
+    """
+    out = {}
+    ids = task_ids.long()
+    for k in torch.unique(ids).tolist():
+        name = task_names[k]
+        sel = (ids == k).nonzero(as_tuple=True)[0]
+        v = values[name] if isinstance(values, Mapping) else values
+        out[name] = v[sel.to(v.device)]
+    return out
+

@@ -1,0 +1,86 @@
+"""AdaShare policy losses (Sun et al., NeurIPS 2020, section 3.2, eq. 4-7).
+
+The task term of eq. 4, ``sum_k lambda_k L_k``, is :class:`mtl_med.losses.MultiTaskLoss` with
+``weights=lambda``; the policy terms below enter through the network's ``regularizer()``.
+``alpha`` is the ``(K, L)`` matrix of probabilities of executing block ``l`` for task ``k``
+(:meth:`mtl_med.layers.block_gate.BlockPolicy.select_probability`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["ADASHARE_HPARAMS", "adashare_sparsity_loss", "adashare_sharing_loss", "AdaShareRegularizer"]
+
+#: Table 7 of the paper: learning rates and loss weights per benchmark.
+ADASHARE_HPARAMS = {
+    "nyu_v2_2task": {"weight_lr": 0.001, "policy_lr": 0.01, "lambda": {"seg": 1, "sn": 20}, "lambda_sp": 0.05, "lambda_sh": 0.05},
+    "cityscapes": {"weight_lr": 0.0001, "policy_lr": 0.01, "lambda": {"seg": 1, "depth": 20}, "lambda_sp": 0.01, "lambda_sh": 0.1},
+    "nyu_v2_3task": {
+        "weight_lr": 0.001,
+        "policy_lr": 0.01,
+        "lambda": {"seg": 1, "sn": 20, "depth": 3},
+        "lambda_sp": 0.001,
+        "lambda_sh": 0.05,
+    },
+    "tiny_taskonomy": {
+        "weight_lr": 0.001,
+        "policy_lr": 0.01,
+        "lambda": {"seg": 1, "sn": 3, "depth": 2, "kp": 7, "edge": 7},
+        "lambda_sp": 0.001,
+        "lambda_sh": 0.005,
+    },
+}
+# defaults: the ResNet-18 set-up (NYU v2 2-task row of Table 7)
+DEFAULT_LAMBDA_SPARSITY = ADASHARE_HPARAMS["nyu_v2_2task"]["lambda_sp"]
+DEFAULT_LAMBDA_SHARING = ADASHARE_HPARAMS["nyu_v2_2task"]["lambda_sh"]
+
+
+def _check(alpha: torch.Tensor) -> None:
+    if alpha.ndim != 2:
+        raise ValueError(f"alpha must be (num_tasks, num_blocks), got shape {tuple(alpha.shape)}")
+
+
+def adashare_sparsity_loss(alpha: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Eq. 5: ``sum_{l,k} log alpha_{l,k}`` (minimised: fewer executed blocks).
+
+    The paper's form is unbounded below as ``alpha -> 0``; it is weighted with the small
+    ``lambda_sp`` of Table 7. ``eps`` (default 0, the paper) clamps ``alpha`` from below.
+    """
+    _check(alpha)
+    return alpha.clamp_min(eps).log().sum() if eps > 0 else alpha.log().sum()
+
+
+def adashare_sharing_loss(alpha: torch.Tensor) -> torch.Tensor:
+    """Eq. 6: ``sum_{k1,k2} sum_l (L - l)/L |alpha_{l,k1} - alpha_{l,k2}|``, ``l = 1..L``.
+
+    Sums over ordered task pairs as written; the weight ``(L - l)/L`` is largest for the bottom
+    block, so sharing the low-level blocks is encouraged most. (The authors' released code weights
+    block ``l`` by ``l/L``, over unordered pairs of raw logits; this follows the paper.)
+    """
+    _check(alpha)
+    num_blocks = alpha.shape[1]
+    l = torch.arange(1, num_blocks + 1, dtype=alpha.dtype, device=alpha.device)
+    w = (num_blocks - l) / num_blocks
+    diff = (alpha[:, None, :] - alpha[None, :, :]).abs()  # (K, K, L)
+    return (diff * w).sum()
+
+
+class AdaShareRegularizer(nn.Module):
+    """``lambda_sp * L_sparsity + lambda_sh * L_sharing`` of eq. 7.
+
+    Args:
+        lambda_sparsity: weight of eq. 5 (Table 7; default 0.05, NYU v2 2-task).
+        lambda_sharing: weight of eq. 6 (Table 7; default 0.05, NYU v2 2-task).
+    """
+
+    def __init__(self, lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY, lambda_sharing: float = DEFAULT_LAMBDA_SHARING):
+        super().__init__()
+        self.lambda_sparsity, self.lambda_sharing = float(lambda_sparsity), float(lambda_sharing)
+
+    def forward(self, alpha: torch.Tensor) -> torch.Tensor:
+        return self.lambda_sparsity * adashare_sparsity_loss(alpha) + self.lambda_sharing * adashare_sharing_loss(alpha)
+
+    def extra_repr(self) -> str:
+        return f"lambda_sparsity={self.lambda_sparsity}, lambda_sharing={self.lambda_sharing}"

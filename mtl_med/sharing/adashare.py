@@ -1,0 +1,292 @@
+"""AdaShare training strategy (Sun et al., NeurIPS 2020, section 3.3) as reusable pieces.
+
+Policy-learning phase: warm up the weights with every block shared (``set_policy_mode(model,
+"warmup")``), then in each epoch ``l = 1, 2, ...`` learn the policy of the last ``l`` blocks only
+(:func:`apply_curriculum`), alternating 80% of the training data for the weights (SGD) and 20% for
+the policy logits (Adam) (:func:`split_weight_policy_data`, :func:`make_optimizers`,
+:func:`alternate_epoch`), annealing the temperature after each alternation. Re-training phase:
+sample a discrete policy (:func:`sample_policy`) and train the network it defines from scratch
+(:func:`build_retrain_network`). The policy is saved with :func:`export_policy_json` and drawn as
+the paper's fig. 3 grid by :func:`policy_figure` / :func:`policy_image`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, random_split
+
+from mtl_med.losses.adashare import ADASHARE_HPARAMS
+
+__all__ = [
+    "policy_module",
+    "set_policy_mode",
+    "curriculum_num_blocks",
+    "apply_curriculum",
+    "split_parameters",
+    "make_optimizers",
+    "split_weight_policy_data",
+    "alternate_epoch",
+    "sample_policy",
+    "build_retrain_network",
+    "export_policy_json",
+    "load_policy_json",
+    "policy_figure",
+    "policy_image",
+]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DataParallel / DDP
+
+
+def policy_module(model: nn.Module):
+    """The :class:`~mtl_med.layers.block_gate.BlockPolicy` of an AdaShare network."""
+    policy = getattr(_unwrap(model), "policy", None)
+    if policy is None or not hasattr(policy, "logits"):
+        raise ValueError(f"{type(_unwrap(model)).__name__} has no AdaShare policy (build it with sharing='adashare')")
+    return policy
+
+
+def set_policy_mode(model: nn.Module, mode: str) -> None:
+    """``"warmup"`` (all blocks shared), ``"learn"`` (Gumbel-Softmax) or ``"fixed"`` (discrete policy)."""
+    policy_module(model).set_mode(mode)
+
+
+def curriculum_num_blocks(epoch: int, num_blocks: int) -> int:
+    """Blocks whose policy is learned in policy-learning epoch ``epoch`` (1-based): ``min(epoch, L)``."""
+    return max(0, min(int(epoch), int(num_blocks)))
+
+
+def apply_curriculum(model: nn.Module, epoch: int) -> int:
+    """Section 3.3 curriculum: in epoch ``l`` learn the last ``l`` blocks; the first ``L - l`` are
+    executed by every task and their logits get zero gradient. Returns the learned block count."""
+    policy = policy_module(model)
+    n = curriculum_num_blocks(epoch, policy.num_blocks)
+    policy.set_num_learnable(n)
+    return n
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(weight_parameters, policy_parameters)``: network weights and AdaShare policy logits."""
+    policy = policy_module(model)
+    ids = {id(p) for p in policy.parameters()}
+    weights = [p for p in _unwrap(model).parameters() if id(p) not in ids]
+    return weights, list(policy.parameters())
+
+
+def make_optimizers(
+    model: nn.Module,
+    weight_lr: float = ADASHARE_HPARAMS["nyu_v2_2task"]["weight_lr"],
+    policy_lr: float = ADASHARE_HPARAMS["nyu_v2_2task"]["policy_lr"],
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+) -> tuple[torch.optim.SGD, torch.optim.Adam]:
+    """SGD for the weights and Adam for the policy (section 4, Table 7 learning rates).
+
+    The policy optimiser has no weight decay, so curriculum-frozen logits (zero gradient) stay
+    exactly unchanged.
+    """
+    weights, policy = split_parameters(model)
+    return (
+        torch.optim.SGD(weights, lr=weight_lr, momentum=momentum, weight_decay=weight_decay),
+        torch.optim.Adam(policy, lr=policy_lr),
+    )
+
+
+def split_weight_policy_data(dataset: Dataset, weight_fraction: float = 0.8, seed: int = 0) -> tuple[Subset, Subset]:
+    """Seeded disjoint split of the training set: ``weight_fraction`` (80%, section 3.3) for the
+    weights, the rest for the policy logits."""
+    if not 0.0 < weight_fraction < 1.0:
+        raise ValueError(f"weight_fraction must be in (0, 1), got {weight_fraction}")
+    n = len(dataset)
+    n_weight = int(round(weight_fraction * n))
+    if n_weight in (0, n):
+        raise ValueError(f"a dataset of {n} items cannot be split {weight_fraction:.0%}/{1 - weight_fraction:.0%}")
+    w, p = random_split(dataset, [n_weight, n - n_weight], generator=torch.Generator().manual_seed(int(seed)))
+    return w, p
+
+
+def _default_prepare(batch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
+    return batch["image"], batch["targets"]
+
+
+def alternate_epoch(
+    model: nn.Module,
+    weight_loader: Iterable,
+    policy_loader: Iterable,
+    loss_fn: Callable,
+    weight_optimizer: torch.optim.Optimizer,
+    policy_optimizer: torch.optim.Optimizer,
+    temperature=None,
+    prepare_batch: Callable = _default_prepare,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """One alternation of the policy-learning phase (section 3.3).
+
+    The weights are updated on ``weight_loader`` with the policy logits fixed, then the logits on
+    ``policy_loader`` with the weights fixed; both use soft Gumbel-Softmax decisions. ``loss_fn``
+    is called as ``loss_fn(outputs, targets, model=model)`` and returns a scalar or
+    ``(total, terms)`` (as :class:`mtl_med.losses.MultiTaskLoss`, whose ``model`` argument adds the
+    policy regulariser). ``temperature`` (e.g. ``StepTemperature()``) is stepped once at the end
+    and written to the network. Returns the mean weight and policy losses.
+    """
+    policy = policy_module(model)
+    if policy.mode != "learn":
+        raise RuntimeError(f"alternate_epoch needs the policy in 'learn' mode, it is {policy.mode!r}")
+    weights, logits = split_parameters(model)
+    flags = {id(p): p.requires_grad for p in weights + logits}
+    model.train()
+    means = {}
+    try:
+        for name, loader, opt, train_p, frozen_p in (
+            ("weight_loss", weight_loader, weight_optimizer, weights, logits),
+            ("policy_loss", policy_loader, policy_optimizer, logits, weights),
+        ):
+            for p in frozen_p:
+                p.requires_grad_(False)
+            for p in train_p:
+                p.requires_grad_(flags[id(p)])
+            total, count = 0.0, 0
+            for batch in loader:
+                x, targets = prepare_batch(batch)
+                if device is not None:
+                    x = x.to(device)
+                    targets = {k: v.to(device) for k, v in targets.items()}
+                out = model(x, generator=generator)
+                loss = loss_fn(out, targets, model=model)
+                loss = loss[0] if isinstance(loss, tuple) else loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, count = total + float(loss.detach()), count + 1
+            means[name] = total / max(count, 1)
+    finally:
+        for p in weights + logits:
+            p.requires_grad_(flags[id(p)])
+    if temperature is not None:
+        value = float(temperature.step())
+        policy.set_tau(value)
+        means["tau"] = value
+    return means
+
+
+def sample_policy(model: nn.Module, generator: torch.Generator | None = None, deterministic: bool = False) -> torch.Tensor:
+    """A discrete ``(K, L)`` bool select-or-skip policy from the learned distribution (section 3.3)."""
+    return policy_module(model).sample(generator=generator, deterministic=deterministic)
+
+
+def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, seed: int | None = None) -> nn.Module:
+    """A fresh network with the constructor arguments of ``model`` and the discrete ``policy``.
+
+    Its weights are newly initialised (re-trained from scratch, section 3.3); ``seed`` seeds the
+    initialisation (torch's global RNG is used and restored).
+    """
+    base = _unwrap(model)
+    args = dict(getattr(base, "init_args", {}))
+    if not args:
+        raise ValueError(f"{type(base).__name__} does not record its constructor arguments (init_args)")
+    args["policy"] = torch.as_tensor(policy).bool().cpu()
+    if seed is None:
+        return type(base)(**args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return type(base)(**args)
+
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def export_policy_json(
+    path: str | os.PathLike,
+    model: nn.Module,
+    policy: torch.Tensor | None = None,
+) -> dict:
+    """Write the task names, block names, ``alpha`` and a discrete policy (default: the network's
+    fixed policy, or the most likely decisions) to JSON; returns the written dictionary."""
+    base, pm = _unwrap(model), policy_module(model)
+    if policy is None:
+        policy = pm.policy if pm.mode == "fixed" else pm.sample(deterministic=True)
+    record = {
+        "task_names": list(getattr(base, "task_names", [f"task_{k}" for k in range(pm.num_tasks)])),
+        "block_names": list(getattr(base, "block_names", [f"block_{l}" for l in range(pm.num_blocks)])),
+        "select_probability": pm.select_probability().detach().cpu().tolist(),
+        "policy": torch.as_tensor(policy).int().cpu().tolist(),
+        "tau": float(pm.tau),
+    }
+    _atomic_write_text(path, json.dumps(record, indent=2))
+    return record
+
+
+def load_policy_json(path: str | os.PathLike) -> dict:
+    """Read :func:`export_policy_json` output; ``"policy"`` comes back as a ``(K, L)`` bool tensor."""
+    with open(path) as f:
+        record = json.load(f)
+    for key in ("task_names", "policy"):
+        if key not in record:
+            raise ValueError(f"{path}: not an AdaShare policy file (no {key!r})")
+    record["policy"] = torch.tensor(record["policy"], dtype=torch.bool)
+    if record["policy"].shape[0] != len(record["task_names"]):
+        raise ValueError(f"{path}: policy has {record['policy'].shape[0]} rows for {len(record['task_names'])} tasks")
+    return record
+
+
+def policy_figure(
+    select_probability: torch.Tensor | np.ndarray,
+    policy: torch.Tensor | np.ndarray | None = None,
+    task_names: Sequence[str] | None = None,
+    block_names: Sequence[str] | None = None,
+):
+    """Fig. 3 of the paper: a task x block grid whose darkness is the probability of selecting the
+    block; a cross marks a skipped block of the discrete ``policy``. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
+
+    alpha = np.asarray(torch.as_tensor(select_probability).detach().cpu(), dtype=float)
+    k, l = alpha.shape
+    fig = Figure(figsize=(max(3.0, 0.45 * l + 1.5), max(1.5, 0.45 * k + 0.8)), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(alpha, cmap="Blues", vmin=0.0, vmax=1.0, aspect="equal")
+    if policy is not None:
+        skipped = np.argwhere(~np.asarray(torch.as_tensor(policy).cpu(), dtype=bool))
+        if len(skipped):
+            ax.scatter(skipped[:, 1], skipped[:, 0], marker="x", c="red", s=40)
+    ax.set_xticks(range(l))
+    ax.set_xticklabels(block_names or [str(i + 1) for i in range(l)], rotation=90, fontsize=7)
+    ax.set_yticks(range(k))
+    ax.set_yticklabels(task_names or [f"task {i}" for i in range(k)], fontsize=8)
+    ax.set_xticks(np.arange(-0.5, l, 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, k, 1), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    fig.tight_layout()
+    return fig
+
+
+def policy_image(*args, **kwargs) -> np.ndarray:
+    """:func:`policy_figure` rendered to an RGB ``uint8`` array ``(H, W, 3)``, for TensorBoard's
+    ``add_image(tag, image, step, dataformats="HWC")``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = policy_figure(*args, **kwargs)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
