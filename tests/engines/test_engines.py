@@ -1,0 +1,131 @@
+import pytest
+import torch
+from monai.handlers import MeanAbsoluteError
+from torch.utils.tensorboard import SummaryWriter
+
+from mtl_med.engines import (
+    GroupingHandler,
+    MultiTaskEvaluator,
+    MultiTaskPrepareBatch,
+    MultiTaskTrainer,
+    TemperatureHandler,
+    loss_terms,
+    simplex_image,
+    task_output,
+)
+from mtl_med.layers import ExponentialTemperature
+from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
+from mtl_med.networks import SFGHighResNet
+
+
+def _batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 2:14, 2:14] = 1
+    return [
+        {
+            "mr": torch.randn(2, 1, 16, 16, generator=g),
+            "ct": torch.rand(2, 1, 16, 16, generator=g),
+            "label": torch.randint(0, 6, (2, 1, 16, 16), generator=g),
+            "mask": mask,
+        }
+        for _ in range(n)
+    ]
+
+
+class _SpyLoss(MaskedRMSELoss):
+    masks = []
+
+    def forward(self, input, target, mask=None):
+        self.masks.append(mask)
+        return super().forward(input, target, mask)
+
+
+def test_trainer_runs_multitask_loss_with_mask_regularizer_and_temperature():
+    torch.manual_seed(0)
+    net = SFGHighResNet(features=(4, 8, 8))
+    before = [p.detach().clone() for p in net.parameters()]
+    spy = _SpyLoss()
+    loss = MultiTaskLoss({"sct": spy, "seg": MaskedDiceCELoss()})
+    schedule = ExponentialTemperature(rate=0.1)  # fast, to see it move
+    trainer = MultiTaskTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=_batches(),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+        loss_function=loss,
+        prepare_batch=MultiTaskPrepareBatch("mr", {"sct": "ct", "seg": "label"}, mask_key="mask"),
+        train_handlers=[TemperatureHandler(schedule, net)],
+    )
+    trainer.run()
+    assert net.temperature == pytest.approx(schedule(2))  # set before the third iteration
+    out = trainer.state.output
+    assert set(out["terms"]) == {"sct", "seg", "regularizer"}
+    assert set(loss_terms(out)) == {"loss/sct", "loss/seg", "loss/regularizer", "loss/total"}
+    assert len(spy.masks) == 3 and all(m is not None and m.sum() == 2 * 144 for m in spy.masks)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_trainer_with_one_task_per_minibatch():
+    from mtl_med.networks import resnet18
+
+    net = resnet18(spatial_dims=2, in_channels=1, task_names=("sct", "seg"), out_channels=(1, 1), widths=(4, 4, 8, 8), sharing="routing")
+    tasks = iter(["seg", "sct", "seg"])
+    trainer = MultiTaskTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"x": torch.randn(2, 1, 16, 16), "a": torch.randn(2, 1), "b": torch.randn(2, 1)} for _ in range(3)],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), 1e-3),
+        loss_function=MultiTaskLoss({"sct": torch.nn.functional.mse_loss, "seg": torch.nn.functional.mse_loss}),
+        prepare_batch=MultiTaskPrepareBatch("x", {"sct": "a", "seg": "b"}),
+        task_sampler=lambda: next(tasks),
+    )
+    trainer.run()
+    assert set(trainer.state.output["terms"]) - {"regularizer"} == {"seg"}
+
+
+def test_evaluator_metric_of_one_task():
+    torch.manual_seed(0)
+    net = SFGHighResNet(features=(4, 8, 8))
+    data = _batches(2)
+    evaluator = MultiTaskEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=data,
+        network=net,
+        prepare_batch=MultiTaskPrepareBatch("mr", {"sct": "ct", "seg": "label"}, mask_key="mask"),
+        key_val_metric={"sct_mae": MeanAbsoluteError(output_transform=task_output("sct"))},
+        forward_kwargs={"generator": torch.Generator().manual_seed(0)},
+    )
+    net.set_inference("argmax")
+    evaluator.run()
+    net.eval()
+    with torch.no_grad():
+        expected = torch.cat([(net(b["mr"])["sct"] - b["ct"]).abs().flatten() for b in data]).mean()
+    assert evaluator.state.metrics["sct_mae"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_grouping_handler_writes_proportions_and_simplex_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from ignite.engine import Engine
+
+    net = SFGHighResNet(features=(4, 8, 8))
+    writer = SummaryWriter(tmp_path)
+    engine = Engine(lambda e, b: None)
+    GroupingHandler(writer, net, interval=1).attach(engine)
+    engine.run([0], max_epochs=1)
+    writer.flush()
+    acc = EventAccumulator(str(tmp_path)).Reload()
+    assert "sfg/sfg.0/shared" in acc.Tags()["scalars"]
+    assert acc.Scalars("sfg/sfg.0/shared")[0].value == 1.0  # p = [0.2, 0.2, 0.6]: all argmax shared
+    assert "sfg_simplex/sfg.4" in acc.Tags()["images"]
+
+
+def test_simplex_image_places_points_by_probability():
+    img = simplex_image(torch.tensor([[0.0, 0.0, 1.0]] * 5))
+    assert img.dtype.name == "uint8" and img.ndim == 3 and img.shape[2] == 3
+    h, w, _ = img.shape
+    top, bottom = img[: h // 3], img[2 * h // 3 :]
+    green = lambda a: ((a[..., 1].astype(int) - a[..., 0] > 40) & (a[..., 1].astype(int) - a[..., 2] > 40)).sum()  # noqa: E731
+    assert green(top) > 0 and green(bottom) == 0  # all shared: the points sit at the top corner
