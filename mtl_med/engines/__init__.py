@@ -1,4 +1,4 @@
 """Glue to MONAI / ignite engines: multi-task batches, losses and sharing-specific handlers."""
 
-from .handlers import GroupingHandler, TemperatureHandler, simplex_image
+from .handlers import ExampleSlicesHandler, GroupingHandler, TemperatureHandler, rank_zero_first, simplex_image
 from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer, loss_terms, task_output

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["TemperatureHandler", "GroupingHandler", "simplex_image"]
+__all__ = ["TemperatureHandler", "GroupingHandler", "ExampleSlicesHandler", "simplex_image", "rank_zero_first"]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +104,51 @@ class GroupingHandler:
             for layer, p in net.grouping_probabilities().items():
                 self.writer.add_image(f"sfg_simplex/{layer}", simplex_image(p, labels, layer), step, dataformats="HWC")
         log.info("iteration %d grouping %s", step, {k: [round(x, 2) for x in v] for k, v in net.group_proportions().items()})
+
+
+class ExampleSlicesHandler:
+    """After each validation run, writes one axial slice of the first case as a TensorBoard image
+    row: MR, CT, synthetic CT, label map, predicted label map (the last two as labels / max label).
+
+    Expects an evaluator output with ``image`` (``B1XYZ``), ``label`` and ``pred`` dicts holding
+    ``ct_key`` / ``seg_key`` in network units (CT / 1024 + 1, A.3) and logits.
+    """
+
+    def __init__(self, summary_writer, step_transform=None, ct_key: str = "sct", seg_key: str = "seg", window=(-1024.0, 1500.0), tag: str = "val/example_slices"):
+        self.writer, self.step_transform, self.ct_key, self.seg_key = summary_writer, step_transform, ct_key, seg_key
+        self.window, self.tag = window, tag
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self)
+
+    def __call__(self, engine: Engine) -> None:
+        out = engine.state.output
+        image, label, pred = out["image"], out["label"], out["pred"]
+        z = image.shape[-1] // 2
+
+        def plane(x):
+            return torch.as_tensor(x)[0, 0, ..., z].detach().float().cpu()
+
+        lo, hi = self.window
+        ct_unit = lambda x: ((plane(x) - 1.0) * 1024.0 - lo) / (hi - lo)  # noqa: E731  CT/1024 + 1 -> window
+        mr = plane(image)
+        tiles = [(mr - mr.min()) / (mr.max() - mr.min()).clamp_min(1e-6)]
+        if self.ct_key in label:
+            tiles.append(ct_unit(label[self.ct_key]))
+        tiles.append(ct_unit(pred[self.ct_key]))
+        n = max(int(pred[self.seg_key].shape[1]) - 1, 1)
+        if self.seg_key in label:
+            tiles.append(plane(label[self.seg_key]) / n)
+        tiles.append(plane(pred[self.seg_key].argmax(1, keepdim=True)) / n)
+        row = torch.cat([t.clamp(0, 1).T.flip(0) for t in tiles], 1)  # axial view, anterior up
+        step = self.step_transform(engine) if self.step_transform else engine.state.epoch
+        self.writer.add_image(self.tag, row[None], step)
+
+
+def rank_zero_first(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 first, then on the other ranks (e.g. rank 0 learns and writes
+    the landmarks file, the others then read it). Without torch.distributed it simply calls ``fn``."""
+    import ignite.distributed as idist
+
+    with idist.one_rank_first(rank=0):
+        return fn(*args, **kwargs)

@@ -1,0 +1,116 @@
+"""Training side of the flagship bundle: a tiny run, resume, every variant, and 2-process DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import run as bundle_run
+
+from data_prep.phantoms import generate_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "sfg_highresnet_pelvis"
+CONFIGS = BUNDLE / "configs"
+TINY = {  # small enough for a 2-core CPU; every value is a config id of train.json
+    "features": [4, 8, 8],
+    "patch_size": [24, 24],
+    "padded_size": [32, 32],
+    "batch_size": 2,
+    "samples_per_volume": 1,
+    "max_epochs": 2,
+    "val_interval": 1,
+    "log_interval": 1,
+    "grouping_interval": 1,
+    "n4_shrink_factor": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_dataset(root, 4, seed=3, shape=(32, 32, 8), val_fraction=0.25, test_fraction=0.25)
+    return root / "datalist.json"
+
+
+def _train(root, datalist, *extra_configs, **overrides):
+    files = [str(CONFIGS / "train.json"), *[str(c) for c in extra_configs]]
+    args = {**TINY, "bundle_root": str(root), "datalist": str(datalist), "n4_cache_dir": str(root.parent / "n4_cache"), **overrides}
+    bundle_run(config_file=files, logging_file=str(CONFIGS / "logging.conf"), **args)
+
+
+def test_train_writes_checkpoints_events_landmarks_and_resumes(tmp_path, phantoms):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = tmp_path / "run"
+    _train(root, phantoms)
+    models = root / "models"
+    assert {"model.pt", "checkpoint_final.pt", "landmarks.json"} <= {p.name for p in models.iterdir()}
+    events = EventAccumulator(str(root / "runs")).Reload()
+    tags = events.Tags()
+    assert {"loss/sct", "loss/seg", "loss/regularizer", "sfg/temperature", "val_dice", "val_psnr_hu"} <= set(tags["scalars"])
+    assert "sfg/sfg.0/shared" in tags["scalars"]
+    assert {"val/example_slices", "sfg_simplex/sfg.4"} <= set(tags["images"])
+    assert set(torch.load(models / "model.pt", map_location="cpu")) == set(
+        torch.load(models / "checkpoint_final.pt", map_location="cpu")["model"]
+    )
+    landmarks = (models / "landmarks.json").read_text()
+
+    final = torch.load(models / "checkpoint_final.pt", map_location="cpu")
+    assert final["trainer"]["iteration"] == 2 and final["trainer"]["epoch_length"] == 1
+    # resume: optimizer, iteration and temperature continue; the landmarks file is reused
+    _train(root, phantoms, resume_ckpt=str(models / "checkpoint_final.pt"), max_epochs=3, tau_rate=0.1)
+    resumed = torch.load(models / "checkpoint_final.pt", map_location="cpu")
+    assert resumed["trainer"]["iteration"] == 3 and resumed["trainer"]["max_epochs"] == 3
+    assert resumed["optimizer"]["state"][0]["step"].item() == 3
+    tau = resumed["model"]["sfg.0.groups.tau"].item()
+    assert tau == pytest.approx(max(0.1, float(torch.exp(torch.tensor(-0.1 * 2)))))  # set before iteration 3
+    assert (models / "landmarks.json").read_text() == landmarks
+
+
+@pytest.mark.parametrize("variant", sorted(p.name for p in (CONFIGS / "variants").glob("*.json")))
+def test_each_variant_trains(tmp_path, phantoms, variant):
+    root = tmp_path / "run"
+    _train(root, phantoms, CONFIGS / "variants" / variant, max_epochs=1)
+    state = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu")
+    sharing = json.loads((CONFIGS / "variants" / variant).read_text())["sharing"]
+    learned = any(k.endswith("groups.theta") for k in state["model"])
+    assert learned == (sharing == "sfg")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_bad_config_value_is_reported(tmp_path, phantoms):
+    with pytest.raises(Exception) as info:
+        _train(tmp_path / "run", phantoms, sharing="sgf")
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(str(err))
+        err = err.__cause__
+    assert any("unknown sharing 'sgf'" in msg for msg in chain)
+    assert not (tmp_path / "run" / "models" / "model.pt").exists()
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path, phantoms):
+    root = tmp_path / "run"
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"finalize": [
+        "$torch.save(@network_def.state_dict(), @output_dir + f'/rank{dist.get_rank()}.pt')",
+        "$dist.destroy_process_group()",
+    ]}))
+    files = [str(CONFIGS / n) for n in ("train.json", "multi_gpu_train.json")] + [str(dump)]
+    overrides = {**TINY, "bundle_root": str(root), "datalist": str(phantoms), "samples_per_volume": 2}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "monai.bundle", "run", "--config_file", str(files)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(root / "runs" / "rank0.pt")
+    b = torch.load(root / "runs" / "rank1.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (root / "models" / "checkpoint_final.pt").exists()
+    assert len(list((root / "runs").glob("events.out.tfevents*"))) == 1  # rank 0 logs alone
