@@ -11,3 +11,15 @@ from .vision import (
     read_mnist,
     read_utkface,
 )
+from .nifti import (
+    LABEL_TABLE,
+    InputError,
+    atomic_save_nifti,
+    atomic_write,
+    atomic_write_json,
+    check_array,
+    check_case,
+    check_datalist,
+    check_overlap,
+    check_volume,
+)

@@ -1,0 +1,102 @@
+"""Learn histogram-standardisation landmarks (A.3, ref. [40]) from the training section of a datalist.
+
+Each training MR is loaded with the project's checks, N4-corrected as in training (same parameters, same
+cache), and its 1st / decile / 99th percentiles inside the foreground enter the average. The result is a JSON
+file that ``HistogramStandardized`` (training and inference) reads.
+
+    python -m data_prep.landmarks --datalist DIR/datalist.json --out DIR/landmarks_mr.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from mtl_med.data.nifti import InputError, check_datalist
+from mtl_med.transforms.histogram import DEFAULT_QUANTILES, learn_landmarks, save_landmarks
+from mtl_med.transforms.patches import preprocess_transforms
+
+__all__ = ["learn_from_datalist", "main"]
+
+logger = logging.getLogger("data_prep.landmarks")
+
+
+def learn_from_datalist(
+    datalist,
+    out,
+    *,
+    key: str = "mr",
+    section: str = "training",
+    n4: bool = True,
+    n4_shrink_factor: int = 4,
+    n4_cache_dir=None,
+    foreground_method: str | None = "otsu",
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    progress: bool = True,
+) -> tuple[Path | None, list[str]]:
+    """Learn landmarks over ``datalist[section][*][key]`` and save them to ``out``.
+
+    A bad volume is logged and skipped; returns (written path or None if no image was usable, failed files).
+    """
+    items = check_datalist(datalist, sections=(section,))[section]
+    pre = preprocess_transforms(("mr",), landmarks=None, n4=n4, n4_shrink_factor=n4_shrink_factor,
+                                n4_cache_dir=n4_cache_dir, pixdim=None)
+    images, failed = [], []
+    with logging_redirect_tqdm():
+        for item in tqdm(items, desc="landmarks", unit="image", disable=not progress):
+            path = item[key]
+            try:
+                logger.info("reading %s%s", path, " (N4)" if n4 else "")
+                images.append(pre({"mr": path})["mr"])
+            except InputError as err:
+                logger.error("%s", err)
+                failed.append(str(path))
+    if not images:
+        return None, failed
+    lm = learn_landmarks(images, quantiles=quantiles, foreground_method=foreground_method)
+    out = save_landmarks(out, lm, modality=key, quantiles=quantiles, foreground_method=foreground_method,
+                         num_images=len(images), source=str(datalist) if not isinstance(datalist, dict) else None)
+    return out, failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.landmarks",
+                                description="Learn histogram standardisation landmarks from a datalist's training MR.")
+    p.add_argument("--datalist", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="landmarks JSON to write")
+    p.add_argument("--key", default="mr", help="datalist key of the images (the modality stored in the file)")
+    p.add_argument("--section", default="training")
+    p.add_argument("--no-n4", action="store_true", help="learn on uncorrected images")
+    p.add_argument("--n4-shrink", type=int, default=4, help="N4 shrink factor")
+    p.add_argument("--n4-cache", type=Path, help="N4 field cache folder (shared with training)")
+    p.add_argument("--foreground", choices=("otsu", "nonzero", "mean", "all"), default="otsu")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.n4_shrink < 1:
+        p.error("--n4-shrink must be >= 1")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out, failed = learn_from_datalist(args.datalist, args.out, key=args.key, section=args.section,
+                                          n4=not args.no_n4, n4_shrink_factor=args.n4_shrink, n4_cache_dir=args.n4_cache,
+                                          foreground_method=args.foreground, progress=not args.quiet)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if out is None:
+        print("error: no usable training image; nothing written", file=sys.stderr)
+        return 1
+    print(f"wrote landmarks to {out}")
+    if failed:
+        print(f"{len(failed)} image(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

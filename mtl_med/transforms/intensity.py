@@ -1,0 +1,98 @@
+"""CT intensity scaling (A.3): HU clipped to [-1024, 2500], network scale CT/1024 + 1, and back to HU."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import InvertibleTransform, MapTransform
+from monai.utils.type_conversion import convert_to_tensor
+
+from mtl_med.data.nifti import CT_RANGE_HU, check_array, source_name
+
+__all__ = ["hu_to_network", "network_to_hu", "ScaleCTd", "CTToHUd"]
+
+CT_SCALE = 1024.0  # A.3: CT/1024 + 1
+
+
+def hu_to_network(x: Any, clip: tuple[float, float] | None = CT_RANGE_HU, scale: float = CT_SCALE) -> Any:
+    """HU -> network scale: clip to ``clip`` (A.3: [-1024, 2500]) then ``x / scale + 1`` (-1024 HU -> 0)."""
+    if clip is not None:
+        x = x.clip(clip[0], clip[1])
+    return x / scale + 1.0
+
+
+def network_to_hu(x: Any, clip: tuple[float, float] | None = CT_RANGE_HU, scale: float = CT_SCALE) -> Any:
+    """Network scale -> HU: ``(x - 1) * scale``, clipped to ``clip`` (outputs stay in the CT range)."""
+    y = (x - 1.0) * scale
+    if clip is not None:
+        y = y.clip(clip[0], clip[1])
+    return y
+
+
+class ScaleCTd(MapTransform, InvertibleTransform):
+    """Clip CT to the HU range and scale it for the network (A.3); ``inverse`` returns HU.
+
+    The inverse is traced, so ``Invertd`` with ``orig_keys="ct"`` converts a predicted CT back to HU together
+    with the spatial inverses.
+
+    Args:
+        keys: CT keys (usually "ct").
+        clip: HU range kept (A.3: [-1024, 2500]); None: no clipping.
+        scale: divisor (A.3: 1024).
+        check: reject NaN / inf voxels with an error naming the file.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection = "ct", clip: tuple[float, float] | None = CT_RANGE_HU,
+                 scale: float = CT_SCALE, check: bool = True, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.clip = tuple(clip) if clip is not None else None
+        self.scale = float(scale)
+        self.check = check
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = convert_to_tensor(d[key], track_meta=True)
+            if self.check:
+                check_array(img, source_name(img), role="ct", spatial_ndim=None)
+            out = hu_to_network(img.float(), self.clip, self.scale)
+            d[key] = out
+            self.push_transform(d, key)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.pop_transform(d, key)
+            d[key] = network_to_hu(d[key], self.clip, self.scale)
+        return d
+
+
+class CTToHUd(MapTransform):
+    """Convert network-scale CT (e.g. a synthesised CT) back to HU, clipped to the CT range (A.3).
+
+    Args:
+        keys: keys of network-scale CT images.
+        clip: HU range of the output; None: no clipping.
+        scale: the divisor used for the forward scaling.
+        allow_missing_keys: don't raise for missing keys.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred_ct", clip: tuple[float, float] | None = CT_RANGE_HU,
+                 scale: float = CT_SCALE, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.clip = tuple(clip) if clip is not None else None
+        self.scale = float(scale)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            x = d[key]
+            d[key] = network_to_hu(x.float() if isinstance(x, torch.Tensor) else x, self.clip, self.scale)
+        return d
