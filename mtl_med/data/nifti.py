@@ -263,7 +263,8 @@ def check_datalist(
             raise InputError(path, f"cannot read datalist JSON ({err})") from err
         if not isinstance(data, Mapping):
             raise InputError(path, "datalist JSON must be an object with training / validation / test lists")
-        base = Path(base_dir) if base_dir is not None else path.parent
+        # absolute, so MONAI's resolution and ours agree for a datalist named by a relative path
+        base = (Path(base_dir) if base_dir is not None else path.parent).resolve()
         loaded = {}
         for sec in sections:
             if sec in data:

@@ -1,3 +1,14 @@
 """Posterior sampling and whole-volume inference."""
 
 from .posterior import PosteriorAggregator, sample_posterior, sampling_mode
+from .volume import (
+    CaseFailures,
+    ConcatTaskOutputs,
+    PosteriorSampler,
+    VolumePredictor,
+    case_names,
+    evaluate_cases,
+    list_cases,
+    load_checkpoint,
+)
+from .bundle import Predictor, bundle_parser, predict_case

@@ -9,3 +9,16 @@ from .multitask import (
     write_summary_json,
     write_task_csv,
 )
+from .medical import (
+    DICE_ORGANS,
+    PSNR_DATA_RANGE_HU,
+    PSNR_ORGANS,
+    dice_per_label,
+    pelvis_metrics,
+    psnr,
+    region_mae,
+    region_psnr,
+    summarize_cases,
+    write_case_csv,
+    write_metrics_summary,
+)

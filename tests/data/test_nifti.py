@@ -127,6 +127,14 @@ def test_datalist_checks(tmp_path, case):
         check_datalist({"foo": []})
 
 
+def test_datalist_named_by_a_relative_path(tmp_path, case, monkeypatch):
+    root = tmp_path / "case"
+    (root / "dl.json").write_text(json.dumps({"training": [{"mr": "mr.nii.gz"}]}))
+    monkeypatch.chdir(tmp_path)
+    out = check_datalist(Path("case") / "dl.json")
+    assert Path(out["training"][0]["mr"]) == root / "mr.nii.gz"
+
+
 def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
     img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
     target = tmp_path / "out" / "x.nii.gz"

@@ -1,0 +1,632 @@
+"""Whole-volume posterior inference of a 2D (slice-wise) or 3D multi-task network (SFG paper, section 5.2).
+
+Per case: preprocessing once (N4 -> histogram standardisation with the training landmarks -> resampling,
+:func:`mtl_med.transforms.preprocess_transforms`), then MONAI's ``SliceInferer`` (2D network) or
+``SlidingWindowInferer`` (3D network) over the whole volume with :class:`PosteriorSampler` as its network: for
+each batch of slices it runs all S posterior samples itself, ``k`` copies of the batch per forward call with one
+group assignment per copy (``per_example``), aggregated on the fly, and returns per-slice statistic maps
+(``sct_mean``, ``sct_std``, ``seg_votes``) that the inferer stitches into 3D. Memory holds those maps, never S
+volumes. The maps are converted to HU / labels / uncertainty and resampled back to the input grid (MONAI
+``Invertd``, labels nearest), then written atomically as ``output_dir/<case>/<case>_<postfix>.nii.gz``.
+
+Every voxel sees S independent posterior draws; neighbouring slices of one draw do not share an assignment
+(each slice-copy has its own), which leaves the per-voxel statistics (mean, variance, votes) unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.folder_layout import FolderLayout
+from monai.inferers import Inferer
+from torch import nn
+from tqdm.auto import tqdm
+
+from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, atomic_save_nifti, check_datalist
+from mtl_med.inference.posterior import PosteriorAggregator, sampling_mode
+from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
+from mtl_med.transforms.spatial import invert_to_input
+
+__all__ = [
+    "ConcatTaskOutputs",
+    "load_checkpoint",
+    "PosteriorSampler",
+    "VolumePredictor",
+    "CaseFailures",
+    "list_cases",
+    "case_names",
+    "evaluate_cases",
+]
+
+logger = logging.getLogger("mtl_med.inference")
+
+OUTPUT_POSTFIXES = {"sct": "sct", "seg": "seg", "sct_std": "sct_std", "seg_uncertainty": "seg_uncertainty"}
+
+
+class CaseFailures(RuntimeError):
+    """Raised at the end of a run in which some cases failed; ``failures`` maps case -> message."""
+
+    def __init__(self, failures: Mapping[str, str], total: int):
+        self.failures = dict(failures)
+        lines = "\n".join(f"  {case}: {msg}" for case, msg in self.failures.items())
+        super().__init__(f"{len(self.failures)} of {total} cases failed:\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------- networks
+class ConcatTaskOutputs(nn.Module):
+    """One-tensor view of a multi-task network for ``verify_net_in_out`` / ``ckpt_export``: the task outputs
+    concatenated channel-wise in ``task_names`` order (SFG-HighResNet: channel 0 synthetic CT on the network
+    scale CT/1024 + 1, channels 1-6 segmentation logits), with the group assignments drawn by ``mode``
+    (``"argmax"``: deterministic, traceable).
+
+    ``load_state_dict`` accepts the wrapped network's own state dict (what training saves), so
+    ``ckpt_export --net_id network_export_def`` loads ``models/model.pt`` as it is.
+    """
+
+    def __init__(self, network: nn.Module, task_names: Sequence[str] | None = None, mode: str | None = "argmax"):
+        super().__init__()
+        self.network = network
+        self.task_names = tuple(task_names) if task_names is not None else tuple(getattr(network, "task_names", ()))
+        if not self.task_names:
+            raise ValueError("task_names are needed when the network has no task_names attribute")
+        if mode is not None and hasattr(network, "set_inference"):
+            network.set_inference(mode, per_example=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        return torch.cat([out[name] for name in self.task_names], dim=1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if state_dict and not any(str(k).startswith("network.") for k in state_dict):
+            return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Load a state dict saved by training (``CheckpointSaver(save_dict={"model": net})`` writes the bare state
+    dict; ``{"model": ...}`` / ``{"state_dict": ...}`` and a ``module.`` prefix from DDP are accepted too) onto
+    ``network``, mapping tensors to ``map_location`` (a CUDA checkpoint loads on a CPU-only machine).
+
+    Raises:
+        InputError: naming the checkpoint when it is missing, unreadable or does not match the network.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "checkpoint file does not exist")
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise InputError(path, f"cannot read checkpoint ({type(err).__name__}: {err})") from err
+    if isinstance(ckpt, Mapping):
+        for key in ("model", "state_dict", "network"):
+            if key in ckpt and isinstance(ckpt[key], Mapping):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise InputError(path, "not a state dict of tensors")
+    if ckpt and all(str(k).startswith("module.") for k in ckpt):
+        ckpt = {str(k)[len("module."):]: v for k, v in ckpt.items()}
+    try:
+        network.load_state_dict(ckpt, strict=True)
+    except RuntimeError as err:
+        desc = type(network).__name__
+        for attr in ("sharing", "spatial_dims"):
+            if hasattr(network, attr):
+                desc += f" {attr}={getattr(network, attr)}"
+        msg = str(err).replace("\n\t", " ").replace("\n", " ")
+        if len(msg) > 600:
+            msg = msg[:600] + " ..."
+        raise InputError(path, f"checkpoint does not match the network ({desc}): {msg}") from err
+    return network
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+class PosteriorSampler:
+    """The "network" given to a MONAI inferer: all posterior samples of a batch of slices (or patches).
+
+    For a batch ``x`` of ``B`` slices it runs ``num_samples`` stochastic passes, ``k = max_batch // B`` copies
+    of the batch per forward call (each copy its own group assignment, ``per_example``), aggregates them on the
+    fly (:class:`~mtl_med.inference.posterior.PosteriorAggregator`: running mean and variance; label votes) and
+    returns ``{"<reg>_mean", "<reg>_std"}`` for each regression output and ``{"<label>_votes"}`` (vote
+    frequencies, one channel per class) for each label output, the maps the inferer stitches.
+
+    Args:
+        network: multi-task network returning ``{task: tensor}``.
+        num_samples: S posterior samples (section 5.2: 50).
+        max_batch: images per forward call (slices x sample copies): the memory budget.
+        mode: ``"sample"`` (posterior draws), ``"argmax"`` (deterministic: one pass, std 0) or ``"relaxed"``.
+        regression: regression outputs; labels: label output -> number of classes.
+        generator: random generator of the group draws (same seed, same samples).
+        amp: autocast (CUDA only; ignored elsewhere).
+        progress: a tqdm bar to advance by the number of slice-passes done.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_samples: int = 50,
+        max_batch: int = 64,
+        mode: str = "sample",
+        regression: Sequence[str] = ("sct",),
+        labels: Mapping[str, int] | None = None,
+        generator: torch.Generator | None = None,
+        amp: bool = False,
+        progress: Any = None,
+    ):
+        if int(num_samples) < 1 or int(max_batch) < 1:
+            raise ValueError(f"num_samples and max_batch must be >= 1, got {num_samples}, {max_batch}")
+        if mode not in ("sample", "argmax", "relaxed"):
+            raise ValueError(f"mode must be 'sample', 'argmax' or 'relaxed', got {mode!r}")
+        self.network = network
+        self.num_samples = 1 if mode == "argmax" else int(num_samples)
+        self.max_batch = int(max_batch)
+        self.mode = mode
+        self.regression = tuple(regression)
+        self.labels = dict(labels if labels is not None else {"seg": 6})
+        self.generator = generator
+        self.amp = bool(amp)
+        self.progress = progress
+        self._counts: dict[str, torch.Tensor] = {}
+
+    def _autocast(self, device: torch.device):
+        if self.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        b = x.shape[0]
+        k_max = max(1, self.max_batch // b)
+        agg = PosteriorAggregator(self.regression, self.labels)
+        self._counts = {}
+        done = 0
+        with self._autocast(x.device):
+            while done < self.num_samples:
+                k = min(k_max, self.num_samples - done)
+                out = self.network(x.repeat(k, *([1] * (x.ndim - 1))), generator=self.generator)
+                agg.update({n: out[n].float().reshape(k, b, *out[n].shape[1:]) for n in (*self.regression, *self.labels)})
+                self._votes(out, k, b)
+                done += k
+                if self.progress is not None:
+                    self.progress.update(k * b)
+        res = agg.result()
+        maps = {}
+        for n in self.regression:
+            maps[f"{n}_mean"], maps[f"{n}_std"] = res[n], res[f"{n}_std"]
+        for n in self.labels:
+            maps[f"{n}_votes"] = self._counts.pop(n) / float(self.num_samples)
+        return maps
+
+    def _votes(self, out: Mapping[str, torch.Tensor], k: int, b: int) -> None:
+        # per-class vote counts (the aggregator keeps them private): the stitched maps need them per class
+        for n, c in self.labels.items():
+            logits = out[n].reshape(k, b, *out[n].shape[1:])
+            lab = logits.argmax(2) if logits.shape[2] > 1 else (logits[:, :, 0] > 0).long()
+            v = torch.nn.functional.one_hot(lab, c).sum(0).movedim(-1, 1).float()
+            self._counts[n] = v if n not in self._counts else self._counts[n] + v
+
+    def run(self, inferer: Inferer, volume: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stitched statistic maps of ``volume`` (1, C, *spatial) with the network in ``mode``."""
+        with sampling_mode(self.network, self.mode, per_example=True):
+            return inferer(volume, self)
+
+
+# ----------------------------------------------------------------------------------------------- cases
+def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Case names from MR file names (``x.nii.gz`` -> ``x``); where names repeat or are generic
+    (``case_000/mr.nii.gz``) the parent folder's name is used, then an index."""
+
+    def stem(p: Path) -> str:
+        name = p.name
+        for ext in (".nii.gz", ".nii", ".gz"):
+            if name.endswith(ext):
+                return name[: -len(ext)]
+        return p.stem
+
+    ps = [Path(p) for p in paths]
+    names = [stem(p) for p in ps]
+    generic = set(IMAGE_KEYS) | {"image", "img", "t2", "t2w"}
+    if len(set(names)) != len(names) or any(n.lower() in generic for n in names):
+        names = [p.parent.name if names.count(n) > 1 or n.lower() in generic else n for p, n in zip(ps, names)]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i:03d}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return names
+
+
+def list_cases(
+    input_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | Mapping | None = None,
+    section: str = "test",
+    pattern: str = "*.nii*",
+) -> list[dict]:
+    """Items ``{"name", "mr", ["ct", "label", "bone"]}`` from a datalist section (takes precedence) or from
+    the files matching ``pattern`` in ``input_dir`` (relative paths resolve against the current directory)."""
+    if datalist:
+        if isinstance(datalist, (str, os.PathLike)):  # relative to the current directory
+            datalist = Path(datalist).expanduser().resolve()
+        items = check_datalist(datalist, sections=(section,))[section]
+    elif input_dir:
+        root = Path(input_dir).expanduser().resolve()
+        if not root.is_dir():
+            raise InputError(root, "input folder does not exist")
+        files = sorted(p for p in glob.glob(str(root / pattern), recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(root, f"no files matching {pattern!r}")
+        items = [{"mr": f} for f in files]
+    else:
+        raise ValueError("give input_dir or datalist")
+    items = [dict(x) for x in items]
+    for item, name in zip(items, case_names([x["mr"] for x in items])):
+        item.setdefault("name", name)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- predictor
+class VolumePredictor:
+    """Posterior inference on whole MR volumes, from a bundle config (``configs/inference.json``).
+
+    Args:
+        network: the multi-task network (``network_def`` on ``device``).
+        preprocessing: a MONAI ``Compose`` for datalist items, or a ``functools.partial`` building one (the
+            config's ``_mode_: callable``, so a missing landmarks file is reported when the run starts).
+        inferer: MONAI ``SliceInferer`` (2D network) or ``SlidingWindowInferer`` (3D network).
+        ckpt_path: state dict to load (None: keep the network's weights, e.g. in tests).
+        device: compute device; the checkpoint is mapped onto it.
+        num_samples: S posterior samples (section 5.2: 50).
+        max_batch: images per forward call (slices x sample copies).
+        inference_mode: ``"sample"`` (posterior), ``"argmax"`` (deterministic single pass) or ``"relaxed"``.
+        seed: seed of the group draws; the generator is re-seeded for every case, so a case's outputs do not
+            depend on the other cases.
+        amp: mixed precision (used on CUDA only).
+        sct_key, seg_key, num_classes: names of the regression and label outputs.
+        uncertainty: ``"disagreement"`` (1 - votes(mode) / S) or ``"entropy"`` (of the vote frequencies, nats).
+        output_dir: where ``<case>/<case>_<postfix>.nii.gz`` go; postfixes: output -> file postfix.
+        save_png: also write ``<case>/<case>_overview.png``.
+        ct_clip: HU range of the synthetic CT (A.3: [-1024, 2500]).
+        bone_threshold_hu: bone region of the metrics when the item has no "bone" mask.
+        metrics_keys: item keys compared when present ("ct", "label", "bone").
+        progress: show tqdm bars.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        preprocessing: Any,
+        inferer: Inferer,
+        ckpt_path: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        num_samples: int = 50,
+        max_batch: int = 64,
+        inference_mode: str = "sample",
+        seed: int = 0,
+        amp: bool = False,
+        sct_key: str = "sct",
+        seg_key: str = "seg",
+        num_classes: int = 6,
+        uncertainty: str = "disagreement",
+        output_dir: str | os.PathLike = "./output",
+        postfixes: Mapping[str, str] | None = None,
+        save_png: bool = True,
+        ct_clip: Sequence[float] = CT_RANGE_HU,
+        bone_threshold_hu: float = 250.0,
+        progress: bool = True,
+    ):
+        if uncertainty not in ("disagreement", "entropy"):
+            raise ValueError(f"uncertainty must be 'disagreement' or 'entropy', got {uncertainty!r}")
+        self.device = torch.device(device)
+        self.network = network.to(self.device)
+        self._preprocessing = preprocessing
+        self.inferer = inferer
+        self.ckpt_path = ckpt_path
+        self.num_samples = int(num_samples)
+        self.max_batch = int(max_batch)
+        self.inference_mode = inference_mode
+        self.seed = int(seed)
+        self.amp = bool(amp) and self.device.type == "cuda"
+        self.sct_key, self.seg_key, self.num_classes = sct_key, seg_key, int(num_classes)
+        self.uncertainty = uncertainty
+        self.output_dir = output_dir
+        self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
+        self.save_png = bool(save_png)
+        self.ct_clip = tuple(float(v) for v in ct_clip)
+        self.bone_threshold_hu = float(bone_threshold_hu)
+        self.progress = bool(progress)
+        self._loaded = False
+        self._pre = None
+
+    # ---- setup
+    @property
+    def preprocessing(self):
+        if self._pre is None:
+            p = self._preprocessing
+            self._pre = p() if isinstance(p, functools.partial) else p
+        return self._pre
+
+    def setup(self) -> None:
+        """Load the checkpoint and build the preprocessing (reads the landmarks file); errors name the file."""
+        if not self._loaded:
+            if self.ckpt_path is not None:
+                logger.info("loading checkpoint %s (map_location=%s)", self.ckpt_path, self.device)
+                load_checkpoint(self.network, self.ckpt_path, map_location=self.device)
+            self._loaded = True
+        _ = self.preprocessing
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed)
+
+    # ---- one case, in memory
+    def preprocess(self, item: Mapping[str, Any]) -> dict:
+        data = self.preprocessing(dict(item))
+        if isinstance(data, list):  # a Compose of random crops would return a list
+            raise ValueError("the inference preprocessing must return one item per case")
+        return data
+
+    @torch.no_grad()
+    def sample(self, data: Mapping[str, Any], progress: Any = None) -> dict[str, torch.Tensor]:
+        """Posterior statistic maps on the preprocessed grid: ``sct`` (mean, HU), ``sct_std`` (HU), ``seg``
+        (mode), ``seg_disagreement``, ``seg_entropy``, ``seg_votes`` (frequencies), each ``(C, *spatial)``."""
+        self.setup()
+        mr = data["mr"]
+        vol = (mr.as_tensor() if isinstance(mr, MetaTensor) else torch.as_tensor(mr)).float()[None].to(self.device)
+        sampler = PosteriorSampler(
+            self.network, self.num_samples, self.max_batch, self.inference_mode, (self.sct_key,),
+            {self.seg_key: self.num_classes}, self.generator(), self.amp, progress,
+        )
+        if progress is not None:
+            axis = getattr(self.inferer, "spatial_dim", None)
+            progress.reset(total=vol.shape[2 + axis] * sampler.num_samples if axis is not None else None)
+        maps = sampler.run(self.inferer, vol)
+        mean = maps[f"{self.sct_key}_mean"][0].float()
+        std = maps[f"{self.sct_key}_std"][0].float()
+        freq = maps[f"{self.seg_key}_votes"][0].float()
+        freq = freq / freq.sum(0, keepdim=True).clamp_min(1e-12)  # blending (overlapping windows) keeps it a distribution
+        return {
+            "sct": network_to_hu(mean, self.ct_clip, CT_SCALE),
+            "sct_std": std * CT_SCALE,  # d(HU) = 1024 * d(network scale), A.3
+            "seg": freq.argmax(0, keepdim=True),
+            "seg_disagreement": 1.0 - freq.amax(0, keepdim=True),
+            "seg_entropy": torch.special.entr(freq).sum(0, keepdim=True),
+            "seg_votes": freq,
+        }
+
+    def to_input_grid(self, data: Mapping[str, Any], maps: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """Resample the output maps back to the input MR grid (``Invertd``; labels nearest) -> numpy (spatial)."""
+        mr = data["mr"]
+        unc = maps[f"seg_{self.uncertainty}"]
+        outputs = {"sct": maps["sct"], "sct_std": maps["sct_std"], "seg": maps["seg"].float(), "seg_uncertainty": unc}
+        if not isinstance(mr, MetaTensor) or not mr.applied_operations:
+            return {k: v[0].cpu().numpy() for k, v in outputs.items()}
+        d = {"mr": mr}
+        for k, v in outputs.items():
+            d[k] = MetaTensor(v.detach().cpu(), meta=dict(mr.meta), applied_operations=list(mr.applied_operations))
+        keys = list(outputs)
+        inv = invert_to_input(keys, self.preprocessing, orig_key="mr", nearest_interp=[k == "seg" for k in keys])
+        d = inv(d)
+        res = {k: np.asarray(d[k].detach().cpu() if isinstance(d[k], torch.Tensor) else d[k])[0] for k in keys}
+        res["sct"] = np.clip(res["sct"], *self.ct_clip)
+        res["sct_std"] = np.maximum(res["sct_std"], 0.0)
+        res["seg_uncertainty"] = np.maximum(res["seg_uncertainty"], 0.0)
+        return res
+
+    def metrics(self, data: Mapping[str, Any], maps: Mapping[str, torch.Tensor], item: Mapping[str, Any]) -> dict:
+        """Table 2 metrics on the preprocessed (common, A.3: 1.46 mm) grid when the item has CT and/or labels."""
+        from mtl_med.metrics.medical import pelvis_metrics
+
+        def arr(key):
+            v = data.get(key) if key in item else None
+            return None if v is None else torch.as_tensor(np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v))[0]
+
+        ct, label, bone = arr("ct"), arr("label"), arr("bone")
+        if ct is None and label is None:
+            return {}
+        ct_hu = network_to_hu(ct.float(), self.ct_clip, CT_SCALE) if ct is not None else None
+        return pelvis_metrics(
+            maps["sct"][0] if ct is not None else None, ct_hu,
+            maps["seg"][0] if label is not None else None, label.round().long() if label is not None else None,
+            (bone > 0.5) if bone is not None else None, bone_threshold_hu=self.bone_threshold_hu,
+        )
+
+    def predict_item(self, item: Mapping[str, Any], progress: Any = None) -> tuple[dict, dict, dict, dict]:
+        """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item."""
+        t0 = time.perf_counter()
+        data = self.preprocess(item)
+        t1 = time.perf_counter()
+        maps = self.sample(data, progress)
+        t2 = time.perf_counter()
+        out = self.to_input_grid(data, maps)
+        metrics = self.metrics(data, maps, item)
+        logger.info("%s: preprocessing %.1f s, %d-sample inference %.1f s, resampling back %.1f s",
+                    item.get("name", item["mr"]), t1 - t0, self.num_samples, t2 - t1, time.perf_counter() - t2)
+        return out, maps, metrics, data
+
+    # ---- writing
+    def output_paths(self, case: str, output_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+        """``output_dir/<case>/<case>_<postfix>.nii.gz`` (MONAI ``SaveImage`` folder layout, separate folder)."""
+        root = Path(output_dir if output_dir is not None else self.output_dir).expanduser().resolve()
+        paths = {}
+        for key, post in self.postfixes.items():
+            layout = FolderLayout(str(root), postfix=post, extension=".nii.gz", parent=True, makedirs=False)
+            paths[key] = Path(layout.filename(subject=case))
+        if self.save_png:
+            paths["overview"] = root / case / f"{case}_overview.png"
+        return paths
+
+    def write(self, case: str, item: Mapping[str, Any], out: Mapping[str, np.ndarray],
+              output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None) -> dict[str, Path]:
+        """Write a case's outputs atomically with the input MR's header geometry; on any failure the files
+        already written for the case are removed (no partial outputs)."""
+        ref = nib.load(str(item["mr"]))
+        paths = self.output_paths(case, output_dir)
+        dtypes = {"sct": np.float32, "sct_std": np.float32, "seg": np.uint8, "seg_uncertainty": np.float32}
+        written: list[Path] = []
+        try:
+            for key, path in paths.items():
+                if key == "overview":
+                    continue
+                arr = out[key]
+                if tuple(arr.shape) != tuple(ref.shape):
+                    raise RuntimeError(f"{key} has shape {arr.shape}, input has {ref.shape}")
+                arr = np.rint(arr).astype(dtypes[key]) if key == "seg" else arr.astype(dtypes[key])
+                img = nib.Nifti1Image(arr, ref.affine, header=ref.header)
+                img.set_data_dtype(dtypes[key])
+                img.header.set_slope_inter(1.0, 0.0)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_save_nifti(img, path)
+                written.append(path)
+            if "overview" in paths:
+                from mtl_med.inference.overview import save_overview
+
+                mr = np.asarray(ref.dataobj, dtype=np.float32)
+                truth = {}
+                if "ct" in item or "label" in item:
+                    truth = _truth_on_input_grid(item)
+                save_overview(paths["overview"], mr, out["sct"], out["seg"], out["seg_uncertainty"],
+                              sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
+                              title=case, metrics=metrics, uncertainty_name=self.uncertainty)
+                written.append(paths["overview"])
+        except BaseException:
+            for p in written:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            with contextlib.suppress(OSError):
+                paths[next(iter(self.postfixes))].parent.rmdir()  # only if empty
+            raise
+        return paths
+
+    # ---- runs
+    def predict_case(self, mr: Any, affine: Any = None, output_dir: str | os.PathLike | None = None,
+                     case: str | None = None, **item: Any) -> dict[str, Any]:
+        """Pipeline entry point: ``mr`` a NIfTI path, a nibabel image or an array (with ``affine``; identity
+        when None); extra item keys (``ct=..., label=...``) add metrics. Returns the input-grid arrays
+        (``sct``, ``seg``, ``sct_std``, ``seg_uncertainty``), ``metrics``, and with ``output_dir`` the written
+        ``paths``."""
+        self.setup()
+        with tempfile.TemporaryDirectory(prefix="mtl_med_") as tmp:
+            if isinstance(mr, (str, os.PathLike)):
+                path = Path(mr).expanduser().resolve()
+            else:
+                img = mr if isinstance(mr, nib.Nifti1Image) else nib.Nifti1Image(
+                    np.asarray(mr.detach().cpu() if isinstance(mr, torch.Tensor) else mr, dtype=np.float32),
+                    np.eye(4) if affine is None else np.asarray(affine, float))
+                path = Path(tmp) / "mr.nii.gz"
+                nib.save(img, str(path))
+            name = case or case_names([path])[0]
+            it = {"name": name, "mr": str(path), **{k: str(v) for k, v in item.items()}}
+            out, _, metrics, _ = self.predict_item(it)
+            result: dict[str, Any] = dict(out)
+            result["seg"] = np.rint(out["seg"]).astype(np.uint8)
+            result["metrics"] = metrics
+            if output_dir is not None:
+                result["paths"] = {k: str(v) for k, v in self.write(name, it, out, output_dir, metrics).items()}
+        return result
+
+    def run(self, input_dir: str | os.PathLike | None = None, datalist: Any = None, section: str = "test",
+            pattern: str = "*.nii*", output_dir: str | os.PathLike | None = None, save_outputs: bool = True,
+            raise_on_failure: bool = True) -> dict[str, Any]:
+        """Every case of ``datalist[section]`` or ``input_dir``: predict, write, report. Failed cases are logged
+        with their message and skipped; at the end :class:`CaseFailures` is raised if any failed (non-zero exit
+        of ``python -m monai.bundle run``). Returns ``{"cases": {name: {"paths", "metrics"}}, "failed": {...}}``."""
+        items = list_cases(input_dir, datalist, section, pattern)
+        out_root = Path(output_dir if output_dir is not None else self.output_dir).expanduser().resolve()
+        logger.info("%d case(s) from %s; %d posterior samples (%s mode) on %s; outputs in %s", len(items),
+                    datalist or input_dir, self.num_samples if self.inference_mode != "argmax" else 1,
+                    self.inference_mode, self.device, out_root)
+        self.setup()
+        done: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        bar = tqdm(items, desc="cases", unit="case", disable=not self.progress)
+        for item in bar:
+            case = item["name"]
+            bar.set_postfix_str(case)
+            try:
+                passes = tqdm(total=None, desc=f"{case} slice passes", unit="img", leave=False,
+                              disable=not self.progress)
+                with passes:
+                    out, maps, metrics, _ = self.predict_item(item, progress=passes)
+                paths = self.write(case, item, out, out_root, metrics) if save_outputs else {}
+                done[case] = {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics}
+                if metrics:
+                    logger.info("%s: %s", case, format_metrics(metrics))
+                    tqdm.write(f"{case}: {format_metrics(metrics)}")
+            except Exception as err:  # one bad case must not stop the others
+                msg = str(err) if isinstance(err, InputError) else f"{type(err).__name__}: {err}"
+                if not isinstance(err, InputError) and not str(item["mr"]) in msg:
+                    msg = f"{item['mr']}: {msg}"
+                failed[case] = msg
+                logger.error("case %s failed: %s", case, msg)
+                logger.debug("traceback of %s", case, exc_info=True)
+        logger.info("%d case(s) done, %d failed", len(done), len(failed))
+        if failed and raise_on_failure:
+            raise CaseFailures(failed, len(items))
+        return {"cases": done, "failed": failed}
+
+
+def format_metrics(m: Mapping[str, float]) -> str:
+    keys = [k for k in ("psnr_overall", "psnr_bones", "psnr_organs", "mae_overall", "dice_mean") if k in m]
+    return ", ".join(f"{k} {m[k]:.2f}" if "dice" not in k else f"{k} {m[k]:.3f}" for k in keys)
+
+
+def _truth_on_input_grid(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """True CT (HU) and labels on the MR's input grid, for the overview figure only."""
+    from monai.transforms import LoadImaged, ResampleToMatchd
+
+    keys = [k for k in ("ct", "label") if k in item]
+    d = LoadImaged(["mr", *keys], ensure_channel_first=True, image_only=True)({"mr": item["mr"], **{k: item[k] for k in keys}})
+    d = ResampleToMatchd(keys, key_dst="mr", mode=["bilinear" if k == "ct" else "nearest" for k in keys],
+                         padding_mode="border")(d)
+    return {k: np.asarray(d[k])[0] for k in keys}
+
+
+
+def evaluate_cases(
+    predictor: VolumePredictor,
+    datalist: Any,
+    section: str = "test",
+    output_dir: str | os.PathLike | None = None,
+    metrics_dir: str | os.PathLike | None = None,
+    save_outputs: bool = False,
+    csv_name: str = "metrics.csv",
+    summary_name: str = "metrics_summary.json",
+) -> dict[str, Any]:
+    """Table 2 evaluation over ``datalist[section]`` (items with "ct" and / or "label"; "bone" optional):
+    per-case CSV and a summary JSON (mean and standard deviation over cases) in ``metrics_dir``. Metrics are
+    computed on the preprocessed grid (A.3: MR, CT and labels resampled to 1.46 mm). Failed cases are reported,
+    the others evaluated, then :class:`CaseFailures` is raised."""
+    from mtl_med.metrics.medical import write_case_csv, write_metrics_summary
+
+    items = list_cases(datalist=datalist, section=section)
+    missing = [x["name"] for x in items if "ct" not in x and "label" not in x]
+    if missing:
+        raise InputError(datalist, f'items without "ct" or "label" cannot be evaluated: {missing}')
+    res = predictor.run(datalist=datalist, section=section, output_dir=output_dir, save_outputs=save_outputs,
+                        raise_on_failure=False)
+    rows = [{"case": case, **r["metrics"]} for case, r in res["cases"].items()]
+    mdir = Path(metrics_dir if metrics_dir is not None else (output_dir or predictor.output_dir)).expanduser().resolve()
+    if rows:
+        write_case_csv(rows, mdir / csv_name)
+        summary = write_metrics_summary(
+            rows, mdir / summary_name, section=section, num_samples=predictor.num_samples,
+            inference_mode=predictor.inference_mode, failed=res["failed"],
+        )
+        logger.info("metrics of %d case(s) written to %s", len(rows), mdir)
+        for name in ("psnr_overall", "psnr_bones", "psnr_organs", "mae_overall", "dice_mean"):
+            if name in summary["metrics"]:
+                s = summary["metrics"][name]
+                tqdm.write(f"{name}: {s['mean']:.4g} ({s['std']:.3g}) over {s['n']} case(s)")
+    if res["failed"]:
+        raise CaseFailures(res["failed"], len(items))
+    return {"rows": rows, "failed": res["failed"]}
