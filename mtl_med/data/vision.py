@@ -43,6 +43,8 @@ __all__ = [
     "read_mnist",
     "read_cub",
     "FASHION_MNIST_CLASSES",
+    "VISION_DATASETS",
+    "load_vision_tasks",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -557,3 +559,41 @@ def read_cub(
     return MultiTaskImageDataset(
         [paths[ids[i]] for i in idx], targets, dict.fromkeys(targets, "binary"), transform, "RGB", image_size
     )
+
+
+# --- one entry point for configs ---------------------------------------------------------------
+
+#: dataset name -> (reader, needs ``data_root``, default keyword arguments)
+VISION_DATASETS: dict[str, tuple[Callable, bool, dict]] = {
+    "digits": (load_digits_tasks, False, {}),
+    "utkface": (read_utkface, True, {}),
+    "celeba": (read_celeba, True, {}),
+    "cifar10": (read_cifar10, True, {"val_fraction": 0.1}),
+    "mnist": (read_mnist, True, {"variant": "mnist", "val_fraction": 0.1}),
+    "fashion_mnist": (read_mnist, True, {"variant": "fashion", "val_fraction": 0.1}),
+    "cub": (read_cub, True, {"val_fraction": 0.1}),
+}
+
+
+def load_vision_tasks(
+    dataset: str,
+    split: str = "train",
+    data_root: str | os.PathLike | None = None,
+    transform: Callable | None = None,
+    **kwargs,
+) -> MultiTaskImageDataset:
+    """The ``split`` of a vision benchmark by name (a key of :data:`VISION_DATASETS`).
+
+    ``data_root`` is the local copy's folder (not used by ``digits``, which scikit-learn bundles);
+    ``kwargs`` go to the reader (e.g. ``seed``, ``image_size``, ``num_attributes``) over the
+    defaults of :data:`VISION_DATASETS` (a 10% validation part for the sets without an official one).
+    """
+    if dataset not in VISION_DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(VISION_DATASETS)}")
+    reader, needs_root, defaults = VISION_DATASETS[dataset]
+    args = {**defaults, **kwargs}
+    if needs_root:
+        if not data_root:
+            raise ValueError(f"dataset {dataset!r} needs data_root (the folder of a local copy; nothing is downloaded)")
+        return reader(data_root, split=split, transform=transform, **args)
+    return reader(split=split, transform=transform, **args)

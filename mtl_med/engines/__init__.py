@@ -2,3 +2,5 @@
 
 from .handlers import ExampleSlicesHandler, GroupingHandler, TemperatureHandler, rank_zero_first, simplex_image
 from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer, loss_terms, task_output
+from .vision import MultiTaskReport, MultiTaskScore, PredictionWriter, RegressionLoss, load_baseline, task_losses, task_out_channels
+from .adashare import AdaShareSearch, PolicyImageHandler

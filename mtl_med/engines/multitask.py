@@ -10,6 +10,8 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from ..networks.utils import batch_norm_statistics
+
 __all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output"]
 
 
@@ -18,13 +20,16 @@ class MultiTaskPrepareBatch:
 
     Args:
         image_key: the network input, e.g. ``"mr"``.
-        target_keys: task name -> batch key of its target, e.g. ``{"sct": "ct", "seg": "label"}``.
+        target_keys: task name -> batch key of its target, e.g. ``{"sct": "ct", "seg": "label"}``;
+            or the key of a batch entry that already is a ``{task: target}`` dict (e.g.
+            ``"targets"`` of :class:`mtl_med.data.vision.MultiTaskImageDataset` items).
         mask_key: batch key of the mask of valid voxels (A.3's padding mask); it travels in the
             targets dict under ``"mask"`` so the loss can honour it.
     """
 
-    def __init__(self, image_key: str, target_keys: Mapping[str, str], mask_key: str | None = None):
-        self.image_key, self.target_keys, self.mask_key = image_key, dict(target_keys), mask_key
+    def __init__(self, image_key: str, target_keys: Mapping[str, str] | str, mask_key: str | None = None):
+        self.image_key, self.mask_key = image_key, mask_key
+        self.target_keys = target_keys if isinstance(target_keys, str) else dict(target_keys)
 
     def __call__(self, batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs):
         def move(x):
@@ -32,7 +37,10 @@ class MultiTaskPrepareBatch:
 
         if self.image_key not in batchdata:
             raise KeyError(f"batch has no {self.image_key!r}; keys are {sorted(batchdata)}")
-        targets = {task: move(batchdata[key]) for task, key in self.target_keys.items() if key in batchdata}
+        if isinstance(self.target_keys, str):
+            targets = {task: move(v) for task, v in batchdata.get(self.target_keys, {}).items()}
+        else:
+            targets = {task: move(batchdata[key]) for task, key in self.target_keys.items() if key in batchdata}
         if self.mask_key is not None and self.mask_key in batchdata:
             targets["mask"] = move(batchdata[self.mask_key])
         return move(batchdata[self.image_key]), targets, (), {}
@@ -100,11 +108,20 @@ class MultiTaskTrainer(SupervisedTrainer):
 
 class MultiTaskEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` for networks returning ``{task: output}``; ``label`` in the output is
-    the targets dict of :class:`MultiTaskPrepareBatch`."""
+    the targets dict of :class:`MultiTaskPrepareBatch`.
 
-    def __init__(self, *args, forward_kwargs: Mapping | None = None, decollate: bool = False, **kwargs):
+    Args:
+        forward_kwargs: extra keyword arguments of every network call.
+        bn_inference: ``"population"`` (batch-norm running averages) or ``"batch"`` (statistics of
+            each evaluation batch, as SFG's A.4; needed where the running averages mix inputs whose
+            statistics differ by task, e.g. task routing with small sigma; use large batches).
+    """
+
+    def __init__(self, *args, forward_kwargs: Mapping | None = None, bn_inference: str = "population", decollate: bool = False, **kwargs):
         super().__init__(*args, decollate=decollate, **kwargs)
-        self.forward_kwargs = dict(forward_kwargs or {})
+        if bn_inference not in ("population", "batch"):
+            raise ValueError(f"bn_inference must be 'population' or 'batch', got {bn_inference!r}")
+        self.forward_kwargs, self.bn_inference = dict(forward_kwargs or {}), bn_inference
 
     def _iteration(self, engine: MultiTaskEvaluator, batchdata: Mapping) -> dict:
         if batchdata is None:
@@ -112,7 +129,7 @@ class MultiTaskEvaluator(SupervisedEvaluator):
         inputs, targets, _, _ = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         targets, _ = _split_mask(targets)
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-        with engine.mode(engine.network):
+        with engine.mode(engine.network), batch_norm_statistics(engine.network, self.bn_inference == "batch"):
             if engine.amp:
                 with torch.autocast(engine.state.device.type, **engine.amp_kwargs):
                     pred = engine.inferer(inputs, engine.network, **self.forward_kwargs)

@@ -6,6 +6,9 @@ section 4.3), sharing ratio ``sigma`` in the paper's convention (see
 :mod:`mtl_med.layers.task_routing`).
 ``sharing="adashare"``: per-task select-or-skip gates on every residual block (Sun et al. 2020,
 section 3.1); ResNet-18 has 8 and ResNet-34 16 gated blocks.
+``sharing="cross_stitch"``: one ResNet column per task, the columns mixed by a cross-stitch unit
+after the stem and after every stage (Misra et al. 2016, section 3: units after each pooling
+stage), for any number of tasks.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
 
 from mtl_med.layers.block_gate import BlockPolicy
+from mtl_med.layers.cross_stitch import CrossStitch
 from mtl_med.layers.task_routing import TaskRouting, as_task_index, split_by_task
 from mtl_med.losses.adashare import DEFAULT_LAMBDA_SHARING, DEFAULT_LAMBDA_SPARSITY, AdaShareRegularizer
 
 __all__ = ["TaskHeads", "multitask_outputs", "RoutedResidualBlock", "ResNet", "resnet18", "resnet34", "SHARING_MODES"]
 
-SHARING_MODES = ("hard", "routing", "adashare")
+SHARING_MODES = ("hard", "routing", "adashare", "cross_stitch")
 
 
 def _act(act: str | tuple) -> nn.Module:
@@ -171,7 +175,7 @@ class RoutedResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Multi-task ResNet with hard sharing, task routing or AdaShare block gates.
+    """Multi-task ResNet with hard sharing, task routing, AdaShare block gates or cross-stitch columns.
 
     Args:
         spatial_dims: 2 or 3.
@@ -180,7 +184,7 @@ class ResNet(nn.Module):
         out_channels: outputs per task: one ``int`` for all, a sequence, or a mapping name -> int.
         layers: residual blocks per stage, ``(2, 2, 2, 2)`` for ResNet-18, ``(3, 4, 6, 3)`` for ResNet-34.
         widths: channels per stage.
-        sharing: ``"hard"``, ``"routing"`` or ``"adashare"``.
+        sharing: ``"hard"``, ``"routing"``, ``"adashare"`` or ``"cross_stitch"``.
         sigma: Task Routing sharing ratio (fraction of units shared by all tasks; 1 = hard sharing).
         seed: seed of the routing masks (drawn in construction order from one generator).
         act: activation (MONAI ``Act`` name or ``(name, args)``), e.g. ``"relu"``, ``"prelu"``.
@@ -192,6 +196,12 @@ class ResNet(nn.Module):
         lambda_sparsity, lambda_sharing: AdaShare eq. 7 weights returned by ``regularizer()``
             while the policy is learned (Table 7 defaults).
         policy: discrete AdaShare ``(num_tasks, num_blocks)`` policy for re-training / inference.
+        stitch_self_weight: initial ``alpha_tt`` of the cross-stitch units (Misra et al., section 5:
+            ``(alpha_S, alpha_D) = (0.9, 0.1)``; here the 0.1 is split over the other tasks).
+        stitch_per_channel: one ``T x T`` mixing matrix per channel instead of per layer.
+
+    With ``sharing="cross_stitch"`` the stem and the blocks of column 0 are ``conv1``, ``bn1``,
+    ``blocks`` (as in the other modes) and those of column ``t > 0`` live in ``columns[t - 1]``.
 
     ``forward(x, task=None, generator=None)`` returns ``{task_name: output}``: all tasks when
     ``task`` is ``None``; one task for an ``int`` or name (one task per mini-batch, algorithm 1 of
@@ -221,6 +231,8 @@ class ResNet(nn.Module):
         lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY,
         lambda_sharing: float = DEFAULT_LAMBDA_SHARING,
         policy: torch.Tensor | Sequence | None = None,
+        stitch_self_weight: float = 0.9,
+        stitch_per_channel: bool = False,
     ):
         super().__init__()
         self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -247,22 +259,26 @@ class ResNet(nn.Module):
         routing = None
         if sharing == "routing":
             routing = {"num_tasks": self.num_tasks, "sigma": sigma, "generator": torch.Generator().manual_seed(int(seed))}
-        conv, norm_t = Conv[Conv.CONV, spatial_dims], Norm[norm if isinstance(norm, str) else norm[0], spatial_dims]
-        norm_args = {} if isinstance(norm, str) else dict(norm[1])
-        self.conv1 = conv(in_channels, widths[0], conv1_t_size, stride=conv1_t_stride, padding=conv1_t_size // 2, bias=False)
-        self.bn1 = norm_t(widths[0], **norm_args)
-        self.trl1 = TaskRouting(widths[0], **routing) if routing else None
-        self.act = _act(act)
-        self.maxpool = nn.Identity() if no_max_pool else Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1)
-
-        blocks, self.block_names, in_ch = [], [], widths[0]
-        for stage, (n, width) in enumerate(zip(layers, widths)):
-            for i in range(n):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                blocks.append(RoutedResidualBlock(spatial_dims, in_ch, width, stride, act, norm, routing))
-                self.block_names.append(f"layer{stage + 1}.{i}")
-                in_ch = width
-        self.blocks = nn.ModuleList(blocks)
+        stem, self.blocks, self.block_names, in_ch = self._column(
+            spatial_dims, in_channels, layers, widths, act, norm, conv1_t_size, conv1_t_stride, no_max_pool, routing
+        )
+        self.conv1, self.bn1, self.trl1, self.act, self.maxpool = stem
+        # cross-stitch: columns 1..T-1 (column 0 is the attributes above) and one unit per stage
+        self.columns, self.stitches, self.stage_ends = None, None, []
+        if sharing == "cross_stitch":
+            if self.num_tasks < 2:
+                raise ValueError(f"cross_stitch needs at least 2 tasks, got {self.num_tasks}")
+            self.columns = nn.ModuleList()
+            for _ in range(1, self.num_tasks):
+                (c1, b1, _, a1, mp), blks, _, _ = self._column(
+                    spatial_dims, in_channels, layers, widths, act, norm, conv1_t_size, conv1_t_stride, no_max_pool, None
+                )
+                self.columns.append(nn.ModuleDict({"conv1": c1, "bn1": b1, "act": a1, "maxpool": mp, "blocks": blks}))
+            self.stage_ends = [int(e) - 1 for e in torch.tensor(list(layers)).cumsum(0)]
+            self.stitches = nn.ModuleList(
+                CrossStitch(self.num_tasks, w, self_weight=stitch_self_weight, per_channel=stitch_per_channel)
+                for w in [widths[0], *widths]
+            )
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         self.heads = TaskHeads(in_ch, outs, hidden=head_hidden, act=act)
 
@@ -272,6 +288,24 @@ class ResNet(nn.Module):
             self.policy_loss = AdaShareRegularizer(lambda_sparsity, lambda_sharing)
         elif policy is not None:
             raise ValueError("policy is only used with sharing='adashare'")
+
+    @staticmethod
+    def _column(spatial_dims, in_channels, layers, widths, act, norm, conv1_t_size, conv1_t_stride, no_max_pool, routing):
+        """Stem ``(conv1, bn1, trl1, act, maxpool)``, residual blocks, block names and output width."""
+        conv, norm_t = Conv[Conv.CONV, spatial_dims], Norm[norm if isinstance(norm, str) else norm[0], spatial_dims]
+        norm_args = {} if isinstance(norm, str) else dict(norm[1])
+        conv1 = conv(in_channels, widths[0], conv1_t_size, stride=conv1_t_stride, padding=conv1_t_size // 2, bias=False)
+        bn1 = norm_t(widths[0], **norm_args)
+        trl1 = TaskRouting(widths[0], **routing) if routing else None
+        maxpool = nn.Identity() if no_max_pool else Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1)
+        blocks, names, in_ch = [], [], widths[0]
+        for stage, (n, width) in enumerate(zip(layers, widths)):
+            for i in range(n):
+                stride = 2 if (stage > 0 and i == 0) else 1
+                blocks.append(RoutedResidualBlock(spatial_dims, in_ch, width, stride, act, norm, routing))
+                names.append(f"layer{stage + 1}.{i}")
+                in_ch = width
+        return (conv1, bn1, trl1, _act(act), maxpool), nn.ModuleList(blocks), names, in_ch
 
     @property
     def num_blocks(self) -> int:
@@ -290,7 +324,7 @@ class ResNet(nn.Module):
     def regularizer(self) -> torch.Tensor:
         """AdaShare's ``lambda_sp L_sparsity + lambda_sh L_sharing`` while the policy is learned, else 0."""
         if self.policy is None or self.policy.mode != "learn":
-            return self.conv1.weight.new_zeros(())
+            return self.heads.weights[0].new_zeros(())
         return self.policy_loss(self.policy.select_probability(effective=True))
 
     # --- forward -----------------------------------------------------------------------------
@@ -312,12 +346,34 @@ class ResNet(nn.Module):
             y = block(y, task, g)
         return torch.flatten(self.pool(y), 1)
 
+    def stitched_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-stitch mode: the pooled features ``(B, C)`` of every task's column."""
+        cols = [{"conv1": self.conv1, "bn1": self.bn1, "act": self.act, "maxpool": self.maxpool, "blocks": self.blocks}]
+        cols += list(self.columns)
+        ys = self.stitches[0]([c["maxpool"](c["act"](c["bn1"](c["conv1"](x)))) for c in cols])
+        stage = 1
+        for l in range(self.num_blocks):
+            ys = [c["blocks"][l](y) for c, y in zip(cols, ys)]
+            if l in self.stage_ends:
+                ys = self.stitches[stage](ys)
+                stage += 1
+        return [torch.flatten(self.pool(y), 1) for y in ys]
+
     def forward(
         self,
         x: torch.Tensor,
         task: int | str | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
+        if self.sharing == "cross_stitch":  # every column is needed whatever task is asked for
+            feats = self.stitched_features(x)
+
+            def column(_, t):
+                if isinstance(t, torch.Tensor):
+                    return torch.stack(feats)[t, torch.arange(x.shape[0], device=x.device)]
+                return feats[t]
+
+            return multitask_outputs(x, task, self.task_names, self.heads, column, task_specific=True)
         gates = self.policy.gates(generator) if self.policy is not None else None
         task_specific = self.sharing == "routing" or gates is not None
         return multitask_outputs(x, task, self.task_names, self.heads, lambda y, t: self.features(y, t, gates), task_specific)

@@ -4,7 +4,6 @@ architecture."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator, Sequence
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from ..layers.sfg import SHARING_MODES, SFGConv
+from .utils import batch_norm_statistics
 
 __all__ = ["SFGNetwork"]
 
@@ -85,22 +85,10 @@ class SFGNetwork(nn.Module):
             if per_example is not None:
                 m.groups.per_example = per_example
 
-    @contextlib.contextmanager
     def batch_statistics(self, enabled: bool | None = None):
-        """Normalise with the statistics of the current batch without touching the running ones
-        (A.4's test-time batch-norm); ``enabled`` defaults to ``bn_inference == "batch"``."""
-        enabled = self.bn_inference == "batch" if enabled is None else enabled
-        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if enabled else []
-        saved = [(m.training, m.momentum) for m in bns]
-        for m in bns:
-            m.train()
-            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
-        try:
-            yield
-        finally:
-            for m, (training, momentum) in zip(bns, saved):
-                m.train(training)
-                m.momentum = momentum
+        """Context: normalise with the statistics of the current batch without touching the running
+        ones (A.4's test-time batch-norm); ``enabled`` defaults to ``bn_inference == "batch"``."""
+        return batch_norm_statistics(self, self.bn_inference == "batch" if enabled is None else enabled)
 
     # ---- introspection
     def grouping_probabilities(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,26 @@
+"""Helpers shared by the networks and the engines."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["batch_norm_statistics"]
+
+
+@contextlib.contextmanager
+def batch_norm_statistics(network: torch.nn.Module, enabled: bool = True):
+    """Normalise with the statistics of the current batch, leaving the running ones untouched
+    (SFG paper, A.4's test-time batch-norm)."""
+    bns = [m for m in network.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)] if enabled else []
+    saved = [(m.training, m.momentum) for m in bns]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+    try:
+        yield
+    finally:
+        for m, (training, momentum) in zip(bns, saved):
+            m.train(training)
+            m.momentum = momentum

@@ -1,0 +1,170 @@
+"""The generic vision bundle (bundles/vision_multitask) on its digits default: metadata, a few
+training iterations of every variant, evaluation (per-task CSV, summary JSON with delta-m),
+inference, and clear errors for bad config values. Workflows run in this process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "vision_multitask"
+SCHEMA = REPO.parent / "shared" / "schemas" / "meta_schema_20240725.json"
+VARIANTS = sorted(p.stem for p in (BUNDLE / "configs" / "variants").glob("*.json"))
+# tiny and fast: 16x16 images (VGG-11's pooling still fits), 2 iterations, 1 validation batch
+FAST = dict(image_size=16, batch_size=16, val_batch_size=64, max_epochs=1, epoch_length=2, val_epoch_length=1,
+            warmup_epochs=1, policy_epochs=1)
+
+
+def workflow(configs, bundle_root, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    return ConfigWorkflow(
+        config_file=[str(BUNDLE / "configs" / c) for c in configs],
+        meta_file=str(BUNDLE / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=None,
+        bundle_root=str(bundle_root),
+        **overrides,
+    )
+
+
+def run(configs, bundle_root, **overrides):
+    wf = workflow(configs, bundle_root, **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def messages(exc: BaseException) -> str:
+    """The messages of an exception and of its causes (MONAI wraps instantiation errors)."""
+    out = []
+    while exc is not None:
+        out.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny networks: one intra-op thread avoids thread contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
+    """Every variant trained for two iterations; variant -> (bundle root, workflow)."""
+    root = tmp_path_factory.mktemp("vision_bundle")
+    return {v: (root / v, run(["train.json", f"variants/{v}.json"], root / v, **FAST)) for v in VARIANTS}
+
+
+def test_variants_cover_the_sharing_methods():
+    assert set(VARIANTS) >= {"sfg", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "adashare", "cross_stitch", "hard_sharing", "single_task"}
+
+
+@pytest.mark.skipif(not SCHEMA.is_file(), reason="offline MONAI metadata schema (../shared/schemas) not available")
+def test_metadata_passes_verify_metadata():
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    assert {"mtl_med", "pytorch-ignite", "scikit-learn"} <= set(meta["required_packages_version"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained, variant):
+    root, wf = trained[variant]
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == FAST["epoch_length"]
+    assert math.isfinite(float(trainer.state.output["loss"]))
+    for name in ("model.pt", "model_final.pt"):
+        state = torch.load(root / "models" / name, map_location="cpu", weights_only=True)
+        assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+    assert list((root / "eval" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _tags(root):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root / "eval" / "tensorboard")).Reload()
+    return set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+
+
+def test_tensorboard_has_per_task_losses_metrics_and_sharing_views(trained):
+    scalars, _ = _tags(trained["hard_sharing"][0])
+    assert {"loss/digit_0", "loss/digit_9", "loss/total", "digit_3/accuracy", "val_mean_accuracy"} <= scalars
+    scalars, images = _tags(trained["sfg"][0])
+    assert "sfg/temperature" in scalars and any(t.startswith("sfg/") and t.endswith("/shared") for t in scalars)
+    assert any(t.startswith("sfg_simplex/") for t in images)
+    scalars, images = _tags(trained["adashare"][0])
+    assert "adashare/policy" in images and "adashare/temperature" in scalars
+
+
+def test_variants_configure_the_network_they_name(trained):
+    net = trained["tr_sigma0.2"][1].parser.get_parsed_content("network_def")
+    assert type(net).__name__ == "TaskRoutingVGG"
+    masks = [m.masks for m in net.modules() if hasattr(m, "masks")]
+    shared = masks[-1].all(0).float().mean()  # fraction of units every task uses
+    assert shared == pytest.approx(0.2, abs=0.02)
+    ada = trained["adashare"][1].parser.get_parsed_content("network_def")
+    assert ada.policy.mode == "fixed"  # re-trained under the sampled policy
+    policy = json.loads((trained["adashare"][0] / "models" / "policy.json").read_text())
+    assert torch.equal(torch.tensor(policy["policy"]).bool(), ada.policy.policy.cpu())
+    assert trained["sfg"][1].parser.get_parsed_content("network_def").sharing == "sfg"
+
+
+def test_evaluate_writes_per_task_csv_and_summary_with_delta_m(trained):
+    single_root, _ = trained["single_task"]
+    run(["train.json", "variants/single_task.json", "evaluate.json"], single_root, **FAST)
+    root, _ = trained["tr_sigma0.4"]
+    baseline = single_root / "eval" / "summary.json"
+    run(["train.json", "variants/tr_sigma0.4.json", "evaluate.json"], root, baseline_file=str(baseline), **FAST)
+    rows = list(csv.DictReader((root / "eval" / "metrics.csv").open()))
+    assert [r["task"] for r in rows] == [f"digit_{k}" for k in range(10)]
+    assert all(0.0 <= float(r[m]) <= 1.0 for r in rows for m in ("accuracy", "precision", "recall"))
+    summary = json.loads((root / "eval" / "summary.json").read_text())
+    assert summary["variant"] == "tr_sigma0.4"
+    acc = {r["task"]: float(r["accuracy"]) for r in rows}
+    base = json.loads(baseline.read_text())["tasks"]
+    expected = sum((acc[t] - base[t]["accuracy"]["mean"]) / base[t]["accuracy"]["mean"] for t in acc) / len(acc)
+    assert summary["delta_m"]["of_mean"] == pytest.approx(expected)
+    assert summary["mean_accuracy"] == pytest.approx(sum(acc.values()) / len(acc))
+
+
+def test_inference_writes_one_prediction_row_per_test_image(trained):
+    from mtl_med.data.vision import load_digits_tasks
+
+    root, _ = trained["hard_sharing"]
+    run(["train.json", "variants/hard_sharing.json", "inference.json"], root, **{**FAST, "val_epoch_length": None})
+    rows = list(csv.DictReader((root / "eval" / "predictions.csv").open()))
+    test = load_digits_tasks("test")
+    assert len(rows) == len(test) and {"index", "digit_0", "digit_0_prob", "digit_9"} <= set(rows[0])
+    assert sorted(int(r["index"]) for r in rows) == list(range(len(test)))
+    assert all(r["digit_4"] in ("0", "1") and 0.0 <= float(r["digit_4_prob"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "variant,override,words",
+    [
+        ("hard_sharing", {"sharing": "soft_sharing"}, ["soft_sharing"]),
+        ("tr_sigma0.4", {"sigma": 1.5}, ["sigma", "1.5"]),
+        ("hard_sharing", {"dataset": "imagenet"}, ["imagenet"]),
+        ("hard_sharing", {"dataset": "cifar10"}, ["cifar10", "data_root"]),
+        ("adashare", {"backbone": "vgg11"}, ["adashare", "vgg11"]),
+    ],
+)
+def test_bad_config_values_raise_clear_errors(tmp_path, variant, override, words):
+    with pytest.raises(Exception) as e:
+        run(["train.json", f"variants/{variant}.json"], tmp_path, **{**FAST, **override})
+    text = messages(e.value)
+    assert all(w in text for w in words), text
+    assert not (tmp_path / "models" / "model_final.pt").exists()
