@@ -323,3 +323,11 @@ def atomic_write_json(obj: Any, path: str | os.PathLike, *, indent: int = 2) -> 
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent) + "\n")
     return Path(path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write text (CSV, JSON, ...) atomically, newlines as given."""
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    return Path(path)

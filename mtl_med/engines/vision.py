@@ -18,7 +18,8 @@ from ignite.metrics import Metric
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from mtl_med.metrics.multitask import _atomic_write, binary_predictions, multitask_metrics, write_summary_json
+from mtl_med.data.nifti import atomic_write_text
+from mtl_med.metrics.multitask import binary_predictions, multitask_metrics, write_summary_json
 
 __all__ = [
     "TASK_TYPES",
@@ -219,7 +220,7 @@ class MultiTaskReport:
         w.writerow(self.COLUMNS)
         for t, m in per_task.items():
             w.writerow([t, self.task_types[t], *(repr(m[k]) if k in m else "" for k in self.COLUMNS[2:6]), len(labels[t])])
-        _atomic_write(os.path.join(self.output_dir, self.csv_name), buf.getvalue())
+        atomic_write_text(buf.getvalue(), os.path.join(self.output_dir, self.csv_name))
         extra = {"mean_accuracy": primary_metric(per_task, self.task_types), **self.extra}
         if self.baseline is None:
             extra["delta_m"] = None
@@ -278,5 +279,5 @@ class PredictionWriter:
         w = csv.writer(buf)
         w.writerow(header)
         w.writerows(self.rows)
-        _atomic_write(self.output_file, buf.getvalue())
+        atomic_write_text(buf.getvalue(), self.output_file)
         log.info("%d predictions written to %s", len(self.rows), self.output_file)

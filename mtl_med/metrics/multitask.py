@@ -12,12 +12,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error, precision_score, recall_score
+
+from mtl_med.data.nifti import atomic_write_text
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -147,21 +148,6 @@ def summarize_runs(runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dic
     }
 
 
-def _atomic_write(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_task_csv(path: str | os.PathLike, runs: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
     """One row per run, task and metric: columns ``run, task, metric, value`` (written atomically)."""
     buf = io.StringIO()
@@ -171,7 +157,7 @@ def write_task_csv(path: str | os.PathLike, runs: Mapping[str, Mapping[str, Mapp
         for task, metrics in per_task.items():
             for metric, v in metrics.items():
                 w.writerow([run, task, metric, repr(float(v))])
-    _atomic_write(path, buf.getvalue())
+    atomic_write_text(buf.getvalue(), path)
 
 
 def write_summary_json(
@@ -211,5 +197,5 @@ def write_summary_json(
             return [finite(v) for v in o]
         return o
 
-    _atomic_write(path, json.dumps(finite(summary), indent=2))
+    atomic_write_text(json.dumps(finite(summary), indent=2), path)
     return summary

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, random_split
 
 from mtl_med.losses.adashare import ADASHARE_HPARAMS
+from mtl_med.data.nifti import atomic_write_text
 
 __all__ = [
     "policy_module",
@@ -201,21 +201,6 @@ def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, see
         return type(base)(**args)
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def export_policy_json(
     path: str | os.PathLike,
     model: nn.Module,
@@ -233,7 +218,7 @@ def export_policy_json(
         "policy": torch.as_tensor(policy).int().cpu().tolist(),
         "tau": float(pm.tau),
     }
-    _atomic_write_text(path, json.dumps(record, indent=2))
+    atomic_write_text(json.dumps(record, indent=2), path)
     return record
 
 
