@@ -34,6 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_array, check_overlap
+from data_prep.report import finish
 
 __all__ = ["ROI_PATTERNS", "Series", "scan_folder", "pick_series", "match_rois", "rasterise_rtstruct",
            "convert_patient", "convert", "main"]
@@ -285,12 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    n = sum(len(datalist[k]) for k in ("training", "validation", "test"))
-    print(f"converted {n} patients to {args.out}; datalist {args.out / 'datalist.json'}")
-    if failed:
-        print(f"{len(failed)} patient(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(datalist, failed, args.out, "converted", "patient")
 
 
 if __name__ == "__main__":

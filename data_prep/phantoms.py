@@ -34,6 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from mtl_med.data.nifti import LABEL_TABLE, atomic_save_nifti, atomic_write_json
+from data_prep.report import finish
 
 __all__ = [
     "PRESETS",
@@ -562,12 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         orientation=args.orientation, mr_noise=args.mr_noise, ct_noise=args.ct_noise,
         bias_strength=args.bias_strength,
         )
-    counts = {k: len(datalist[k]) for k in ("training", "validation", "test")}
-    print(f"wrote {sum(counts.values())} cases to {args.out} ({counts}); datalist {args.out / 'datalist.json'}")
-    if failed:
-        print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(datalist, failed, args.out, "wrote", "case")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_overlap, check_volume
+from data_prep.report import finish
 
 __all__ = ["find_cases", "convert_case", "convert", "main"]
 
@@ -106,12 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    n = sum(len(datalist[k]) for k in ("training", "validation", "test"))
-    print(f"converted {n} cases to {args.out}; datalist {args.out / 'datalist.json'}")
-    if failed:
-        print(f"{len(failed)} case(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return finish(datalist, failed, args.out, "converted", "case")
 
 
 if __name__ == "__main__":
