@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,6 +123,9 @@ def test_variants_configure_the_network_they_name(trained):
     policy = json.loads((trained["adashare"][0] / "models" / "policy.json").read_text())
     assert torch.equal(torch.tensor(policy["policy"]).bool(), ada.policy.policy.cpu())
     assert trained["sfg"][1].parser.get_parsed_content("network_def").sharing == "sfg"
+    # tasks take different paths through shared batch-norms: test with batch statistics (SFG A.4)
+    bn = {v: trained[v][1].parser.get_parsed_content("validate#evaluator").bn_inference for v in VARIANTS}
+    assert {v for v, b in bn.items() if b == "batch"} == {"sfg", "adashare", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8"}
 
 
 def test_evaluate_writes_per_task_csv_and_summary_with_delta_m(trained):
@@ -168,3 +174,34 @@ def test_bad_config_values_raise_clear_errors(tmp_path, variant, override, words
     text = messages(e.value)
     assert all(w in text for w in words), text
     assert not (tmp_path / "models" / "model_final.pt").exists()
+
+
+def test_early_stopping_ends_training_after_patience_validations_without_gain(tmp_path):
+    # min_delta 1 makes any gain in accuracy too small: epoch 1 sets the best score, epoch 2 exhausts patience 1
+    wf = run(["train.json", "variants/hard_sharing.json", "early_stopping.json"], tmp_path, **{**FAST, "max_epochs": 4, "patience": 1, "min_delta": 1.0})
+    assert wf.parser.get_parsed_content("train#trainer").state.epoch == 2
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+
+
+def test_two_process_ddp_with_early_stopping_ends_with_identical_weights(tmp_path):
+    """2 gloo processes through multi_gpu_train.json: the same weights on both ranks, one event file,
+    and early stopping that stops every rank at the same epoch (otherwise the run would hang)."""
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"finalize": [
+        "$torch.save({'epoch': @train#trainer.state.epoch, **@network_def.state_dict()}, @output_dir + f'/rank{dist.get_rank()}.pt')",
+        "$dist.destroy_process_group()",
+    ]}))
+    files = [str(BUNDLE / "configs" / n) for n in ("train.json", "variants/sfg.json", "multi_gpu_train.json", "early_stopping.json")]
+    overrides = {**FAST, "max_epochs": 4, "patience": 1, "min_delta": 1.0, "bundle_root": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29562",
+           "-m", "monai.bundle", "run", "--config_file", str(files + [str(dump)]),
+           "--meta_file", str(BUNDLE / "configs" / "metadata.json"), "--logging_file", str(BUNDLE / "configs" / "logging.conf")]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (torch.load(tmp_path / "eval" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["epoch"] == b["epoch"] == 2
+    assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert (tmp_path / "models" / "model_final.pt").is_file()
+    assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents*"))) == 1  # rank 0 logs alone
