@@ -1,14 +1,16 @@
 """Sharing methods on the digits default of the vision bundle: test accuracy and training cost.
 
-Trains every method through the bundle's own configs (bundles/vision_multitask: train.json + the
-variant, then evaluate.json on the test split) for several seeds and prints, per method, the mean
+Trains every method to convergence through the bundle's own configs (bundles/vision_multitask:
+train.json + the variant + early_stopping.json, then evaluate.json on the test split) for several
+seeds. Training stops when the validation mean accuracy has not improved for ``--patience`` epochs
+(or at ``--max_epochs``) and the best validation checkpoint is tested. Prints, per method, the mean
 test accuracy over the ten one-vs-all tasks (mean and sample std over seeds), delta-m against the
-single-task baseline of the same seed (Vandenhende et al., eq. 1) and the training time (CPU seconds
-of this process, so other load on the machine does not distort it) relative to hard sharing.
-A benchmark prints; it never asserts.
+single-task baseline of the same seed (Vandenhende et al., eq. 1), the epochs run and the epoch of
+the best validation score, and the training time (CPU seconds of this process, so other load on
+the machine does not distort it) relative to hard sharing. A benchmark prints; it never asserts.
 
     python benchmarks/vision_digits.py                     # the settings the bundle README reports
-    python benchmarks/vision_digits.py --seeds 0 --epochs 2 --methods hard_sharing tr_sigma0.4
+    python benchmarks/vision_digits.py --seeds 0 --max_epochs 2 --methods hard_sharing tr_sigma0.4
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "vision_multitask"
 METHODS = ("single_task", "hard_sharing", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "sfg", "adashare")
 
 
-def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) -> None:
-    """One ``monai.bundle`` workflow in this process (as ``python -m monai.bundle run`` would)."""
+def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) -> dict:
+    """One ``monai.bundle`` workflow in this process (as ``python -m monai.bundle run`` would);
+    returns the epochs the trainer ran and the epoch of its best validation score."""
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
@@ -43,6 +46,10 @@ def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) 
     wf.initialize()
     try:
         wf.run()
+        if "evaluate.json" in configs:
+            return {}
+        trainer, evaluator = (wf.parser.get_parsed_content(k) for k in ("train#trainer", "validate#evaluator"))
+        return {"epochs": trainer.state.epoch, "best_epoch": evaluator.state.best_metric_epoch}
     finally:
         wf.finalize()
 
@@ -51,9 +58,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the all-task methods (and of AdaShare's re-training)")
-    p.add_argument("--tr_epoch_factor", type=int, default=5, help="TR trains one task per mini-batch (alg. 1): this many times the epochs (10 would give each task as many updates as hard sharing)")
-    p.add_argument("--sfg_epoch_factor", type=int, default=4, help="SFG resamples every kernel's group at each iteration and needs more epochs to converge")
+    p.add_argument("--max_epochs", type=int, default=300, help="cap on the epochs of the all-task methods (and of AdaShare's re-training)")
+    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation mean accuracy")
+    p.add_argument("--tr_epoch_factor", type=int, default=5, help="TR trains one task per mini-batch (alg. 1): cap and patience are this many times larger")
     p.add_argument("--warmup_epochs", type=int, default=4, help="AdaShare warm-up epochs")
     p.add_argument("--policy_epochs", type=int, default=8, help="AdaShare policy epochs (ResNet-18: 8 blocks, one more per epoch)")
     p.add_argument("--image_size", type=int, default=16)
@@ -63,7 +70,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU-time measurements)")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files (e.g. one process per seed) and exit")
     args = p.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        results: dict[str, dict] = {}
+        for r in runs:
+            for m, by_seed in r["results"].items():
+                results.setdefault(m, {}).update(by_seed)
+        print_table(results, argparse.Namespace(**{**runs[0]["args"], "seeds": sorted({s for r in runs for s in r["args"]["seeds"]})}))
+        return
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # the bundle logs every iteration; keep the table readable
     root = Path(args.workdir or tempfile.mkdtemp(prefix="vision_digits_"))
@@ -78,38 +94,42 @@ def main() -> None:
             configs = ["train.json", f"variants/{m}.json"]
             common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size)
             common["width"] = args.adashare_width if m == "adashare" else args.width
-            train = dict(common, max_epochs=args.epochs)
-            if m.startswith("tr_"):
-                train.update(max_epochs=args.epochs * args.tr_epoch_factor, val_interval=args.tr_epoch_factor)
-            if m == "sfg":
-                train.update(max_epochs=args.epochs * args.sfg_epoch_factor, val_interval=args.sfg_epoch_factor)
+            factor = args.tr_epoch_factor if m.startswith("tr_") else 1
+            train = dict(common, max_epochs=args.max_epochs * factor, patience=args.patience * factor)
             if m == "adashare":
                 train.update(warmup_epochs=args.warmup_epochs, policy_epochs=args.policy_epochs)
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            run_bundle(configs, run_dir, **train)
+            epochs = run_bundle(configs + ["early_stopping.json"], run_dir, **train)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             baseline = root / f"single_task_seed{seed}" / "eval" / "summary.json"
             run_bundle(configs + ["evaluate.json"], run_dir, baseline_file=str(baseline) if m != "single_task" else None, **common)
             summary = json.loads((run_dir / "eval" / "summary.json").read_text())
             dm = (summary.get("delta_m") or {}).get("of_mean", 0.0) if m != "single_task" else 0.0
-            results[m][seed] = {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall}
-            print(f"{m:14s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  delta_m {100 * dm:+.2f}%  {cpu:.1f} CPU-s ({wall:.1f} s wall)", flush=True)
+            results[m][seed] = {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall, **epochs}
+            print(f"{m:14s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  delta_m {100 * dm:+.2f}%  "
+                  f"{epochs['epochs']} epochs (best {epochs['best_epoch']})  {cpu:.1f} CPU-s ({wall:.1f} s wall)", flush=True)
+    print_table(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
+
+def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
+    """The Markdown table of the bundle README: one row per method, statistics over seeds."""
     ref = np.mean([r["cpu_s"] for r in results["hard_sharing"].values()]) if results.get("hard_sharing") else float("nan")
     print(f"\nDigits, 10 one-vs-all tasks; {len(args.seeds)} seeds; image {args.image_size}x{args.image_size}; VGG-11 width x{args.width}, "
-          f"ResNet-18 width x{args.adashare_width}; {args.epochs} epochs (TR x{args.tr_epoch_factor}, SFG x{args.sfg_epoch_factor}, AdaShare {args.warmup_epochs} warm-up + "
-          f"{args.policy_epochs} policy + {args.epochs} re-training); {args.threads} thread(s)")
-    print(f"| {'method':14s} | mean accuracy (mean ± std) | delta-m vs single-task | training CPU time vs hard sharing |")
-    print(f"| {'-' * 14} | --- | --- | --- |")
-    for m in methods:
+          f"ResNet-18 width x{args.adashare_width}; early stopping: patience {args.patience} epochs, cap {args.max_epochs} "
+          f"(TR x{args.tr_epoch_factor}; AdaShare {args.warmup_epochs} warm-up + {args.policy_epochs} policy epochs before re-training); {args.threads} thread(s)")
+    print(f"| {'method':14s} | mean accuracy (mean ± std) | delta-m vs single-task | epochs run (best) | training CPU time vs hard sharing |")
+    print(f"| {'-' * 14} | --- | --- | --- | --- |")
+    for m in results:
         acc = np.array([r["accuracy"] for r in results[m].values()])
         dm = np.array([r["delta_m"] for r in results[m].values()])
         cpu = np.mean([r["cpu_s"] for r in results[m].values()])
         sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
         dsd = dm.std(ddof=1) if len(dm) > 1 else 0.0
-        print(f"| {m:14s} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {100 * dm.mean():+.2f} ± {100 * dsd:.2f} % | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        ep = "/".join(str(r["epochs"]) for r in results[m].values())
+        best = "/".join(str(r["best_epoch"]) for r in results[m].values())
+        print(f"| {m:14s} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {100 * dm.mean():+.2f} ± {100 * dsd:.2f} % | {ep} ({best}) | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
 
 
 if __name__ == "__main__":
