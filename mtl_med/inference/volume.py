@@ -115,7 +115,8 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
             if key in ckpt and isinstance(ckpt[key], Mapping):
                 ckpt = ckpt[key]
                 break
-    if not isinstance(ckpt, Mapping) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    # modules may add non-tensor ``_extra_state`` (e.g. AdaShare's policy mode)
+    if not isinstance(ckpt, Mapping) or not all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in ckpt.items()):
         raise InputError(path, "not a state dict of tensors")
     if ckpt and all(str(k).startswith("module.") for k in ckpt):
         ckpt = {str(k)[len("module."):]: v for k, v in ckpt.items()}
