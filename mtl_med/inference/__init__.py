@@ -1,6 +1,6 @@
 """Posterior sampling and whole-volume inference."""
 
-from .posterior import PosteriorAggregator, sample_posterior, sampling_mode
+from .posterior import PosteriorAggregator, sample_posterior, sampling_mode, uses_batch_statistics
 from .volume import (
     CaseFailures,
     ConcatTaskOutputs,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["PosteriorAggregator", "sample_posterior", "sampling_mode"]
+__all__ = ["PosteriorAggregator", "sample_posterior", "sampling_mode", "uses_batch_statistics"]
 
 
 class PosteriorAggregator:
@@ -108,6 +108,13 @@ def sampling_mode(model: nn.Module, mode: str = "sample", per_example: bool = Tr
         model.train(was_training)
 
 
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with test-batch statistics (A.4). Its posterior passes must then
+    run one at a time with one assignment for the whole batch, as the original implementation did:
+    batch-norm statistics pooled over copies with different assignments would mix the samples."""
+    return getattr(getattr(model, "module", model), "bn_inference", "population") == "batch"
+
+
 @torch.no_grad()
 def sample_posterior(
     model: nn.Module,
@@ -129,10 +136,11 @@ def sample_posterior(
         raise ValueError(f"num_samples and samples_per_batch must be >= 1, got {num_samples}, {samples_per_batch}")
     agg = PosteriorAggregator(regression, labels if labels is not None else {"seg": 6})
     call = forward or (lambda m, b, g: m(b, generator=g))
-    with sampling_mode(model, "sample", per_example=True):
+    batch_bn = uses_batch_statistics(model)
+    with sampling_mode(model, "sample", per_example=not batch_bn):
         done = 0
         while done < num_samples:
-            k = min(samples_per_batch, num_samples - done)
+            k = 1 if batch_bn else min(samples_per_batch, num_samples - done)
             out = call(model, x.repeat(k, *([1] * (x.ndim - 1))), generator)
             agg.update({n: v.reshape(k, x.shape[0], *v.shape[1:]) for n, v in out.items() if n in (*agg.regression, *agg.labels)})
             done += k

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, atomic_save_nifti, check_datalist
-from mtl_med.inference.posterior import PosteriorAggregator, sampling_mode
+from mtl_med.inference.posterior import PosteriorAggregator, sampling_mode, uses_batch_statistics
 from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
 from mtl_med.transforms.spatial import invert_to_input
 
@@ -191,7 +191,7 @@ class PosteriorSampler:
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         b = x.shape[0]
-        k_max = max(1, self.max_batch // b)
+        k_max = 1 if uses_batch_statistics(self.network) else max(1, self.max_batch // b)
         agg = PosteriorAggregator(self.regression, self.labels)
         self._counts = {}
         done = 0
@@ -222,7 +222,7 @@ class PosteriorSampler:
 
     def run(self, inferer: Inferer, volume: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stitched statistic maps of ``volume`` (1, C, *spatial) with the network in ``mode``."""
-        with sampling_mode(self.network, self.mode, per_example=True):
+        with sampling_mode(self.network, self.mode, per_example=not uses_batch_statistics(self.network)):
             return inferer(volume, self)
 
 

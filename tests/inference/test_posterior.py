@@ -55,3 +55,26 @@ def test_deterministic_network_has_zero_posterior_spread():
     model = SFGHighResNet(features=(4, 8, 8), sharing="hard_sharing")
     out = sample_posterior(model, torch.randn(1, 1, 16, 16), num_samples=4, samples_per_batch=2)
     assert out["sct_std"].max() < 1e-5 and out["seg_disagreement"].max() == 0
+
+
+@pytest.mark.parametrize("bn_inference", ["population", "batch"])
+def test_batch_statistics_sample_one_assignment_per_pass(bn_inference):
+    """With A.4's test-batch statistics the passes must not share a forward call (batch-norm would
+    pool copies with different assignments): one pass of the plain batch, one draw for all of it."""
+    from monai.inferers import SimpleInferer
+
+    from mtl_med.inference import PosteriorSampler
+
+    torch.manual_seed(0)
+    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p", bn_inference=bn_inference)
+    calls, draws = [], []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    groups = next(m for _, m in model.sfg_layers()).groups
+    groups.register_forward_hook(lambda m, args, out: draws.append(out.ndim))
+    x = torch.randn(2, 1, 16, 16)
+    PosteriorSampler(model, num_samples=3, max_batch=64).run(SimpleInferer(), x)
+    sample_posterior(model, x, num_samples=3, samples_per_batch=3)
+    if bn_inference == "batch":
+        assert calls == [2] * 6 and draws == [2] * 6  # (kernels, T+1): one assignment per pass
+    else:
+        assert calls == [6, 6] and draws == [3, 3]  # (copies x slices, kernels, T+1): vectorised
