@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import ConcatDataset
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import (
@@ -213,6 +214,26 @@ def content_hash(extra: str = "") -> Callable[[Mapping[str, Any]], bytes]:
     return _hash
 
 
+def _describe(obj: Any, depth: int = 4) -> str:
+    """A deterministic text of a transform's parameters for cache keys: plain values, arrays (by
+    content) and nested objects' attributes; anything else (random states, callables) by type name."""
+    if isinstance(obj, (str, int, float, bool, type(None), Path)):
+        return repr(obj)
+    if isinstance(obj, type):
+        return obj.__name__
+    if isinstance(obj, np.ndarray) or torch.is_tensor(obj):
+        a = np.ascontiguousarray(obj.detach().cpu().numpy() if torch.is_tensor(obj) else obj)
+        return f"array{a.shape}:{hashlib.sha256(a.tobytes()).hexdigest()[:16]}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ",".join(_describe(v, depth) for v in obj) + "]"
+    if isinstance(obj, Mapping):
+        return "{" + ",".join(f"{k}:{_describe(obj[k], depth)}" for k in sorted(obj, key=str)) + "}"
+    if depth > 0 and hasattr(obj, "__dict__") and not callable(getattr(obj, "__func__", None)):
+        attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k != "R"}
+        return type(obj).__name__ + _describe(attrs, depth - 1)
+    return type(obj).__name__
+
+
 def make_dataset(
     items: Sequence[Mapping[str, Any]],
     preprocess: Compose,
@@ -228,7 +249,8 @@ def make_dataset(
         cache: "memory" (``CacheDataset``), "disk" (``PersistentDataset`` in ``cache_dir``, keyed by
             :func:`content_hash` of the files and the preprocessing), or None.
     """
-    transform = Compose([*preprocess.transforms, *(patches.transforms if patches is not None else [])])
+    # flat: a nested Compose counts as random for MONAI's caches, which would stop caching before it
+    transform = Compose([*preprocess.transforms, *(patches.transforms if patches is not None else [])]).flatten()
     if patches is not None:
         transform.set_random_state(state=patches.R)
     data = [dict(x) for x in items]
@@ -237,9 +259,10 @@ def make_dataset(
     if cache == "disk":
         if cache_dir is None:
             raise ValueError('cache="disk" needs cache_dir')
-        extra = repr([(type(t).__name__, sorted(vars(t).keys())) for t in preprocess.transforms])
-        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=content_hash(extra),
-                                 track_meta=False)
+        # track_meta: the cached volumes keep their affines (the resampling needs them); the cache
+        # files are this function's own, so they are loaded as full pickles (weights_only=False)
+        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=content_hash(_describe(preprocess.transforms)),
+                                 track_meta=True, weights_only=False)
     if cache is None:
         return Dataset(data, transform)
     raise ValueError(f'cache must be "memory", "disk" or None, got {cache!r}')

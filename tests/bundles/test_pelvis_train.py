@@ -46,7 +46,9 @@ def test_train_writes_checkpoints_events_landmarks_and_resumes(tmp_path, phantom
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     root = tmp_path / "run"
-    _train(root, phantoms)
+    _train(root, phantoms, cache="disk")
+    cached = sorted((root / "runs" / "cache").iterdir())
+    assert len(cached) == 3  # the 2 training and 1 validation volumes, preprocessed
     models = root / "models"
     assert {"model.pt", "checkpoint_final.pt", "landmarks.json"} <= {p.name for p in models.iterdir()}
     events = EventAccumulator(str(root / "runs")).Reload()
@@ -62,7 +64,8 @@ def test_train_writes_checkpoints_events_landmarks_and_resumes(tmp_path, phantom
     final = torch.load(models / "checkpoint_final.pt", map_location="cpu")
     assert final["trainer"]["iteration"] == 2 and final["trainer"]["epoch_length"] == 1
     # resume: optimizer, iteration and temperature continue; the landmarks file is reused
-    _train(root, phantoms, resume_ckpt=str(models / "checkpoint_final.pt"), max_epochs=3, tau_rate=0.1)
+    _train(root, phantoms, resume_ckpt=str(models / "checkpoint_final.pt"), max_epochs=3, tau_rate=0.1, cache="disk")
+    assert sorted((root / "runs" / "cache").iterdir()) == cached  # reused, not recomputed
     resumed = torch.load(models / "checkpoint_final.pt", map_location="cpu")
     assert resumed["trainer"]["iteration"] == 3 and resumed["trainer"]["max_epochs"] == 3
     assert resumed["optimizer"]["state"][0]["step"].item() == 3

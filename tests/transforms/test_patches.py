@@ -96,3 +96,29 @@ def test_train_loader_batches(phantom_set, tmp_path):
     assert tuple(batch["mask"].shape) == (10, 1, 136, 136)
     assert set(torch.unique(batch["label"]).tolist()) <= set(range(6))
     assert float(batch["ct"].min()) >= 0.0  # CT/1024 + 1 with -1024 HU background
+
+
+def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_set, tmp_path):
+    from mtl_med.transforms import make_dataset, preprocess_transforms
+
+    _, dl = phantom_set
+    items = dl["training"][:2]
+    cache = tmp_path / "cache"
+
+    def load(**kw):
+        ds = make_dataset(items, preprocess_transforms(n4=False, **kw), cache="disk", cache_dir=cache)
+        return [ds[i] for i in range(len(ds))]
+
+    first = load()
+    entries = sorted(cache.iterdir())
+    assert len(entries) == 2  # one entry per case
+    again = load()  # the same preprocessing rebuilt: the same keys, nothing new written
+    assert sorted(cache.iterdir()) == entries
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in ("mr", "ct", "label"))
+    memory = make_dataset(items, preprocess_transforms(n4=False), cache="memory")
+    assert torch.equal(memory[0]["mr"], first[0]["mr"])
+    coarse = load(pixdim=3.0)  # another parameter value must not reuse the 1.46 mm entries
+    assert len(list(cache.iterdir())) == 4
+    assert coarse[0]["mr"].shape != first[0]["mr"].shape
+    with pytest.raises(ValueError, match="cache_dir"):
+        make_dataset(items, preprocess_transforms(n4=False), cache="disk")
