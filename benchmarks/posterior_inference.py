@@ -5,7 +5,7 @@
    to S (said in the output).
 2. vectorised: the bundle's sampler (``mtl_med.inference.PosteriorSampler`` inside one SliceInferer run):
    every slice batch runs all S samples, ``max_batch // slices`` copies per forward call, each copy with its
-   own group assignment.
+   own group assignment; once per ``--max-batch`` value (the first is the reference of the ratios).
 3. one deterministic pass (argmax groups).
 
 Prints seconds, peak memory (CUDA: ``max_memory_allocated``; CPU: peak resident memory above the level before
@@ -16,6 +16,7 @@ in the bundle and are not part of this comparison). Random-init weights: the tim
 
     python benchmarks/posterior_inference.py --size 288 288 62 --device cuda      # the paper's volume (A.3)
     python benchmarks/posterior_inference.py --size 64 64 16 --threads 2         # a reduced size on a CPU
+    python benchmarks/posterior_inference.py --size 96 96 32 --features 8 16 16 --max-batch 4 16 64 --threads 2
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main():
     p.add_argument("--naive-passes", type=int, default=None, help="naive passes timed, scaled to S (default: S on CUDA, 3 on CPU)")
     p.add_argument("--features", type=int, nargs=3, default=[16, 32, 64])
     p.add_argument("--sw-batch-size", type=int, default=4, help="slices per forward call (inference.json sw_batch_size)")
-    p.add_argument("--max-batch", type=int, default=64, help="images per forward call of the sampler (inference.json max_batch)")
+    p.add_argument("--max-batch", type=int, nargs="+", default=[64], help="images per forward call of the sampler (inference.json max_batch); several values: one timing each")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
@@ -148,17 +149,18 @@ def main():
     results["naive"] = (t * S / naive_passes, mem["peak"])
     naive_note = f" (timed {naive_passes} passes, scaled to {S})" if naive_passes < S else ""
 
-    # 2. the bundle's vectorised sampler
-    g = torch.Generator(device=device).manual_seed(0)
-    mem = {}
-    sampler = PosteriorSampler(net, S, args.max_batch, "sample", ("sct",), {"seg": 6}, g, amp=args.amp)
-    with peak_memory(device, mem):
-        _sync(device)
-        t0 = time.perf_counter()
-        sampler.run(inferer, x)
-        _sync(device)
-        t = time.perf_counter() - t0
-    results["vectorised"] = (t, mem["peak"])
+    # 2. the bundle's vectorised sampler, per max_batch
+    for mb in args.max_batch:
+        g = torch.Generator(device=device).manual_seed(0)
+        mem = {}
+        sampler = PosteriorSampler(net, S, mb, "sample", ("sct",), {"seg": 6}, g, amp=args.amp)
+        with peak_memory(device, mem):
+            _sync(device)
+            t0 = time.perf_counter()
+            sampler.run(inferer, x)
+            _sync(device)
+            t = time.perf_counter() - t0
+        results[f"vectorised{mb}"] = (t, mem["peak"])
 
     # 3. one deterministic pass
     mem = {}
@@ -176,16 +178,17 @@ def main():
     flops = fc.get_total_flops()
     mm_rate, conv_rate = machine_rates(device, 4096 if device.type == "cuda" else 1024)
 
-    print(f"\n{'method':70s} {'seconds':>9s} {'peak MB':>9s} {'vs vectorised':>14s} {'achieved GFLOP/s':>17s}")
+    print(f"\n{'method':70s} {'seconds':>9s} {'peak MB':>9s} {f'vs max_batch {args.max_batch[0]}':>16s} {'achieved GFLOP/s':>17s}")
     rows = [
         (f"naive: {S} sequential SliceInferer runs{naive_note}", *results["naive"], S * flops),
-        (f"vectorised: {S} samples, batched", *results["vectorised"], S * flops),
+        *[(f"vectorised: {S} samples, max_batch {mb} ({max(1, mb // args.sw_batch_size)} copies per call)", *results[f"vectorised{mb}"], S * flops)
+          for mb in args.max_batch],
         ("deterministic: 1 pass (argmax)", *results["deterministic"], flops),
     ]
-    tv = results["vectorised"][0]
+    tv = results[f"vectorised{args.max_batch[0]}"][0]
     for name, sec, peak, fl in rows:
-        print(f"{name:70s} {sec:9.2f} {peak / 2**20:9.1f} {sec / tv:13.2f}x {fl / sec / 1e9:17.2f}")
-    print(f"\nspeed-up of the vectorised sampler over the naive loop: {results['naive'][0] / tv:.2f}x; "
+        print(f"{name:70s} {sec:9.2f} {peak / 2**20:9.1f} {sec / tv:15.2f}x {fl / sec / 1e9:17.2f}")
+    print(f"\nspeed-up of the vectorised sampler (max_batch {args.max_batch[0]}) over the naive loop: {results['naive'][0] / tv:.2f}x; "
           f"{S} samples cost {tv / results['deterministic'][0]:.1f}x one deterministic pass")
     print(f"FLOPs of one pass over the volume: {flops / 1e9:.2f} GFLOP ({flops / np.prod(size) / 1e3:.1f} kFLOP per voxel)")
     print(f"machine: matmul {mm_rate / 1e9:.1f} GFLOP/s, 3x3 conv (64 ch) {conv_rate / 1e9:.1f} GFLOP/s (float32, measured now)")
