@@ -33,6 +33,7 @@ from monai.data import MetaTensor
 from monai.data.folder_layout import FolderLayout
 from monai.inferers import Inferer
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, atomic_save_nifti, check_datalist
@@ -153,6 +154,10 @@ class PosteriorSampler:
         generator: random generator of the group draws (same seed, same samples).
         amp: autocast (CUDA only; ignored elsewhere).
         progress: a tqdm bar to advance by the number of slice-passes done.
+        margin: voxels of replicate padding around every spatial side of the input, cropped from the maps.
+            Training never puts a loss where a patch meets its zero padding (A.3), so the network's output near
+            an image border is undefined; a margin of the receptive-field radius moves that border out of the
+            image.
     """
 
     def __init__(
@@ -166,6 +171,7 @@ class PosteriorSampler:
         generator: torch.Generator | None = None,
         amp: bool = False,
         progress: Any = None,
+        margin: int = 0,
     ):
         if int(num_samples) < 1 or int(max_batch) < 1:
             raise ValueError(f"num_samples and max_batch must be >= 1, got {num_samples}, {max_batch}")
@@ -180,6 +186,9 @@ class PosteriorSampler:
         self.generator = generator
         self.amp = bool(amp)
         self.progress = progress
+        if int(margin) < 0:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        self.margin = int(margin)
         self._counts: dict[str, torch.Tensor] = {}
 
     def _autocast(self, device: torch.device):
@@ -190,6 +199,9 @@ class PosteriorSampler:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
+        m = self.margin
+        if m:
+            x = F.pad(x, [m] * 2 * (x.ndim - 2), mode="replicate")
         b = x.shape[0]
         k_max = 1 if uses_batch_statistics(self.network) else max(1, self.max_batch // b)
         agg = PosteriorAggregator(self.regression, self.labels)
@@ -210,6 +222,9 @@ class PosteriorSampler:
             maps[f"{n}_mean"], maps[f"{n}_std"] = res[n], res[f"{n}_std"]
         for n in self.labels:
             maps[f"{n}_votes"] = self._counts.pop(n) / float(self.num_samples)
+        if m:
+            inner = (slice(None), slice(None), *[slice(m, -m)] * (x.ndim - 2))
+            maps = {k: v[inner] for k, v in maps.items()}
         return maps
 
     def _votes(self, out: Mapping[str, torch.Tensor], k: int, b: int) -> None:
@@ -289,6 +304,7 @@ class VolumePredictor:
         device: compute device; the checkpoint is mapped onto it.
         num_samples: S posterior samples (section 5.2: 50).
         max_batch: images per forward call (slices x sample copies).
+        margin: replicate padding around each slice (or patch) before the network, see :class:`PosteriorSampler`.
         inference_mode: ``"sample"`` (posterior), ``"argmax"`` (deterministic single pass) or ``"relaxed"``.
         seed: seed of the group draws; the generator is re-seeded for every case, so a case's outputs do not
             depend on the other cases.
@@ -312,6 +328,7 @@ class VolumePredictor:
         device: str | torch.device = "cpu",
         num_samples: int = 50,
         max_batch: int = 64,
+        margin: int = 0,
         inference_mode: str = "sample",
         seed: int = 0,
         amp: bool = False,
@@ -335,6 +352,7 @@ class VolumePredictor:
         self.ckpt_path = ckpt_path
         self.num_samples = int(num_samples)
         self.max_batch = int(max_batch)
+        self.margin = int(margin)
         self.inference_mode = inference_mode
         self.seed = int(seed)
         self.amp = bool(amp) and self.device.type == "cuda"
@@ -385,7 +403,7 @@ class VolumePredictor:
         vol = (mr.as_tensor() if isinstance(mr, MetaTensor) else torch.as_tensor(mr)).float()[None].to(self.device)
         sampler = PosteriorSampler(
             self.network, self.num_samples, self.max_batch, self.inference_mode, (self.sct_key,),
-            {self.seg_key: self.num_classes}, self.generator(), self.amp, progress,
+            {self.seg_key: self.num_classes}, self.generator(), self.amp, progress, self.margin,
         )
         if progress is not None:
             axis = getattr(self.inferer, "spatial_dim", None)

@@ -78,3 +78,22 @@ def test_batch_statistics_sample_one_assignment_per_pass(bn_inference):
         assert calls == [2] * 6 and draws == [2] * 6  # (kernels, T+1): one assignment per pass
     else:
         assert calls == [6, 6] and draws == [3, 3]  # (copies x slices, kernels, T+1): vectorised
+
+
+def test_margin_removes_the_slice_border_from_the_outputs():
+    """A constant slice has no structure: with a replicate margin of the receptive-field radius (33 for
+    SFG-HighResNet) every output pixel is the same; without it the zero padding at the border shows."""
+    from monai.inferers import SimpleInferer
+
+    from mtl_med.inference import PosteriorSampler
+
+    torch.manual_seed(0)
+    model = SFGHighResNet(features=(4, 8, 8), sharing="hard_sharing").eval()
+    x = torch.full((2, 1, 24, 20), 0.7)
+    for margin, flat in ((0, False), (33, True)):
+        maps = PosteriorSampler(model, num_samples=1, mode="argmax", margin=margin).run(SimpleInferer(), x)
+        assert maps["sct_mean"].shape == (2, 1, 24, 20) and maps["seg_votes"].shape == (2, 6, 24, 20)
+        spread = float(maps["sct_mean"].max() - maps["sct_mean"].min())
+        assert (spread < 1e-5) == flat, (margin, spread)
+    with pytest.raises(ValueError, match="margin"):
+        PosteriorSampler(model, margin=-1)
