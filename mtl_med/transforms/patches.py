@@ -216,7 +216,9 @@ def content_hash(extra: str = "") -> Callable[[Mapping[str, Any]], bytes]:
 
 def _describe(obj: Any, depth: int = 4) -> str:
     """A deterministic text of a transform's parameters for cache keys: plain values, arrays (by
-    content) and nested objects' attributes; anything else (random states, callables) by type name."""
+    content) and nested objects' attributes; anything else (random states, callables) by type name.
+    (MONAI's ``PersistentDataset(hash_transform=json_hashing)`` falls back to class names for
+    transforms that are not JSON-serialisable, which ours are not.)"""
     if isinstance(obj, (str, int, float, bool, type(None), Path)):
         return repr(obj)
     if isinstance(obj, type):
