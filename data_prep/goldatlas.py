@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_array, check_overlap
-from data_prep.report import finish
+from data_prep.report import finish, refuse_existing_output
 
 __all__ = ["ROI_PATTERNS", "Series", "scan_folder", "pick_series", "match_rois", "rasterise_rtstruct",
            "convert_patient", "convert", "main"]
@@ -271,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--roi", type=_roi_arg, action="append", default=[], metavar="NAME=LABEL",
                    help="use this RTSTRUCT ROI for a label (repeatable)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output folder (files of the same name are replaced)")
     args = p.parse_args(argv)
     for pat in (args.mr_pattern, args.ct_pattern):
         try:
@@ -278,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except re.error as err:
             p.error(f"bad regular expression {pat!r}: {err}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_existing_output(p, args.out, args.overwrite, logger, "patient")
     try:
         datalist, failed = convert(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
                                    test_fraction=args.test_fraction, progress=not args.quiet,

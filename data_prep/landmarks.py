@@ -4,7 +4,7 @@ Each training MR is loaded with the project's checks, N4-corrected as in trainin
 cache), and its 1st / decile / 99th percentiles inside the foreground enter the average. The result is a JSON
 file that ``HistogramStandardized`` (training and inference) reads.
 
-    python -m data_prep.landmarks --datalist DIR/datalist.json --out DIR/landmarks_mr.json
+    python -m data_prep.landmarks --datalist DIR/datalist.json --out DIR/landmarks_mr.json [--overwrite]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from data_prep.report import refuse_existing_output
 from mtl_med.data.nifti import InputError, check_datalist
 from mtl_med.transforms.histogram import DEFAULT_QUANTILES, learn_landmarks, save_landmarks
 from mtl_med.transforms.patches import preprocess_transforms
@@ -77,10 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n4-cache", type=Path, help="N4 field cache folder (shared with training)")
     p.add_argument("--foreground", choices=("otsu", "nonzero", "mean", "all"), default="otsu")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     if args.n4_shrink < 1:
         p.error("--n4-shrink must be >= 1")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_existing_output(p, args.out, args.overwrite, logger)
     try:
         out, failed = learn_from_datalist(args.datalist, args.out, key=args.key, section=args.section,
                                           n4=not args.no_n4, n4_shrink_factor=args.n4_shrink, n4_cache_dir=args.n4_cache,

@@ -14,10 +14,10 @@ No patient data can be shipped, so the project makes its own cases that behave l
 
 Command line (from the repository root)::
 
-    python -m data_prep.phantoms --out DIR --cases N --seed S [--preset small|medium|paper]
+    python -m data_prep.phantoms --out DIR --cases N --seed S [--preset small|medium|paper] [--overwrite]
 
 writes ``DIR/case_XXX/{mr,ct,label,bone,body,bias,tissue}.nii.gz`` and ``DIR/datalist.json``.
-Same seed, same bytes.
+Same seed, same bytes. A non-empty ``DIR`` is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 
 from mtl_med.data.nifti import LABEL_TABLE, atomic_save_nifti, atomic_write_json
-from data_prep.report import finish
+from data_prep.report import finish, refuse_existing_output
 
 __all__ = [
     "PRESETS",
@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=_fraction, default=0.2)
     p.add_argument("--test-fraction", type=_fraction, default=0.2)
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output folder (files of the same name are replaced)")
     return p
 
 
@@ -550,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.shape is not None and min(args.shape) < 4:
         parser.error("--shape sizes must be >= 4")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_existing_output(parser, args.out, args.overwrite, logger, "case")
     mr_sp, ct_sp = args.mr_spacing, args.ct_spacing
     if args.acquired:
         mr_sp, ct_sp = mr_sp or PAPER_MR_SPACING, ct_sp or PAPER_CT_SPACING

@@ -22,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_overlap, check_volume
-from data_prep.report import finish
+from data_prep.report import finish, refuse_existing_output
 
 __all__ = ["find_cases", "convert_case", "convert", "main"]
 
@@ -97,10 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--link", action="store_true", help="symlink the files instead of copying them")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty output folder (files of the same name are replaced)")
     args = p.parse_args(argv)
     if not (0 <= args.val_fraction < 1 and 0 <= args.test_fraction < 1 and args.val_fraction + args.test_fraction < 1):
         p.error("fractions must be in [0, 1) and sum to less than 1")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_existing_output(p, args.out, args.overwrite, logger, "case")
     try:
         datalist, failed = convert(args.src, args.out, seed=args.seed, val_fraction=args.val_fraction,
                                    test_fraction=args.test_fraction, link=args.link, progress=not args.quiet)

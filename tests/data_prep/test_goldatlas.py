@@ -34,6 +34,27 @@ def test_convert_patient_labels_and_geometry(goldatlas_tree, organs, tmp_path):
         assert abs(int((arr == LABELS[name]).sum()) - 3 * (2 * h / 2) ** 2) <= 3 * 4 * (2 * h / 2)
 
 
+def _files(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_non_empty_output_folder_is_refused_unless_overwrite(goldatlas_tree, tmp_path, capsys, caplog):
+    root, _ = goldatlas_tree()
+    out = tmp_path / "out"
+    args = ["--src", str(root), "--out", str(out), "--quiet"]
+    assert goldatlas.main(args) == 0
+    before = _files(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        goldatlas.main(args + ["--seed", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"python -m data_prep.goldatlas: error: {out}: output folder is not empty "
+                                       "(1 patient from an earlier run); pass --overwrite to write into it anyway\n")
+    assert _files(out) == before
+    assert goldatlas.main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert f"{out}: --overwrite: existing files of the same name are replaced" in caplog.text
+
+
 def test_consensus_preferred_and_explicit_names():
     names = ["Bladder_obs1", "Bladder_consensus", "Rectum", "Prostate_obs2", "FemurHead_L", "FemurHead_R"]
     with pytest.raises(InputError, match="no ROI for label 3|ambiguous"):

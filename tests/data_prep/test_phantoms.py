@@ -50,6 +50,27 @@ def test_command_line_entry_point(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
+def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path, capsys, caplog):
+    out = tmp_path / "p"
+    args = ["--out", str(out), "--cases", "2", "--shape", "24", "24", "8", "--quiet"]
+    assert phantoms.main(args + ["--seed", "0"]) == 0
+    before = _digests(out)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # another seed into the same folder would mix two runs
+        phantoms.main(args + ["--seed", "1"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"python -m data_prep.phantoms: error: {out}: output folder is not empty "
+                                       "(2 cases from an earlier run); pass --overwrite to write into it anyway\n")
+    assert _digests(out) == before  # nothing written, not even a temporary
+    assert phantoms.main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert f"{out}: --overwrite: existing files of the same name are replaced" in caplog.text
+    after = _digests(out)
+    assert after.keys() == before.keys() and after["case_000/mr.nii.gz"] != before["case_000/mr.nii.gz"]
+    (tmp_path / "empty").mkdir()  # an empty folder (made beforehand) is no earlier run
+    assert phantoms.main(["--out", str(tmp_path / "empty"), "--cases", "1", "--seed", "0", "--shape", "8", "8", "4",
+                          "--quiet"]) == 0
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ct_values_per_tissue(seed):
     ph = generate_phantom(seed, shape=(64, 64, 24))

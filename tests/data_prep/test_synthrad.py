@@ -32,6 +32,22 @@ def test_convert_synthesis_only_items(tmp_path):
     assert synthrad.main(["--src", str(src / "Task1" / "pelvis"), "--out", str(tmp_path / "o2"), "--quiet"]) == 0
 
 
+def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path, capsys, caplog):
+    src = _tree(tmp_path / "s", cases=("1PA001",))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("not a datalist")  # any entry makes the folder non-empty
+    with pytest.raises(SystemExit) as e:
+        synthrad.main(["--src", str(src), "--out", str(out), "--quiet"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"python -m data_prep.synthrad: error: {out}: output folder is not empty (1 entry, "
+                                       "no readable datalist.json); pass --overwrite to write into it anyway\n")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "not a datalist"
+    assert synthrad.main(["--src", str(src), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert f"{out}: --overwrite: existing files of the same name are replaced" in caplog.text
+    assert (out / "1PA001" / "mr.nii.gz").is_file() and (out / "notes.txt").is_file()  # nothing else is deleted
+
+
 def test_bad_case_skipped_and_named(tmp_path, caplog):
     src = _tree(tmp_path / "s")
     (src / "Task1/pelvis/1PA004/mask.nii.gz").unlink()
