@@ -75,4 +75,5 @@ def test_writers(tmp_path):
     # of the mean: ((0.85-0.8)/0.8 - (7-8)/8)/2; per run: 0.1875 and 0.0
     assert summary["delta_m"]["of_mean"] == pytest.approx((0.0625 + 0.125) / 2)
     assert summary["delta_m"]["mean"] == pytest.approx(0.09375)
-    assert not list(tmp_path.glob(".tmp_*"))
+    # atomic_write leaves its temporary as ".<name>.<random>.tmp<suffix>" (hidden): nothing but the two files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "tasks.csv"]

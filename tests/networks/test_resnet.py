@@ -43,10 +43,15 @@ def test_policy_selecting_every_block_reproduces_the_plain_resnet():
     ada.policy.set_policy(torch.ones(2, ada.num_blocks, dtype=torch.bool))
     x = torch.randn(3, 1, 8, 8)
     ref = plain(x)
-    assert all(torch.equal(ada(x)[n], ref[n]) for n in ref)
-    # per-example ids use tensor gates: 1 * block + 0 * shortcut, still exact
-    out = ada(x, torch.tensor([0, 1, 0]))
-    assert torch.equal(out["a"], ref["a"][[0, 2]]) and torch.equal(out["b"], ref["b"][[1]])
+    assert all(torch.equal(ada(x)[n], ref[n]) for n in ref)  # the same kernels on the same batch
+    # per-example ids: tensor gates 1 * block + 0 * shortcut on the same batch give the same features
+    # bit for bit, but the heads then run as a per-example einsum (batched matmul) instead of F.linear
+    # (addmm): other kernels, whose bits are not promised to match
+    ids = torch.tensor([0, 1, 0])
+    assert torch.equal(ada.features(x, ids, ada.policy.gates()), plain.features(x))
+    out = ada(x, ids)
+    torch.testing.assert_close(out["a"], ref["a"][[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["b"], ref["b"][[1]], rtol=1e-5, atol=1e-6)
 
 
 def test_policy_selecting_no_block_leaves_only_identity_and_downsample_paths():
