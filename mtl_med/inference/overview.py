@@ -1,4 +1,9 @@
-"""One PNG per case: MR, synthetic CT, labels, uncertainty (and true CT / labels when known), matplotlib Agg."""
+"""One PNG per case: MR, synthetic CT, labels, uncertainty (and true CT / labels when known), matplotlib Agg.
+
+The arrays may be stored in any NIfTI orientation (LPS, permuted, oblique), so each one is first reoriented to the
+closest canonical RAS+ axes (a flip/transpose, never a resampling: this is a display) and then shown as an axial
+slice in the radiological convention: anterior at the top, the patient's right on the viewer's left.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,110 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from mtl_med.data.nifti import CT_RANGE_HU, LABEL_TABLE, atomic_write
+from mtl_med.data.nifti import LABEL_TABLE, atomic_write
 
-__all__ = ["save_overview"]
+__all__ = ["save_overview", "axial_view", "to_ras"]
 
 # window of the CT panels (HU): soft tissue to bone
 CT_WINDOW = (-400.0, 1200.0)
+LABEL_COLOURS = ["black", "gold", "orange", "red", "deepskyblue", "limegreen"]
+# where each orientation marker sits on a displayed axial panel (axes fraction); see axial_view
+_MARKERS = {"R": (0.03, 0.5), "L": (0.97, 0.5), "A": (0.5, 0.97), "P": (0.5, 0.03)}
 
 
-def _slice(vol: np.ndarray, k: int) -> np.ndarray:
-    return np.rot90(np.asarray(vol)[:, :, k])  # x right, y up, as radiological viewers show an axial slice
+def to_ras(affine: np.ndarray | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Orientation taking arrays of ``shape`` stored with ``affine`` to the closest RAS+ axes, and their new affine."""
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=float)
+    ornt = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    return ornt, affine @ inv_ornt_aff(ornt, shape[:3])
+
+
+def _display(ras: np.ndarray, k: int) -> np.ndarray:
+    # ras[i, j, k]: i towards the patient's Right, j towards Anterior. Displayed row r (top = 0), column c must be
+    # anterior at the top and the patient's right at the viewer's left, i.e. shown[r, c] = ras[nx-1-c, ny-1-r, k].
+    return ras[::-1, ::-1, k].T
+
+
+def axial_view(vol: np.ndarray, affine: np.ndarray | None = None, k: int | None = None) -> np.ndarray:
+    """The axial slice ``k`` (index along the RAS inferior->superior axis; default the middle) as displayed."""
+    vol = np.asarray(vol)
+    ras = apply_orientation(vol, to_ras(affine, vol.shape)[0])
+    return _display(ras, ras.shape[2] // 2 if k is None else k)
+
+
+def _build_figure(mr, sct, seg, uncertainty, *, affine=None, sct_std=None, ct=None, label=None, slice_index=None,
+                  title="", metrics=None, uncertainty_name="disagreement"):
+    """The overview figure (not saved), so tests can read its legends and title."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.patheffects as pe
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    shape = np.asarray(mr).shape
+    ornt, ras_affine = to_ras(affine, shape)
+
+    def ras(vol):
+        vol = np.asarray(vol)
+        if vol.shape != shape:
+            raise ValueError(f"overview arrays must share the MR grid {shape}, got {vol.shape}")
+        return apply_orientation(vol, ornt)
+
+    ref = ras(label if label is not None else seg)
+    n = ref.shape[2]
+    if slice_index is None:
+        counts = (ref > 0).reshape(-1, n).sum(0)
+        slice_index = int(counts.argmax()) if counts.any() else n // 2
+    k = int(slice_index)
+    if not 0 <= k < n:
+        raise ValueError(f"slice_index {k} outside the axial axis 0..{n - 1}")
+    spacing = np.linalg.norm(ras_affine[:3, :3], axis=0)
+    # world z of the slice centre (an oblique slice is not at one z)
+    z_mm = (ras_affine @ np.array([(ref.shape[0] - 1) / 2, (ref.shape[1] - 1) / 2, k, 1.0]))[2]
+
+    n_labels = len(LABEL_TABLE)
+    cmap = ListedColormap(LABEL_COLOURS[:n_labels])
+    ct_kw = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1]}
+    label_kw = {"cmap": cmap, "vmin": 0, "vmax": n_labels - 1, "interpolation": "nearest"}
+    panels: list[tuple[str, np.ndarray | None, dict]] = [("MR", mr, {"cmap": "gray"})]
+    panels += [("synthetic CT (HU)", sct, ct_kw)]
+    panels += [("sCT std (HU)", sct_std, {"cmap": "magma", "vmin": 0}), ("labels (mode)", seg, label_kw)]
+    panels += [(f"label {uncertainty_name}", uncertainty, {"cmap": "viridis", "vmin": 0})]
+    panels += [("true CT (HU)", ct, ct_kw), ("true labels", label, label_kw)]
+    panels = [(name, vol, kw) for name, vol, kw in panels if vol is not None]
+
+    cols = min(4, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.4 * rows + 0.5), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    outline = [pe.withStroke(linewidth=2, foreground="black")]  # readable on bright and dark pixels alike
+    handles = [Patch(facecolor=LABEL_COLOURS[i], edgecolor="white", label=LABEL_TABLE[i]) for i in range(1, n_labels)]
+    for ax, (name, vol, kw) in zip(axes.ravel(), panels):
+        # aspect: displayed rows run along RAS y, columns along RAS x, so anisotropic voxels keep their true shape
+        im = ax.imshow(_display(ras(vol), k), aspect=spacing[1] / spacing[0], **kw)
+        ax.set_title(name, fontsize=9)
+        for text, (x, y) in _MARKERS.items():
+            ax.text(x, y, text, transform=ax.transAxes, ha="center", va="center", color="white", fontsize=7,
+                    fontweight="bold", path_effects=outline)
+        if kw is label_kw:
+            ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=6, frameon=False)
+        else:
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    lo, hi = CT_WINDOW
+    head = (f"{title}  (axial slice {k} of 0..{n - 1}, z = {z_mm:.1f} mm; "
+            f"CT window {lo:.0f}..{hi:.0f} HU (W {hi - lo:.0f}, L {(lo + hi) / 2:.0f}))")
+    if metrics:
+        shown = ("psnr_overall", "psnr_bones", "mae_overall", "dice_mean")
+        parts = [f"{m} {v:.3g}" for m, v in metrics.items() if m in shown]
+        head += "\n" + ", ".join(parts)
+    fig.suptitle(head.strip(), fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def save_overview(
@@ -27,6 +125,7 @@ def save_overview(
     seg: np.ndarray,
     uncertainty: np.ndarray,
     *,
+    affine: np.ndarray | None = None,
     sct_std: np.ndarray | None = None,
     ct: np.ndarray | None = None,
     label: np.ndarray | None = None,
@@ -35,45 +134,16 @@ def save_overview(
     metrics: Mapping[str, float] | None = None,
     uncertainty_name: str = "disagreement",
 ) -> Path:
-    """Write the overview of one axial slice (default: the one with most labelled voxels) atomically."""
-    import matplotlib
+    """Write the overview of one axial slice atomically.
 
-    matplotlib.use("Agg", force=False)
+    All arrays lie on one voxel grid whose voxel-to-world RAS+ mm ``affine`` (nibabel convention) is given (None:
+    identity, i.e. RAS storage). ``slice_index`` counts along the reoriented inferior->superior axis; default: the
+    slice with most labelled voxels (``label`` if given, else ``seg``).
+    """
     import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
 
-    ref = label if label is not None else seg
-    if slice_index is None:
-        counts = (np.asarray(ref) > 0).reshape(-1, np.asarray(ref).shape[2]).sum(0)
-        slice_index = int(counts.argmax()) if counts.any() else np.asarray(mr).shape[2] // 2
-    cmap = ListedColormap(["black", "gold", "orange", "red", "deepskyblue", "limegreen"][: len(LABEL_TABLE)])
-    panels: list[tuple[str, np.ndarray, dict]] = [
-        ("MR", _slice(mr, slice_index), {"cmap": "gray"}),
-        ("synthetic CT (HU)", _slice(sct, slice_index), {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1]}),
-    ]
-    if sct_std is not None:
-        panels.append(("sCT std (HU)", _slice(sct_std, slice_index), {"cmap": "magma", "vmin": 0}))
-    panels.append(("labels (mode)", _slice(seg, slice_index), {"cmap": cmap, "vmin": 0, "vmax": len(LABEL_TABLE) - 1, "interpolation": "nearest"}))
-    panels.append((f"label {uncertainty_name}", _slice(uncertainty, slice_index), {"cmap": "viridis", "vmin": 0}))
-    if ct is not None:
-        panels.append(("true CT (HU)", _slice(ct, slice_index), {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1]}))
-    if label is not None:
-        panels.append(("true labels", _slice(label, slice_index), {"cmap": cmap, "vmin": 0, "vmax": len(LABEL_TABLE) - 1, "interpolation": "nearest"}))
-    cols = 4 if len(panels) > 4 else len(panels)
-    rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, (name, img, kw) in zip(axes.ravel(), panels):
-        im = ax.imshow(img, **kw)
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    head = f"{title}  (axial slice {slice_index}; CT range {CT_RANGE_HU[0]:.0f}..{CT_RANGE_HU[1]:.0f} HU)"
-    if metrics:
-        parts = [f"{k} {v:.3g}" for k, v in metrics.items() if k in ("psnr_overall", "psnr_bones", "mae_overall", "dice_mean")]
-        head += "\n" + ", ".join(parts)
-    fig.suptitle(head, fontsize=9)
-    fig.tight_layout()
+    fig = _build_figure(mr, sct, seg, uncertainty, affine=affine, sct_std=sct_std, ct=ct, label=label,
+                        slice_index=slice_index, title=title, metrics=metrics, uncertainty_name=uncertainty_name)
     path = Path(path)
     try:
         with atomic_write(path) as tmp:
