@@ -153,9 +153,10 @@ def pelvis_metrics(
 
 def summarize_cases(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     """Metric -> ``{"mean", "std", "n"}`` over cases (population std as Table 2; NaN / inf cases left out)."""
-    names = [k for k in (rows[0] if rows else {}) if k != "case"]
-    for r in rows:
-        names += [k for k in r if k != "case" and k not in names]
+    numeric = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)  # noqa: E731
+    names = []
+    for r in rows:  # text columns (e.g. "resampled_to_mr") are notes, not metrics
+        names += [k for k, v in r.items() if k != "case" and k not in names and numeric(v)]
     out = {}
     for name in names:
         vals = [float(r[name]) for r in rows if name in r and r[name] is not None and math.isfinite(float(r[name]))]

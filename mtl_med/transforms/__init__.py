@@ -10,7 +10,7 @@ from mtl_med.transforms.histogram import (
     save_landmarks,
 )
 from mtl_med.transforms.intensity import CTToHUd, ScaleCTd, hu_to_network, network_to_hu
-from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckVolumesd, LoadVolumesd, unwrap_input_error
+from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckGeometryd, CheckVolumesd, LoadVolumesd, unwrap_input_error
 from mtl_med.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond, n4_bias_field, otsu_mask
 from mtl_med.transforms.patches import (
     BATCH_SIZE,
@@ -21,4 +21,4 @@ from mtl_med.transforms.patches import (
     preprocess_transforms,
     train_patch_transforms,
 )
-from mtl_med.transforms.spatial import DEFAULT_PIXDIM, invert_to_input, resample_transforms
+from mtl_med.transforms.spatial import CANONICAL_AXCODES, DEFAULT_PIXDIM, invert_to_input, resample_transforms

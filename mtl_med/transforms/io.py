@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -13,7 +14,9 @@ from monai.transforms import Compose, LoadImaged, MapTransform
 
 from mtl_med.data.nifti import InputError, check_array, check_overlap, source_name
 
-__all__ = ["LoadVolumesd", "CheckVolumesd", "AddMaskd", "CheckedCompose", "unwrap_input_error"]
+__all__ = ["as_metatensor", "LoadVolumesd", "CheckVolumesd", "CheckGeometryd", "AddMaskd", "CheckedCompose", "unwrap_input_error"]
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap_input_error(err: BaseException) -> InputError | None:
@@ -25,6 +28,57 @@ def unwrap_input_error(err: BaseException) -> InputError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def as_metatensor(obj: Any, affine: Any = None, name: str = "<in-memory volume>") -> MetaTensor:
+    """An in-memory 3D volume as a channel-first MetaTensor with its RAS+ affine (nibabel's world): a numpy
+    array or tensor (``affine``, identity when None), a nibabel image, a MONAI MetaTensor (its affine; LPS
+    ones converted) or a SimpleITK image (its direction, spacing and origin, LPS -> RAS). No file is written.
+
+    Raises:
+        InputError: naming ``name`` when the object is not a 3D volume or its affine is unusable.
+    """
+    import nibabel as nib
+    from monai.data.utils import orientation_ras_lps
+
+    meta: dict = {}
+    if isinstance(obj, MetaTensor):
+        arr = obj.detach().cpu().as_tensor()
+        aff = np.asarray(obj.affine, float) if affine is None else np.asarray(affine, float)
+        if affine is None and str(obj.meta.get("space", "RAS")).upper() == "LPS":
+            aff = np.asarray(orientation_ras_lps(aff), float)
+        name = source_name(obj, name)
+    elif isinstance(obj, (nib.Nifti1Image, nib.Nifti2Image)):
+        arr, aff = np.asanyarray(obj.dataobj), obj.affine
+        meta["original_affine"] = np.asarray(obj.affine, float)
+    elif type(obj).__module__.startswith("SimpleITK"):
+        import SimpleITK as sitk
+
+        if obj.GetDimension() != 3 or obj.GetNumberOfComponentsPerPixel() != 1:
+            raise InputError(name, f"expected a scalar 3D SimpleITK image, got {obj.GetDimension()}D "
+                                   f"with {obj.GetNumberOfComponentsPerPixel()} components")
+        arr = np.transpose(sitk.GetArrayFromImage(obj), (2, 1, 0))  # SimpleITK arrays are (z, y, x)
+        lps = np.eye(4)
+        lps[:3, :3] = np.asarray(obj.GetDirection(), float).reshape(3, 3) @ np.diag(obj.GetSpacing())
+        lps[:3, 3] = obj.GetOrigin()
+        aff = np.asarray(orientation_ras_lps(lps), float)
+    elif isinstance(obj, (np.ndarray, torch.Tensor)):
+        arr = obj.detach().cpu() if isinstance(obj, torch.Tensor) else obj
+        aff = np.eye(4) if affine is None else np.asarray(affine, float)
+    else:
+        raise InputError(name, f"cannot use a {type(obj).__name__} as a volume: give a file path, a numpy array "
+                               "(with an affine), a nibabel image, a MONAI MetaTensor or a SimpleITK image")
+    t = torch.as_tensor(np.asarray(arr, dtype=np.float32) if not isinstance(arr, torch.Tensor) else arr.float())
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3:
+        raise InputError(name, f"expected a 3D volume, got shape {tuple(t.shape)}")
+    aff = np.asarray(aff, float)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise InputError(name, "invalid affine (not a finite, non-singular 4x4 voxel-to-world matrix)")
+    meta.update({"filename_or_obj": name, "space": "RAS"})
+    meta.setdefault("original_affine", aff)
+    return MetaTensor(t[None].contiguous(), affine=torch.as_tensor(aff, dtype=torch.float64), meta=meta)
 
 
 class CheckedCompose(Compose):
@@ -57,19 +111,23 @@ class LoadVolumesd(MapTransform):
                  allow_missing_keys: bool = True) -> None:
         super().__init__(keys, allow_missing_keys)
         self.check = check
-        self.loader = LoadImaged(keys=self.keys, reader="NibabelReader", ensure_channel_first=True,
-                                 image_only=True, allow_missing_keys=allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from mtl_med.data.nifti import check_volume
 
         d = dict(data)
+        files = [k for k in self.key_iterator(d) if isinstance(d[k], str) or hasattr(d[k], "__fspath__")]
+        for key in self.key_iterator(d):  # volumes given in memory (see as_metatensor) are used as they are
+            if key not in files and not isinstance(d[key], MetaTensor):
+                d[key] = as_metatensor(d[key], name=f"<in-memory {key}>")
         if self.check:
-            for key in self.key_iterator(d):
-                if isinstance(d[key], (str,)) or hasattr(d[key], "__fspath__"):
-                    check_volume(d[key], role=str(key))
+            for key in files:
+                check_volume(d[key], role=str(key))
+        if not files:
+            return d
         try:
-            return self.loader(d)
+            loaded = LoadImaged(keys=files, reader="NibabelReader", ensure_channel_first=True, image_only=True)(d)
+            return loaded
         except InputError:
             raise
         except Exception as err:  # MONAI wraps reader errors in RuntimeError
@@ -102,6 +160,44 @@ class CheckVolumesd(MapTransform):
             if isinstance(img, MetaTensor):
                 geoms[str(key)] = (name, tuple(img.shape[-3:]), np.asarray(img.affine, float))
         check_overlap(geoms, min_overlap=self.min_overlap)
+        return d
+
+
+class CheckGeometryd(MapTransform):
+    """Require ``keys`` (CT, labels) to lie on ``ref_key``'s grid (MR): same shape and an affine within
+    ``atol`` mm. Evaluation compares voxel by voxel, so a reference on another grid would be compared after a
+    silent resampling or padding; ``on_mismatch="resample"`` accepts it (the common-grid resampling then brings
+    it onto the MR grid), logs a warning and lists the key in ``d["resampled_to_mr"]``.
+    """
+
+    def __init__(self, keys: KeysCollection = ("ct", "label", "bone"), ref_key: str = "mr", atol: float = 1e-3,
+                 on_mismatch: str = "raise", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if on_mismatch not in ("raise", "resample"):
+            raise ValueError(f'on_mismatch must be "raise" or "resample", got {on_mismatch!r}')
+        self.ref_key, self.atol, self.on_mismatch = ref_key, float(atol), on_mismatch
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        ref_name = source_name(ref, f"<{self.ref_key}>")
+        resampled = []
+        for key in self.key_iterator(d):
+            img = d[key]
+            if key == self.ref_key or not isinstance(img, MetaTensor):
+                continue
+            diff = np.abs(np.asarray(img.affine, float) - np.asarray(ref.affine, float)).max()
+            if tuple(img.shape[-3:]) == tuple(ref.shape[-3:]) and diff <= self.atol:
+                continue
+            name = source_name(img, f"<{key}>")
+            problem = (f"{key} grid {tuple(img.shape[-3:])} does not match the MR {ref_name} grid "
+                       f"{tuple(ref.shape[-3:])} (largest affine difference {diff:.3g} mm)")
+            if self.on_mismatch == "raise":
+                raise InputError(name, problem + "; resample it onto the MR grid or set truth_geometry to \"resample\"")
+            logger.warning("%s: %s; resampling it onto the MR grid", name, problem)
+            resampled.append(str(key))
+        if resampled:
+            d["resampled_to_mr"] = resampled
         return d
 
 

@@ -209,6 +209,12 @@ class N4BiasFieldCorrection(Transform):
             if m.shape != arr.shape[1:]:
                 raise InputError(name, f"N4 mask shape {m.shape} does not match the image {arr.shape[1:]}")
         spacing = _spacing_of(img)
+        # ITK fits the B-spline on the shrunk grid, which needs >= 2 voxels per axis (else "zero-valued spacing")
+        need = [2 * f for f in shrink_factors(spacing, self.params["shrink_factor"])]
+        if any(n < k for n, k in zip(arr.shape[1:], need)):
+            raise InputError(name, f"MR of shape {tuple(arr.shape[1:])} is too small for N4 bias-field correction "
+                                   f"with shrink factor {self.params['shrink_factor']}: it needs at least "
+                                   f"{tuple(need)} voxels")
         fields = np.empty(arr.shape, np.float32)
         for c in range(arr.shape[0]):
             try:

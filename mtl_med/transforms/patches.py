@@ -26,6 +26,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import (
     Compose,
     EnsureTyped,
+    Orientationd,
     RandAffined,
     RandSpatialCropd,
     SpatialPadd,
@@ -35,9 +36,9 @@ from monai.transforms import (
 from mtl_med.data.nifti import check_datalist
 from mtl_med.transforms.histogram import HistogramStandardized
 from mtl_med.transforms.intensity import ScaleCTd
-from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckVolumesd, LoadVolumesd
+from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckGeometryd, CheckVolumesd, LoadVolumesd
 from mtl_med.transforms.n4 import N4BiasFieldCorrectiond
-from mtl_med.transforms.spatial import DEFAULT_PIXDIM, LABEL_KEYS, resample_transforms
+from mtl_med.transforms.spatial import CANONICAL_AXCODES, DEFAULT_PIXDIM, LABEL_KEYS, resample_transforms
 
 __all__ = [
     "PATCH_SIZE_2D",
@@ -73,13 +74,18 @@ def preprocess_transforms(
     pixdim: float | Sequence[float] | None = DEFAULT_PIXDIM,
     min_overlap: float = 0.5,
     check: bool = True,
+    axcodes: str | None = CANONICAL_AXCODES,
+    truth_geometry: str | None = None,
 ) -> Compose:
     """Deterministic preprocessing of a datalist item (file paths) into network-ready volumes.
 
-    Order: load + checks -> N4 on the MR's own grid (its spacing, A.3 ref. [38]) -> histogram standardisation
+    Order: load + checks -> every volume reoriented to ``axcodes`` (A.3 / NiftyNet: a standard orientation
+    first; the training data's, recorded in the bundle) -> N4 on the MR's own grid (its spacing, A.3 ref. [38]) -> histogram standardisation
     with the training landmarks and zero mean / unit variance (A.3 ref. [40]) -> CT clip + CT/1024 + 1 (A.3) ->
-    MR, CT and labels resampled onto one ``pixdim`` grid (A.3: 1.46 mm; None keeps the MR grid). CT is
-    scaled before resampling, so fill outside its field of view is air.
+    MR, CT and labels resampled onto one ``pixdim`` grid aligned with the world axes (A.3: 1.46 mm; an oblique MR
+    is straightened, so axis 2 is the true axial direction; None keeps the MR grid). CT is scaled before
+    resampling, so fill outside its field of view is air. Every spatial step is invertible (MONAI ``Invertd``):
+    outputs go back onto the input's own grid and orientation.
 
     Args:
         keys: item keys to load; absent ones (e.g. "ct" / "label" at inference) are skipped.
@@ -89,11 +95,21 @@ def preprocess_transforms(
         pixdim: target spacing.
         min_overlap: MR / CT / label must overlap at least this fraction in physical space.
         check: run the bad-input checks.
+        axcodes: canonical orientation (nibabel axis codes; "RAS": axis 2 inferior -> superior); None keeps the
+            stored axes (then slicing follows the storage, not the anatomy).
+        truth_geometry: None (training: CT and labels are resampled onto the MR grid, A.3), "raise" (evaluation:
+            a CT / label not on its MR's grid is an input error) or "resample" (resampled, with a warning).
     """
     keys = list(keys)
     xforms: list[Callable] = [LoadVolumesd(keys, check=check, allow_missing_keys=True)]
     if check:
         xforms.append(CheckVolumesd(keys, min_overlap=min_overlap, allow_missing_keys=True))
+    if truth_geometry is not None:
+        xforms.append(CheckGeometryd([k for k in keys if k != "mr"], on_mismatch=truth_geometry))
+    if axcodes is not None:
+        # labels given explicitly: our affines are nibabel's RAS+ world (MONAI would otherwise warn and guess)
+        xforms.append(Orientationd(keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")),
+                                   allow_missing_keys=True))
     if n4 and "mr" in keys:
         xforms.append(N4BiasFieldCorrectiond("mr", mask_key=n4_mask_key, shrink_factor=n4_shrink_factor,
                                              num_iterations=n4_iterations,
@@ -103,7 +119,7 @@ def preprocess_transforms(
         xforms.append(HistogramStandardized("mr", landmarks=landmarks, foreground_method=foreground_method))
     if "ct" in keys:
         xforms.append(ScaleCTd("ct", allow_missing_keys=True))
-    xforms.append(resample_transforms(keys, ref_key="mr", pixdim=pixdim))
+    xforms.append(resample_transforms(keys, ref_key="mr", pixdim=pixdim, diagonal=axcodes is not None))
     xforms.append(EnsureTyped(keys, dtype=np.float32, allow_missing_keys=True))
     return CheckedCompose(xforms)
 

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 from monai.transforms import Compose, Invertd, ResampleToMatchd, Spacingd
 
-__all__ = ["DEFAULT_PIXDIM", "LABEL_KEYS", "resample_transforms", "invert_to_input"]
+__all__ = ["CANONICAL_AXCODES", "DEFAULT_PIXDIM", "LABEL_KEYS", "resample_transforms", "invert_to_input"]
 
 DEFAULT_PIXDIM = (1.46, 1.46, 1.46)  # A.3: resampled to isotropic 1.46 mm
+# the orientation every volume is brought to first (the phantoms' and the demo weights' training data):
+# array axes towards patient Right, Anterior, Superior, so axial slices run along axis 2
+CANONICAL_AXCODES = "RAS"
 LABEL_KEYS = ("label", "bone", "body", "mask")
 
 
@@ -27,6 +30,7 @@ def resample_transforms(
     image_mode: str = "bilinear",
     padding_mode: str = "border",
     allow_missing_keys: bool = True,
+    diagonal: bool = False,
 ) -> Compose:
     """Transforms that resample ``ref_key`` to ``pixdim`` and bring every other key onto its grid.
 
@@ -37,6 +41,8 @@ def resample_transforms(
         label_keys: keys resampled with nearest neighbour.
         image_mode: interpolation of the other keys.
         padding_mode: values outside an image's field of view ("border" repeats the edge, e.g. CT air).
+        diagonal: resample the reference onto a grid aligned with the world (RAS+) axes, straightening an
+            oblique volume (MONAI ``Spacingd(diagonal=True)``); otherwise its direction cosines are kept.
 
     Returns:
         an invertible ``Compose``; pass it to :func:`invert_to_input` to map outputs back.
@@ -45,8 +51,8 @@ def resample_transforms(
     xforms = []
     if pixdim is not None:
         pix = (float(pixdim),) * 3 if np.isscalar(pixdim) else tuple(float(p) for p in pixdim)
-        xforms.append(Spacingd(keys=ref_key, pixdim=pix, mode=mode(ref_key), padding_mode=padding_mode,
-                               dtype=np.float32))
+        xforms.append(Spacingd(keys=ref_key, pixdim=pix, diagonal=diagonal, mode=mode(ref_key),
+                               padding_mode=padding_mode, dtype=np.float32))
     others = [k for k in keys if k != ref_key]
     if others:
         xforms.append(ResampleToMatchd(keys=others, key_dst=ref_key, mode=[mode(k) for k in others],

@@ -52,6 +52,7 @@ def env(tmp_path_factory):
     overrides = {
         "ckpt_path": str(root / "model.pt"), "landmarks_path": str(root / "landmarks.json"), "features": TINY,
         "num_samples": 3, "max_batch": 12, "device": "cpu", "n4": False, "progress": False, "save_png": False,
+        "truth_geometry": "resample",  # the phantoms' CT has a grid of its own (rotated further than the MR)
     }
     return {"root": root, "cases": cases, "overrides": overrides}
 
@@ -207,6 +208,24 @@ def test_evaluate_writes_case_csv_and_summary(env, tmp_path):
     assert m["n"] == 2 and m["mean"] == pytest.approx(np.mean(vals), rel=1e-5)
     assert m["std"] == pytest.approx(np.std(vals), abs=1e-3)  # the CSV keeps 6 significant digits
     assert not list(tmp_path.glob("case_*"))  # evaluation alone writes no volumes by default
+    assert [r["resampled_to_mr"] for r in rows] == ["ct", "ct"]  # the CT was not on the MR grid: said so
+
+
+def test_evaluation_refuses_truth_on_another_grid(env, tmp_path):
+    case = env["cases"][0]
+    pred = Predictor(BUNDLE, **{**env["overrides"], "truth_geometry": "raise"})
+    with pytest.raises(InputError, match=r"ct\.nii\.gz: ct grid \(32, 32, 8\) does not match the MR .*mr\.nii\.gz grid"):
+        pred.predict_case(case["mr"], ct=case["ct"], label=case["label"])
+    mr = _ref(case["mr"])  # a label of another shape, and one on a shifted grid, are refused as well
+    lab = np.asarray(_ref(case["label"]).dataobj)
+    nib.save(nib.Nifti1Image(lab[:, :, :-1], mr.affine), str(tmp_path / "short.nii.gz"))
+    shifted = mr.affine.copy()
+    shifted[:3, 3] += 0.5
+    nib.save(nib.Nifti1Image(lab, shifted), str(tmp_path / "shifted.nii.gz"))
+    for name, what in (("short", r"grid \(32, 26, 3\)"), ("shifted", r"grid .*largest affine difference 0\.5 mm")):
+        with pytest.raises(InputError, match=rf"{name}\.nii\.gz: label {what}"):
+            pred.predict_case(case["mr"], label=str(tmp_path / f"{name}.nii.gz"), output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written
 
 
 def test_evaluation_reports_failed_case(env, tmp_path):
