@@ -20,8 +20,11 @@ import functools
 import glob
 import logging
 import os
-import tempfile
+import pickle
+import shutil
+import socket
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,9 +39,11 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, atomic_save_nifti, check_datalist
+from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, check_datalist
+from mtl_med.errors import as_bool
 from mtl_med.inference.posterior import PosteriorAggregator, sampling_mode, uses_batch_statistics
 from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
+from mtl_med.transforms.io import as_metatensor
 from mtl_med.transforms.spatial import invert_to_input
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "list_cases",
     "case_names",
     "evaluate_cases",
+    "check_output_dir",
 ]
 
 logger = logging.getLogger("mtl_med.inference")
@@ -106,11 +112,18 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(path, "checkpoint file does not exist")
+        raise InputError(path, "checkpoint file does not exist; train one with the bundle's configs/train.json, or "
+                               "add configs/demo.json to --config_file for the demonstration weights")
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message suggests weights_only=False, i.e. running arbitrary code from the file: never here
+        what = ("holds Python objects other than tensors; save the state dict (torch.save(model.state_dict()))"
+                if zipfile.is_zipfile(path) else "is not a PyTorch checkpoint (corrupt, or not written by torch.save)")
+        raise InputError(path, f"cannot load checkpoint: the file {what}") from err
     except Exception as err:
-        raise InputError(path, f"cannot read checkpoint ({type(err).__name__}: {err})") from err
+        raise InputError(path, f"cannot load checkpoint: the file is not a readable PyTorch checkpoint "
+                               f"({type(err).__name__})") from err
     if isinstance(ckpt, Mapping):
         for key in ("model", "state_dict", "network"):
             if key in ckpt and isinstance(ckpt[key], Mapping):
@@ -355,15 +368,15 @@ class VolumePredictor:
         self.margin = int(margin)
         self.inference_mode = inference_mode
         self.seed = int(seed)
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = as_bool(amp, "amp") and self.device.type == "cuda"
         self.sct_key, self.seg_key, self.num_classes = sct_key, seg_key, int(num_classes)
         self.uncertainty = uncertainty
         self.output_dir = output_dir
         self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
-        self.save_png = bool(save_png)
+        self.save_png = as_bool(save_png, "save_png")
         self.ct_clip = tuple(float(v) for v in ct_clip)
         self.bone_threshold_hu = float(bone_threshold_hu)
-        self.progress = bool(progress)
+        self.progress = as_bool(progress, "progress")
         self._loaded = False
         self._pre = None
 
@@ -453,17 +466,22 @@ class VolumePredictor:
         if ct is None and label is None:
             return {}
         ct_hu = network_to_hu(ct.float(), self.ct_clip, CT_SCALE) if ct is not None else None
-        return pelvis_metrics(
+        m = pelvis_metrics(
             maps["sct"][0] if ct is not None else None, ct_hu,
             maps["seg"][0] if label is not None else None, label.round().long() if label is not None else None,
             (bone > 0.5) if bone is not None else None, bone_threshold_hu=self.bone_threshold_hu,
         )
+        if data.get("resampled_to_mr"):  # truth_geometry "resample": say so beside the numbers
+            m["resampled_to_mr"] = "+".join(data["resampled_to_mr"])
+        return m
 
     def predict_item(self, item: Mapping[str, Any], progress: Any = None) -> tuple[dict, dict, dict, dict]:
         """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item."""
         t0 = time.perf_counter()
+        logger.info("%s: preprocessing (orientation, N4, histogram standardisation, resampling)", item.get("name"))
         data = self.preprocess(item)
         t1 = time.perf_counter()
+        logger.info("%s: %d posterior samples of every axial slice", item.get("name"), self.num_samples)
         maps = self.sample(data, progress)
         t2 = time.perf_counter()
         out = self.to_input_grid(data, maps)
@@ -485,72 +503,83 @@ class VolumePredictor:
         return paths
 
     def write(self, case: str, item: Mapping[str, Any], out: Mapping[str, np.ndarray],
-              output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None) -> dict[str, Path]:
-        """Write a case's outputs atomically with the input MR's header geometry; on any failure the files
-        already written for the case are removed (no partial outputs)."""
-        ref = nib.load(str(item["mr"]))
+              output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None,
+              reference: Any = None) -> dict[str, Path]:
+        """Write a case's outputs with the input MR's geometry (its NIfTI header when it is a file, else
+        ``reference``: the input as a MetaTensor), whole or not at all: every file goes into a private
+        temporary folder beside the case folder, which replaces the case folder only when all are written
+        (:func:`publish_folder`). A killed run leaves only that temporary folder, which the next run removes."""
         paths = self.output_paths(case, output_dir)
+        case_dir = paths[next(iter(self.postfixes))].parent
+        mr = item["mr"]
+        if isinstance(mr, (str, os.PathLike)):
+            ref = nib.load(str(mr))
+            affine, header, shape = ref.affine, ref.header, tuple(ref.shape)
+        else:
+            ref_mt = reference if reference is not None else as_metatensor(mr)
+            affine, header, shape = np.asarray(ref_mt.affine, float), None, tuple(ref_mt.shape[-3:])
         dtypes = {"sct": np.float32, "sct_std": np.float32, "seg": np.uint8, "seg_uncertainty": np.float32}
-        written: list[Path] = []
+        tmp = private_temp(case_dir)
         try:
+            tmp.mkdir(parents=True)
             for key, path in paths.items():
                 if key == "overview":
                     continue
                 arr = out[key]
-                if tuple(arr.shape) != tuple(ref.shape):
-                    raise RuntimeError(f"{key} has shape {arr.shape}, input has {ref.shape}")
+                if tuple(arr.shape) != shape:
+                    raise RuntimeError(f"{key} has shape {arr.shape}, input has {shape}")
                 arr = np.rint(arr).astype(dtypes[key]) if key == "seg" else arr.astype(dtypes[key])
-                img = nib.Nifti1Image(arr, ref.affine, header=ref.header)
+                img = nib.Nifti1Image(arr, affine, header=header)
                 img.set_data_dtype(dtypes[key])
                 img.header.set_slope_inter(1.0, 0.0)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_save_nifti(img, path)
-                written.append(path)
+                nib.save(img, str(tmp / path.name))
             if "overview" in paths:
                 from mtl_med.inference.overview import save_overview
 
-                mr = np.asarray(ref.dataobj, dtype=np.float32)
-                truth = {}
-                if "ct" in item or "label" in item:
-                    truth = _truth_on_input_grid(item)
-                save_overview(paths["overview"], mr, out["sct"], out["seg"], out["seg_uncertainty"],
-                              sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
+                mr_arr = np.asarray(ref.dataobj, dtype=np.float32) if header is not None else np.asarray(ref_mt[0])
+                truth = _truth_on_input_grid(item) if header is not None and ("ct" in item or "label" in item) else {}
+                save_overview(tmp / paths["overview"].name, mr_arr, out["sct"], out["seg"], out["seg_uncertainty"],
+                              affine=affine, sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
                               title=case, metrics=metrics, uncertainty_name=self.uncertainty)
-                written.append(paths["overview"])
+            publish_folder(tmp, case_dir, [p.name for p in paths.values()])
         except BaseException:
-            for p in written:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            with contextlib.suppress(OSError):
-                paths[next(iter(self.postfixes))].parent.rmdir()  # only if empty
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         return paths
 
     # ---- runs
     def predict_case(self, mr: Any, affine: Any = None, output_dir: str | os.PathLike | None = None,
                      case: str | None = None, **item: Any) -> dict[str, Any]:
-        """Pipeline entry point: ``mr`` a NIfTI path, a nibabel image or an array (with ``affine``; identity
-        when None); extra item keys (``ct=..., label=...``) add metrics. Returns the input-grid arrays
-        (``sct``, ``seg``, ``sct_std``, ``seg_uncertainty``), ``metrics``, and with ``output_dir`` the written
-        ``paths``."""
+        """Pipeline entry point. ``mr``: a NIfTI path, a numpy array or tensor (with ``affine``, RAS+ mm;
+        identity when None), a nibabel image, a MONAI MetaTensor (its affine) or a SimpleITK image; in-memory
+        inputs stay in memory. Extra item keys (``ct=..., label=...``, same kinds) add metrics. Returns the
+        outputs (``sct``, ``seg``, ``sct_std``, ``seg_uncertainty``) on the input's own grid and array layout
+        (a SimpleITK image's is (z, y, x): ``sitk.GetImageFromArray(out["seg"])`` + ``CopyInformation``),
+        ``metrics``, and with ``output_dir`` the written ``paths``."""
+        sitk_layout = type(mr).__module__.startswith("SimpleITK")
+        if output_dir is not None:
+            check_output_dir(output_dir)
         self.setup()
-        with tempfile.TemporaryDirectory(prefix="mtl_med_") as tmp:
-            if isinstance(mr, (str, os.PathLike)):
-                path = Path(mr).expanduser().resolve()
-            else:
-                img = mr if isinstance(mr, nib.Nifti1Image) else nib.Nifti1Image(
-                    np.asarray(mr.detach().cpu() if isinstance(mr, torch.Tensor) else mr, dtype=np.float32),
-                    np.eye(4) if affine is None else np.asarray(affine, float))
-                path = Path(tmp) / "mr.nii.gz"
-                nib.save(img, str(path))
-            name = case or case_names([path])[0]
-            it = {"name": name, "mr": str(path), **{k: str(v) for k, v in item.items()}}
-            out, _, metrics, _ = self.predict_item(it)
-            result: dict[str, Any] = dict(out)
-            result["seg"] = np.rint(out["seg"]).astype(np.uint8)
-            result["metrics"] = metrics
-            if output_dir is not None:
-                result["paths"] = {k: str(v) for k, v in self.write(name, it, out, output_dir, metrics).items()}
+        if isinstance(mr, (str, os.PathLike)):
+            mr_in: Any = str(Path(mr).expanduser().resolve())
+            name = case or case_names([mr_in])[0]
+        else:
+            mr_in = as_metatensor(mr, affine, name="<in-memory MR>")
+            name = case or "case"
+        it = {"name": name, "mr": mr_in,
+              **{k: (str(v) if isinstance(v, (str, os.PathLike)) else as_metatensor(v, name=f"<in-memory {k}>"))
+                 for k, v in item.items()}}
+        with tqdm(total=None, desc=f"{name} slice passes", unit="img", leave=False, disable=not self.progress) as bar:
+            out, _, metrics, _ = self.predict_item(it, progress=bar)
+        result: dict[str, Any] = dict(out)
+        result["seg"] = np.rint(out["seg"]).astype(np.uint8)
+        if output_dir is not None:
+            ref = None if isinstance(mr_in, str) else mr_in
+            result["paths"] = {k: str(v) for k, v in self.write(name, it, out, output_dir, metrics, ref).items()}
+        if sitk_layout:
+            result = {k: np.ascontiguousarray(np.transpose(v, (2, 1, 0))) if isinstance(v, np.ndarray) else v
+                      for k, v in result.items()}
+        result["metrics"] = metrics
         return result
 
     def run(self, input_dir: str | os.PathLike | None = None, datalist: Any = None, section: str = "test",
@@ -561,6 +590,8 @@ class VolumePredictor:
         of ``python -m monai.bundle run``). Returns ``{"cases": {name: {"paths", "metrics"}}, "failed": {...}}``."""
         items = list_cases(input_dir, datalist, section, pattern)
         out_root = Path(output_dir if output_dir is not None else self.output_dir).expanduser().resolve()
+        if save_outputs:
+            check_output_dir(out_root)  # before the checkpoint is read or anything runs
         logger.info("%d case(s) from %s; %d posterior samples (%s mode) on %s; outputs in %s", len(items),
                     datalist or input_dir, self.num_samples if self.inference_mode != "argmax" else 1,
                     self.inference_mode, self.device, out_root)
@@ -594,7 +625,83 @@ class VolumePredictor:
         return {"cases": done, "failed": failed}
 
 
-def format_metrics(m: Mapping[str, float]) -> str:
+# ----------------------------------------------------------------------------------------------- output files
+_TMP_TAG = ".mtl_med-"  # private folders: .<case>.mtl_med-<host>-<pid>.tmp (being written) / .old (replaced)
+
+
+def private_temp(case_dir: Path, kind: str = "tmp") -> Path:
+    """A folder beside ``case_dir`` that only this process writes, named so a later run can tell that its
+    writer has died (same host, pid no longer running) and remove it."""
+    return case_dir.parent / f".{case_dir.name}{_TMP_TAG}{socket.gethostname()}-{os.getpid()}.{kind}"
+
+
+def publish_folder(tmp: Path, case_dir: Path, names: Sequence[str]) -> None:
+    """Make the complete folder ``tmp`` the case folder in one rename. An existing case folder is moved aside
+    first (rename) and removed after; other files the user kept in it are carried over first."""
+    old = None
+    if case_dir.exists():
+        for p in case_dir.iterdir():
+            if p.name not in names and not (tmp / p.name).exists():
+                os.link(p, tmp / p.name) if p.is_file() else shutil.copytree(p, tmp / p.name, symlinks=True)
+        old = private_temp(case_dir, "old")
+        os.rename(case_dir, old)
+    os.rename(tmp, case_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_outputs(root: Path) -> list[Path]:
+    """Remove the private folders that dead runs on this host left in ``root``; a case folder that was moved
+    aside (``.old``) and never replaced is put back. Returns what was cleaned."""
+    cleaned = []
+    if not root.is_dir():
+        return cleaned
+    host = socket.gethostname()
+    for p in root.glob(f".*{_TMP_TAG}*"):
+        stem, _, kind = p.name.rpartition(".")
+        case, _, owner = stem[1:].partition(_TMP_TAG)
+        h, _, pid = owner.rpartition("-")
+        if kind not in ("tmp", "old") or h != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        final = root / case
+        if kind == "old" and not final.exists():
+            os.rename(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+        cleaned.append(p)
+        logger.info("removed %s, left by an interrupted run", p)
+    return cleaned
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder and check it is writable, before any work; remove what dead runs left there.
+
+    Raises:
+        InputError: naming the output folder.
+    """
+    root = Path(path).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = private_temp(root / "write-check")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise InputError(root, f"output folder cannot be created or written ({err.strerror or err})") from err
+    clean_stale_outputs(root)
+    return root
+
+
+def format_metrics(m: Mapping[str, Any]) -> str:
     keys = [k for k in ("psnr_overall", "psnr_bones", "psnr_organs", "mae_overall", "dice_mean") if k in m]
     return ", ".join(f"{k} {m[k]:.2f}" if "dice" not in k else f"{k} {m[k]:.3f}" for k in keys)
 

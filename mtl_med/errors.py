@@ -1,0 +1,74 @@
+"""Errors a user can fix (bad files, bad config values) and how the bundle commands report them: one line
+with the file or config id and the problem, exit code 1, the traceback only in a debug log."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+from mtl_med.data.nifti import InputError
+
+__all__ = ["InputError", "ConfigError", "as_bool", "check_flags", "user_error", "install_excepthook"]
+
+DEBUG_LOG_ENV = "MTL_MED_DEBUG_LOG"
+
+
+class ConfigError(InputError):
+    """A config value of the wrong type or out of range; ``str(err)`` is ``"<config id>: <problem>"``."""
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool, or a :class:`ConfigError` naming the config id: a string such as ``"false"`` (what
+    ``--flag false`` gives on the command line) is truthy in Python, so it is refused rather than guessed."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    hint = f"; on the command line write --{name} True or --{name} False" if isinstance(value, str) else ""
+    raise ConfigError(name, f"must be true or false (a boolean), got {type(value).__name__} {value!r}{hint}")
+
+
+def check_flags(**flags: Any) -> None:
+    """Check the boolean config ids of a bundle (``"initialize"``), before anything runs."""
+    for name, value in flags.items():
+        as_bool(value, name)
+
+
+def user_error(err: BaseException | None) -> InputError | None:
+    """The :class:`InputError` (or ``CaseFailures``) behind an exception and MONAI's wrappers around it."""
+    from mtl_med.inference.volume import CaseFailures
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (InputError, CaseFailures)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def install_excepthook(debug_log: str | os.PathLike | None = None) -> None:
+    """Report user errors in one line at the command line (exit code 1) and write their traceback to
+    ``debug_log`` (default: ``$MTL_MED_DEBUG_LOG`` or ``<tmp>/mtl_med_debug.log``); other exceptions keep
+    Python's report. Called from the bundles' ``initialize``."""
+    path = str(debug_log or os.environ.get(DEBUG_LOG_ENV) or os.path.join(tempfile.gettempdir(), "mtl_med_debug.log"))
+    previous = sys.excepthook
+
+    def hook(etype, value, tb):
+        err = user_error(value)
+        if err is None:
+            return previous(etype, value, tb)
+        try:
+            with open(path, "a") as fh:
+                fh.write("".join(traceback.format_exception(etype, value, tb)) + "\n")
+            where = f" (traceback in {path})"
+        except OSError:
+            where = ""
+        logging.shutdown()
+        sys.stderr.write(f"error: {err}{where}\n")
+
+    sys.excepthook = hook
