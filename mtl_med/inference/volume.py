@@ -521,6 +521,7 @@ class VolumePredictor:
         dtypes = {"sct": np.float32, "sct_std": np.float32, "seg": np.uint8, "seg_uncertainty": np.float32}
         tmp = private_temp(case_dir)
         try:
+            shutil.rmtree(tmp, ignore_errors=True)  # a dead run's, when a restarted host reuses our pid
             tmp.mkdir(parents=True)
             for key, path in paths.items():
                 if key == "overview":
@@ -644,8 +645,14 @@ def publish_folder(tmp: Path, case_dir: Path, names: Sequence[str]) -> None:
             if p.name not in names and not (tmp / p.name).exists():
                 os.link(p, tmp / p.name) if p.is_file() else shutil.copytree(p, tmp / p.name, symlinks=True)
         old = private_temp(case_dir, "old")
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(case_dir, old)
-    os.rename(tmp, case_dir)
+    try:
+        os.rename(tmp, case_dir)
+    except OSError:
+        if old is not None:
+            os.rename(old, case_dir)  # keep the earlier complete set
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -674,10 +681,12 @@ def clean_stale_outputs(root: Path) -> list[Path]:
         if kind not in ("tmp", "old") or h != host or not pid.isdigit() or _alive(int(pid)):
             continue
         final = root / case
-        if kind == "old" and not final.exists():
+        if kind == "old" and not final.exists() and p.is_dir():
             os.rename(p, final)
-        else:
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         cleaned.append(p)
         logger.info("removed %s, left by an interrupted run", p)
     return cleaned
