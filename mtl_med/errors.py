@@ -12,7 +12,7 @@ from typing import Any
 
 from mtl_med.data.nifti import InputError
 
-__all__ = ["InputError", "ConfigError", "as_bool", "check_flags", "user_error", "install_excepthook"]
+__all__ = ["InputError", "ConfigError", "as_bool", "check_flags", "require_file", "user_error", "install_excepthook"]
 
 DEBUG_LOG_ENV = "MTL_MED_DEBUG_LOG"
 
@@ -38,6 +38,14 @@ def check_flags(**flags: Any) -> None:
         as_bool(value, name)
 
 
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
+    """``path`` if it is a file, else an :class:`InputError` naming it (for configs whose loaders would raise a
+    bare ``FileNotFoundError``, e.g. MONAI's ``CheckpointLoader``)."""
+    if not os.path.isfile(path):
+        raise InputError(path, f"{what} does not exist" + (f"; {hint}" if hint else ""))
+    return str(path)
+
+
 def user_error(err: BaseException | None) -> InputError | None:
     """The :class:`InputError` (or ``CaseFailures``) behind an exception and MONAI's wrappers around it."""
     from mtl_med.inference.volume import CaseFailures
@@ -57,6 +65,8 @@ def install_excepthook(debug_log: str | os.PathLike | None = None) -> None:
     Python's report. Called from the bundles' ``initialize``."""
     path = str(debug_log or os.environ.get(DEBUG_LOG_ENV) or os.path.join(tempfile.gettempdir(), "mtl_med_debug.log"))
     previous = sys.excepthook
+    if getattr(previous, "mtl_med_debug_log", None) is not None:  # installed already (in-process runs)
+        previous = previous.__wrapped__
 
     def hook(etype, value, tb):
         err = user_error(value)
@@ -71,4 +81,5 @@ def install_excepthook(debug_log: str | os.PathLike | None = None) -> None:
         logging.shutdown()
         sys.stderr.write(f"error: {err}{where}\n")
 
+    hook.mtl_med_debug_log, hook.__wrapped__ = path, previous
     sys.excepthook = hook

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mtl_med.data.nifti import InputError
+
 __all__ = [
     "VisionFormatError",
     "VisionFileNotFoundError",
@@ -53,20 +55,15 @@ FASHION_MNIST_CLASSES = (
 SPLITS = ("train", "val", "test")
 
 
-class VisionFormatError(ValueError):
+class VisionFormatError(InputError):
     """A data set file exists but cannot be parsed; ``path`` names it."""
 
-    def __init__(self, path, problem: str):
-        self.path = os.fspath(path)
-        super().__init__(f"{self.path}: {problem}")
 
-
-class VisionFileNotFoundError(FileNotFoundError):
+class VisionFileNotFoundError(InputError, FileNotFoundError):
     """A file or folder the data set format requires is missing; ``path`` names it."""
 
     def __init__(self, path, problem: str = "not found"):
-        self.path = os.fspath(path)
-        super().__init__(f"{self.path}: {problem}")
+        super().__init__(os.fspath(path), problem)
 
 
 # --- data set ----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mtl_med.errors import as_bool
 from mtl_med.layers.gumbel import StepTemperature
 from mtl_med.sharing import adashare as ada
 
@@ -120,7 +121,8 @@ class AdaShareSearch:
         self.warmup_epochs, self.policy_epochs = int(warmup_epochs), int(policy_epochs)
         self.weight_lr, self.policy_lr, self.momentum, self.weight_decay = weight_lr, policy_lr, momentum, weight_decay
         self.weight_fraction, self.tau, self.tau_factor = weight_fraction, tau, tau_factor
-        self.seed, self.deterministic_policy, self.policy_file = int(seed), bool(deterministic_policy), policy_file
+        self.seed, self.policy_file = int(seed), policy_file
+        self.deterministic_policy = as_bool(deterministic_policy, "deterministic_policy")
         self.writer, self.sampler, self.epoch_length = summary_writer, sampler, epoch_length
         self.policy: torch.Tensor | None = None
         self.history: list[dict] = []
