@@ -32,8 +32,8 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_array, check_overlap
+from mtl_med.data.phantoms import split_cases
 from data_prep.report import finish, refuse_existing_output
 
 __all__ = ["ROI_PATTERNS", "Series", "scan_folder", "pick_series", "match_rois", "rasterise_rtstruct",

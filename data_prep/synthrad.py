@@ -20,8 +20,8 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from data_prep.phantoms import split_cases
 from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_overlap, check_volume
+from mtl_med.data.phantoms import split_cases
 from data_prep.report import finish, refuse_existing_output
 
 __all__ = ["find_cases", "convert_case", "convert", "main"]

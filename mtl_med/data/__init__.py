@@ -1,4 +1,8 @@
-"""mtl_med.data"""
+"""mtl_med.data: readers and checks for the vision and pelvis data, and the synthetic pelvis phantoms.
+
+The phantom constants (``PRESETS``, ``TISSUES``, ``CT_HU``, ``MR_T2``, ...) stay in :mod:`mtl_med.data.phantoms`
+(``from mtl_med.data.phantoms import PRESETS``); the functions and :class:`Phantom` are exported here.
+"""
 
 from .vision import (
     MultiTaskImageDataset,
@@ -22,4 +26,12 @@ from .nifti import (
     check_datalist,
     check_overlap,
     check_volume,
+)
+from .phantoms import (
+    Phantom,
+    generate_dataset,
+    generate_phantom,
+    grid_affine,
+    split_cases,
+    write_phantom,
 )

@@ -11,6 +11,7 @@ from mtl_med.transforms.histogram import (
 )
 from mtl_med.transforms.intensity import CTToHUd, ScaleCTd, hu_to_network, network_to_hu
 from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckGeometryd, CheckVolumesd, LoadVolumesd, unwrap_input_error
+from mtl_med.transforms.landmarks import learn_from_datalist
 from mtl_med.transforms.n4 import N4BiasFieldCorrection, N4BiasFieldCorrectiond, n4_bias_field, otsu_mask
 from mtl_med.transforms.patches import (
     BATCH_SIZE,

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.phantoms import generate_phantom, write_phantom
+from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import ConfigError, as_bool
 from mtl_med.networks import SFGHighResNet
 from mtl_med.transforms import learn_landmarks, save_landmarks

@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.phantoms import generate_phantom, write_phantom
 from mtl_med.data.nifti import (
     InputError,
     atomic_save_nifti,
@@ -16,6 +15,7 @@ from mtl_med.data.nifti import (
     check_datalist,
     check_volume,
 )
+from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.transforms import preprocess_transforms
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from data_prep import landmarks
-from data_prep.phantoms import generate_dataset
-from mtl_med.transforms import load_landmarks
+from mtl_med.data.phantoms import generate_dataset
+from mtl_med.transforms import learn_from_datalist, load_landmarks
 
 
 def test_learn_landmarks_command(tmp_path, capsys, caplog):
@@ -39,3 +39,7 @@ def test_landmarks_command_errors(tmp_path, capsys):
         assert e.code == 2
     else:
         raise AssertionError("missing --out must be a usage error")
+
+
+def test_learn_from_datalist_re_exported_for_existing_scripts():
+    assert landmarks.learn_from_datalist is learn_from_datalist

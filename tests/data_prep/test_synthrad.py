@@ -3,8 +3,8 @@ import json
 import pytest
 
 from data_prep import synthrad
-from data_prep.phantoms import generate_phantom
 from mtl_med.data.nifti import InputError, atomic_save_nifti, check_datalist
+from mtl_med.data.phantoms import generate_phantom
 
 
 def _tree(root, cases=("1PA001", "1PA004", "1PC012")):

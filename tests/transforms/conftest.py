@@ -2,8 +2,8 @@
 
 import pytest
 
-from data_prep.phantoms import generate_dataset
 from mtl_med.data.nifti import check_datalist
+from mtl_med.data.phantoms import generate_dataset
 
 
 @pytest.fixture(scope="session")
