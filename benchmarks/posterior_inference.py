@@ -153,11 +153,12 @@ def main():
     for mb in args.max_batch:
         g = torch.Generator(device=device).manual_seed(0)
         mem = {}
-        sampler = PosteriorSampler(net, S, mb, "sample", ("sct",), {"seg": 6}, g, amp=args.amp)
+        sampler = PosteriorSampler(net, num_samples=S, max_batch=mb, mode="sample", regression=("sct",),
+                                   labels={"seg": 6}, amp=args.amp)
         with peak_memory(device, mem):
             _sync(device)
             t0 = time.perf_counter()
-            sampler.run(inferer, x)
+            sampler.run(inferer, x, generator=g)
             _sync(device)
             t = time.perf_counter() - t0
         results[f"vectorised{mb}"] = (t, mem["peak"])

@@ -1,10 +1,9 @@
 """Posterior sampling and whole-volume inference."""
 
-from .posterior import PosteriorAggregator, sample_posterior, sampling_mode, uses_batch_statistics
+from .posterior import PosteriorAggregator, PosteriorSampler, sample_posterior, sampling_mode, uses_batch_statistics
 from .volume import (
     CaseFailures,
     ConcatTaskOutputs,
-    PosteriorSampler,
     VolumePredictor,
     case_names,
     evaluate_cases,

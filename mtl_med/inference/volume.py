@@ -2,10 +2,11 @@
 
 Per case: preprocessing once (N4 -> histogram standardisation with the training landmarks -> resampling,
 :func:`mtl_med.transforms.preprocess_transforms`), then MONAI's ``SliceInferer`` (2D network) or
-``SlidingWindowInferer`` (3D network) over the whole volume with :class:`PosteriorSampler` as its network: for
-each batch of slices it runs all S posterior samples itself, ``k`` copies of the batch per forward call with one
-group assignment per copy (``per_example``), aggregated on the fly, and returns per-slice statistic maps
-(``sct_mean``, ``sct_std``, ``seg_votes``) that the inferer stitches into 3D. Memory holds those maps, never S
+``SlidingWindowInferer`` (3D network) over the whole volume with
+:class:`~mtl_med.inference.posterior.PosteriorSampler` (the sampler of :func:`sample_posterior` too) as its
+network: for each batch of slices it runs all S posterior samples itself, ``k`` copies of the batch per forward
+call with one group assignment per copy (``per_example``), aggregated on the fly, and returns per-slice statistic
+maps (``sct_mean``, ``sct_std``, ``seg_votes``) that the inferer stitches into 3D. Memory holds those maps, never S
 volumes. The maps are converted to HU / labels / uncertainty and resampled back to the input grid (MONAI
 ``Invertd``, labels nearest), then written atomically as ``output_dir/<case>/<case>_<postfix>.nii.gz``.
 
@@ -15,7 +16,6 @@ Every voxel sees S independent posterior draws; neighbouring slices of one draw 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import logging
@@ -36,12 +36,11 @@ from monai.data import MetaTensor
 from monai.data.folder_layout import FolderLayout
 from monai.inferers import Inferer
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, check_datalist
 from mtl_med.errors import as_bool
-from mtl_med.inference.posterior import PosteriorAggregator, sampling_mode, uses_batch_statistics
+from mtl_med.inference.posterior import PosteriorSampler
 from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
 from mtl_med.transforms.io import as_metatensor
 from mtl_med.transforms.spatial import invert_to_input
@@ -49,7 +48,6 @@ from mtl_med.transforms.spatial import invert_to_input
 __all__ = [
     "ConcatTaskOutputs",
     "load_checkpoint",
-    "PosteriorSampler",
     "VolumePredictor",
     "CaseFailures",
     "list_cases",
@@ -148,112 +146,6 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
     return network
 
 
-# ----------------------------------------------------------------------------------------------- sampling
-class PosteriorSampler:
-    """The "network" given to a MONAI inferer: all posterior samples of a batch of slices (or patches).
-
-    For a batch ``x`` of ``B`` slices it runs ``num_samples`` stochastic passes, ``k = max_batch // B`` copies
-    of the batch per forward call (each copy its own group assignment, ``per_example``), aggregates them on the
-    fly (:class:`~mtl_med.inference.posterior.PosteriorAggregator`: running mean and variance; label votes) and
-    returns ``{"<reg>_mean", "<reg>_std"}`` for each regression output and ``{"<label>_votes"}`` (vote
-    frequencies, one channel per class) for each label output, the maps the inferer stitches.
-
-    Args:
-        network: multi-task network returning ``{task: tensor}``.
-        num_samples: S posterior samples (section 5.2: 50).
-        max_batch: images per forward call (slices x sample copies): the memory budget.
-        mode: ``"sample"`` (posterior draws), ``"argmax"`` (deterministic: one pass, std 0) or ``"relaxed"``.
-        regression: regression outputs; labels: label output -> number of classes.
-        generator: random generator of the group draws (same seed, same samples).
-        amp: autocast (CUDA only; ignored elsewhere).
-        progress: a tqdm bar to advance by the number of slice-passes done.
-        margin: voxels of replicate padding around every spatial side of the input, cropped from the maps.
-            Training never puts a loss where a patch meets its zero padding (A.3), so the network's output near
-            an image border is undefined; a margin of the receptive-field radius moves that border out of the
-            image.
-    """
-
-    def __init__(
-        self,
-        network: nn.Module,
-        num_samples: int = 50,
-        max_batch: int = 64,
-        mode: str = "sample",
-        regression: Sequence[str] = ("sct",),
-        labels: Mapping[str, int] | None = None,
-        generator: torch.Generator | None = None,
-        amp: bool = False,
-        progress: Any = None,
-        margin: int = 0,
-    ):
-        if int(num_samples) < 1 or int(max_batch) < 1:
-            raise ValueError(f"num_samples and max_batch must be >= 1, got {num_samples}, {max_batch}")
-        if mode not in ("sample", "argmax", "relaxed"):
-            raise ValueError(f"mode must be 'sample', 'argmax' or 'relaxed', got {mode!r}")
-        self.network = network
-        self.num_samples = 1 if mode == "argmax" else int(num_samples)
-        self.max_batch = int(max_batch)
-        self.mode = mode
-        self.regression = tuple(regression)
-        self.labels = dict(labels if labels is not None else {"seg": 6})
-        self.generator = generator
-        self.amp = bool(amp)
-        self.progress = progress
-        if int(margin) < 0:
-            raise ValueError(f"margin must be >= 0, got {margin}")
-        self.margin = int(margin)
-        self._counts: dict[str, torch.Tensor] = {}
-
-    def _autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.as_tensor() if isinstance(x, MetaTensor) else x
-        m = self.margin
-        if m:
-            x = F.pad(x, [m] * 2 * (x.ndim - 2), mode="replicate")
-        b = x.shape[0]
-        k_max = 1 if uses_batch_statistics(self.network) else max(1, self.max_batch // b)
-        agg = PosteriorAggregator(self.regression, self.labels)
-        self._counts = {}
-        done = 0
-        with self._autocast(x.device):
-            while done < self.num_samples:
-                k = min(k_max, self.num_samples - done)
-                out = self.network(x.repeat(k, *([1] * (x.ndim - 1))), generator=self.generator)
-                agg.update({n: out[n].float().reshape(k, b, *out[n].shape[1:]) for n in (*self.regression, *self.labels)})
-                self._votes(out, k, b)
-                done += k
-                if self.progress is not None:
-                    self.progress.update(k * b)
-        res = agg.result()
-        maps = {}
-        for n in self.regression:
-            maps[f"{n}_mean"], maps[f"{n}_std"] = res[n], res[f"{n}_std"]
-        for n in self.labels:
-            maps[f"{n}_votes"] = self._counts.pop(n) / float(self.num_samples)
-        if m:
-            inner = (slice(None), slice(None), *[slice(m, -m)] * (x.ndim - 2))
-            maps = {k: v[inner] for k, v in maps.items()}
-        return maps
-
-    def _votes(self, out: Mapping[str, torch.Tensor], k: int, b: int) -> None:
-        # per-class vote counts (the aggregator keeps them private): the stitched maps need them per class
-        for n, c in self.labels.items():
-            logits = out[n].reshape(k, b, *out[n].shape[1:])
-            lab = logits.argmax(2) if logits.shape[2] > 1 else (logits[:, :, 0] > 0).long()
-            v = torch.nn.functional.one_hot(lab, c).sum(0).movedim(-1, 1).float()
-            self._counts[n] = v if n not in self._counts else self._counts[n] + v
-
-    def run(self, inferer: Inferer, volume: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stitched statistic maps of ``volume`` (1, C, *spatial) with the network in ``mode``."""
-        with sampling_mode(self.network, self.mode, per_example=not uses_batch_statistics(self.network)):
-            return inferer(volume, self)
-
-
 # ----------------------------------------------------------------------------------------------- cases
 def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Case names from MR file names (``x.nii.gz`` -> ``x``); where names repeat or are generic
@@ -315,9 +207,11 @@ class VolumePredictor:
         inferer: MONAI ``SliceInferer`` (2D network) or ``SlidingWindowInferer`` (3D network).
         ckpt_path: state dict to load (None: keep the network's weights, e.g. in tests).
         device: compute device; the checkpoint is mapped onto it.
-        num_samples: S posterior samples (section 5.2: 50).
+        num_samples: S posterior samples (section 5.2: 50); in argmax mode one pass is made and
+            :attr:`num_samples` (logs, metrics summary) is 1.
         max_batch: images per forward call (slices x sample copies).
-        margin: replicate padding around each slice (or patch) before the network, see :class:`PosteriorSampler`.
+        margin: replicate padding around each slice (or patch) before the network, see
+            :class:`~mtl_med.inference.posterior.PosteriorSampler`.
         inference_mode: ``"sample"`` (posterior), ``"argmax"`` (deterministic single pass) or ``"relaxed"``.
         seed: seed of the group draws; the generator is re-seeded for every case, so a case's outputs do not
             depend on the other cases.
@@ -330,6 +224,9 @@ class VolumePredictor:
         bone_threshold_hu: bone region of the metrics when the item has no "bone" mask.
         metrics_keys: item keys compared when present ("ct", "label", "bone").
         progress: show tqdm bars.
+
+    ``sampler`` (a :class:`~mtl_med.inference.posterior.PosteriorSampler` built here) holds the sampling settings:
+    ``num_samples``, ``max_batch``, ``margin``, ``inference_mode`` and ``amp`` read them from it.
     """
 
     def __init__(
@@ -363,13 +260,18 @@ class VolumePredictor:
         self._preprocessing = preprocessing
         self.inferer = inferer
         self.ckpt_path = ckpt_path
-        self.num_samples = int(num_samples)
-        self.max_batch = int(max_batch)
-        self.margin = int(margin)
-        self.inference_mode = inference_mode
         self.seed = int(seed)
-        self.amp = as_bool(amp, "amp") and self.device.type == "cuda"
         self.sct_key, self.seg_key, self.num_classes = sct_key, seg_key, int(num_classes)
+        self.sampler = PosteriorSampler(
+            self.network,
+            num_samples=int(num_samples),
+            max_batch=int(max_batch),
+            mode=inference_mode,
+            regression=(self.sct_key,),
+            labels={self.seg_key: self.num_classes},
+            amp=as_bool(amp, "amp") and self.device.type == "cuda",
+            margin=int(margin),
+        )
         self.uncertainty = uncertainty
         self.output_dir = output_dir
         self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
@@ -379,6 +281,28 @@ class VolumePredictor:
         self.progress = as_bool(progress, "progress")
         self._loaded = False
         self._pre = None
+
+    # ---- sampling settings (the sampler's)
+    @property
+    def num_samples(self) -> int:
+        """Posterior passes made per slice: the configured S, or 1 in argmax mode."""
+        return self.sampler.num_samples
+
+    @property
+    def inference_mode(self) -> str:
+        return self.sampler.mode
+
+    @property
+    def max_batch(self) -> int:
+        return self.sampler.max_batch
+
+    @property
+    def margin(self) -> int:
+        return self.sampler.margin
+
+    @property
+    def amp(self) -> bool:
+        return self.sampler.amp
 
     # ---- setup
     @property
@@ -414,14 +338,10 @@ class VolumePredictor:
         self.setup()
         mr = data["mr"]
         vol = (mr.as_tensor() if isinstance(mr, MetaTensor) else torch.as_tensor(mr)).float()[None].to(self.device)
-        sampler = PosteriorSampler(
-            self.network, self.num_samples, self.max_batch, self.inference_mode, (self.sct_key,),
-            {self.seg_key: self.num_classes}, self.generator(), self.amp, progress, self.margin,
-        )
         if progress is not None:
             axis = getattr(self.inferer, "spatial_dim", None)
-            progress.reset(total=vol.shape[2 + axis] * sampler.num_samples if axis is not None else None)
-        maps = sampler.run(self.inferer, vol)
+            progress.reset(total=vol.shape[2 + axis] * self.num_samples if axis is not None else None)
+        maps = self.sampler.run(self.inferer, vol, generator=self.generator(), progress=progress)
         mean = maps[f"{self.sct_key}_mean"][0].float()
         std = maps[f"{self.sct_key}_std"][0].float()
         freq = maps[f"{self.seg_key}_votes"][0].float()
@@ -594,8 +514,7 @@ class VolumePredictor:
         if save_outputs:
             check_output_dir(out_root)  # before the checkpoint is read or anything runs
         logger.info("%d case(s) from %s; %d posterior samples (%s mode) on %s; outputs in %s", len(items),
-                    datalist or input_dir, self.num_samples if self.inference_mode != "argmax" else 1,
-                    self.inference_mode, self.device, out_root)
+                    datalist or input_dir, self.num_samples, self.inference_mode, self.device, out_root)
         self.setup()
         done: dict[str, Any] = {}
         failed: dict[str, str] = {}

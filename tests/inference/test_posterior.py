@@ -97,3 +97,47 @@ def test_margin_removes_the_slice_border_from_the_outputs():
         assert (spread < 1e-5) == flat, (margin, spread)
     with pytest.raises(ValueError, match="margin"):
         PosteriorSampler(model, margin=-1)
+
+
+def test_inferer_path_equals_sample_posterior_batch_by_batch():
+    """The volume path (the sampler as a SliceInferer's network) and ``sample_posterior`` are one sampler:
+    with the same generator and the same slice batches they give the same numbers, bit for bit."""
+    from monai.inferers import SliceInferer
+
+    from mtl_med.inference import PosteriorSampler
+
+    torch.manual_seed(0)
+    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    vol = torch.randn(1, 1, 20, 18, 6)
+    inferer = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=4, overlap=0.0, progress=False)
+    sampler = PosteriorSampler(model, num_samples=5, max_batch=8, margin=3)
+    maps = sampler.run(inferer, vol, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    ref = []
+    for z in (slice(0, 4), slice(4, 6)):  # the inferer's batches: 4 slices (2 copies a call), then 2 (4 copies)
+        x = vol[0, ..., z].permute(3, 0, 1, 2).contiguous()
+        ref.append(sample_posterior(model, x, num_samples=5, samples_per_batch=8 // x.shape[0], generator=g, margin=3))
+    ref = {k: torch.cat([r[k] for r in ref]).permute(1, 2, 3, 0)[None] for k in ref[0]}
+    assert torch.equal(maps["sct_mean"], ref["sct"]) and torch.equal(maps["sct_std"], ref["sct_std"])
+    assert (ref["sct_std"] > 0).any()
+    freq = maps["seg_votes"]
+    assert torch.equal(freq.argmax(1, keepdim=True), ref["seg"])
+    assert torch.equal(1.0 - freq.amax(1, keepdim=True), ref["seg_disagreement"])
+    assert torch.equal(torch.special.entr(freq).sum(1, keepdim=True), ref["seg_entropy"])
+    assert sampler.generator is None and model.training  # the run's generator and the model's mode are not kept
+
+
+def test_argmax_mode_makes_one_pass_and_says_so():
+    from monai.inferers import SimpleInferer
+
+    from mtl_med.inference import PosteriorSampler
+
+    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    sampler = PosteriorSampler(model, num_samples=7, mode="argmax")
+    assert sampler.num_samples == 1 and sampler.requested_samples == 7
+    maps = sampler.run(SimpleInferer(), torch.randn(2, 1, 16, 16))
+    assert calls == [2] and maps["sct_std"].max() == 0 and set(maps["seg_votes"].unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(TypeError):
+        PosteriorSampler(model, 5, 64)  # settings after num_samples are keyword-only
