@@ -31,7 +31,7 @@ import torch
 from monai.inferers import SliceInferer
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_prep.phantoms import generate_phantom
+from mtl_med.data.phantoms import generate_phantom
 from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode
 from mtl_med.networks import SFGHighResNet
 

@@ -10,7 +10,7 @@ import nibabel as nib
 import pytest
 import torch
 
-from data_prep.phantoms import generate_phantom, write_phantom
+from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, evaluate_cases, sample_posterior
 from mtl_med.networks import SFGHighResNet
 from mtl_med.transforms import learn_landmarks, save_landmarks
