@@ -19,7 +19,6 @@ import torch
 
 log = logging.getLogger("mtl_med.demo")
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis"
 DEMO_SEED = 1000  # phantom seed outside the demo training set (seed 0, cases 0..7)
 
 
@@ -29,17 +28,18 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=50, help="posterior samples (section 5.2: 50)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="phantom seed")
     parser.add_argument("--preset", default="medium", help="phantom size preset of mtl_med.data.phantoms")
-    parser.add_argument("--bundle", default=str(BUNDLE), help="bundle folder")
+    parser.add_argument("--bundle", default=None, help="bundle folder (default: $MTL_MED_BUNDLE or the checkout's flagship)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom
     from mtl_med.inference import predict_case
+    from mtl_med.inference.bundle import default_bundle
 
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-    bundle = Path(args.bundle)
+    bundle = Path(args.bundle) if args.bundle else default_bundle()
     configs = [bundle / "configs" / "inference.json", bundle / "configs" / "demo.json"]
     out = Path(args.out)
     start = time.perf_counter()

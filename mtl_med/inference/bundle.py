@@ -16,15 +16,30 @@ from monai.bundle import ConfigParser
 
 from mtl_med.inference.volume import VolumePredictor
 
-__all__ = ["Predictor", "predict_case", "bundle_parser"]
+__all__ = ["Predictor", "predict_case", "bundle_parser", "default_bundle"]
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis"
+BUNDLE_ENV = "MTL_MED_BUNDLE"
+
+
+def default_bundle() -> Path:
+    """The bundle used when none is given: ``$MTL_MED_BUNDLE``, else the flagship bundle of the source checkout the
+    package runs from (an editable install). A wheel installed elsewhere has no checkout: then say so."""
+    env = os.environ.get(BUNDLE_ENV)
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis"
+    if not (checkout / "configs" / "inference.json").is_file():
+        from mtl_med.errors import ConfigError
+
+        raise ConfigError("bundle", f"no bundle folder given and none found beside the package ({checkout}); pass "
+                                    f"bundle=<path of bundles/sfg_highresnet_pelvis> or set {BUNDLE_ENV}")
+    return checkout
 
 
 def bundle_parser(bundle: str | os.PathLike | None = None, config_file: Any = None, **overrides: Any) -> ConfigParser:
     """A ``ConfigParser`` of ``<bundle>/configs/inference.json`` (or ``config_file``: one file or a list merged
     in order) with ``bundle_root`` set to the bundle folder and ``overrides`` (config ids, ``a#b`` nested)."""
-    root = Path(bundle) if bundle is not None else DEFAULT_BUNDLE
+    root = Path(bundle) if bundle is not None else default_bundle()
     if config_file is None:
         config_file = root / "configs" / "inference.json"
     files = [str(f) for f in (config_file if isinstance(config_file, (list, tuple)) else [config_file])]
