@@ -32,7 +32,9 @@ from pydicom.errors import InvalidDicomError
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_array, check_overlap
+from mtl_med.data.nifti import check_array, check_overlap
+from mtl_med.errors import InputError
+from mtl_med.io import atomic_write, atomic_write_json
 from mtl_med.data.phantoms import split_cases
 from data_prep.report import finish, refuse_existing_output
 

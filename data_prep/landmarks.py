@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.report import refuse_existing_output
-from mtl_med.data.nifti import InputError
+from mtl_med.errors import InputError
 from mtl_med.transforms.landmarks import learn_from_datalist
 
 __all__ = ["learn_from_datalist", "main"]

@@ -20,7 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mtl_med.data.nifti import InputError, atomic_write, atomic_write_json, check_overlap, check_volume
+from mtl_med.data.nifti import check_overlap, check_volume
+from mtl_med.errors import InputError
+from mtl_med.io import atomic_write, atomic_write_json
 from mtl_med.data.phantoms import split_cases
 from data_prep.report import finish, refuse_existing_output
 

@@ -1,5 +1,8 @@
-"""Errors a user can fix (bad files, bad config values) and how the bundle commands report them: one line
-with the file or config id and the problem, exit code 1, the traceback only in a debug log."""
+"""Errors a user can fix (bad files, bad config values, failed cases) and how the bundle commands report them:
+one line with the file or config id and the problem, exit code 1, the traceback only in a debug log.
+
+Imports nothing from the package, so every module (NIfTI checks, transforms, inference, data tools) can raise
+these without an import cycle."""
 
 from __future__ import annotations
 
@@ -8,17 +11,46 @@ import os
 import sys
 import tempfile
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
-from mtl_med.data.nifti import InputError
-
-__all__ = ["InputError", "ConfigError", "as_bool", "check_flags", "require_file", "user_error", "install_excepthook"]
+__all__ = [
+    "InputError",
+    "ConfigError",
+    "CaseFailures",
+    "as_bool",
+    "check_flags",
+    "require_file",
+    "user_error",
+    "install_excepthook",
+]
 
 DEBUG_LOG_ENV = "MTL_MED_DEBUG_LOG"
 
 
+class InputError(ValueError):
+    """Bad input data. ``str(err)`` is ``"<file>: <problem>"``; ``err.path`` and ``err.problem`` hold the parts."""
+
+    def __init__(self, path: Any, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return (type(self), (self.path, self.problem))
+
+
 class ConfigError(InputError):
     """A config value of the wrong type or out of range; ``str(err)`` is ``"<config id>: <problem>"``."""
+
+
+class CaseFailures(RuntimeError):
+    """Raised at the end of a run in which some cases failed; ``failures`` maps case -> message."""
+
+    def __init__(self, failures: Mapping[str, str], total: int):
+        self.failures = dict(failures)
+        lines = "\n".join(f"  {case}: {msg}" for case, msg in self.failures.items())
+        super().__init__(f"{len(self.failures)} of {total} cases failed:\n{lines}")
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -47,9 +79,7 @@ def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
 
 
 def user_error(err: BaseException | None) -> InputError | None:
-    """The :class:`InputError` (or ``CaseFailures``) behind an exception and MONAI's wrappers around it."""
-    from mtl_med.inference.volume import CaseFailures
-
+    """The :class:`InputError` (or :class:`CaseFailures`) behind an exception and MONAI's wrappers around it."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, (InputError, CaseFailures)):

@@ -7,6 +7,9 @@ imports made by bundle configs (``"$from data_prep.landmarks import ..."`` in tr
 * every module under mtl_med imports in a fresh interpreter in which ``data_prep`` cannot be imported;
 * every ``"$import ..."`` / ``"$from ... import ..."`` expression of every bundle config runs there too;
 * no import statement anywhere in mtl_med's source (function bodies included) names data_prep.
+
+Within mtl_med, the errors, the atomic writers and the pelvis constants are leaves: importing one of them
+imports no other module of the package, so any module can use them without an import cycle.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = "data_prep"
+LEAVES = ("mtl_med.errors", "mtl_med.io", "mtl_med.pelvis")
 
 _CHILD = textwrap.dedent(
     """
@@ -119,3 +123,19 @@ def test_the_checks_detect_a_forbidden_import():
           "    importlib.import_module('data_prep.landmarks')\nimport data_prep\n"
     assert _imports_forbidden(ast.parse(src)) == [2, 4, 5]
     assert _imports_forbidden(ast.parse("from mtl_med.data.phantoms import PRESETS\nimport data_prepx\n")) == []
+
+
+def test_leaf_modules_import_nothing_else_from_the_package():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    for leaf in LEAVES:
+        code = f"import json, sys, {leaf}; print(json.dumps(sorted(m for m in sys.modules if m.startswith('mtl_med'))))"
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == ["mtl_med", leaf], leaf
+    for leaf in LEAVES:  # and no import inside a function body either
+        path = ROOT / (leaf.replace(".", "/") + ".py")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and not (node.module or "").startswith("mtl_med"), (leaf, node.lineno)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("mtl_med") for a in node.names), (leaf, node.lineno)

@@ -4,6 +4,8 @@ The phantom constants (``PRESETS``, ``TISSUES``, ``CT_HU``, ``MR_T2``, ...) stay
 (``from mtl_med.data.phantoms import PRESETS``); the functions and :class:`Phantom` are exported here.
 """
 
+from mtl_med.errors import InputError
+
 from .vision import (
     MultiTaskImageDataset,
     VisionFileNotFoundError,
@@ -16,11 +18,6 @@ from .vision import (
     read_utkface,
 )
 from .nifti import (
-    LABEL_TABLE,
-    InputError,
-    atomic_save_nifti,
-    atomic_write,
-    atomic_write_json,
     check_array,
     check_case,
     check_datalist,

@@ -1,8 +1,8 @@
-"""Checks on NIfTI inputs and atomic writing, shared by the data tools, the transforms and inference.
+"""Checks on NIfTI inputs and datalists, shared by the data tools, the transforms and inference.
 
-Every check raises :class:`InputError` whose message names the file and the problem, before anything is
-written. Writers go through :func:`atomic_write` / :func:`atomic_save_nifti`: a temporary name in the
-destination folder, then ``os.replace``, so a crash never leaves half a file under the final name.
+Every check raises :class:`~mtl_med.errors.InputError` whose message names the file and the problem, before
+anything is written. The roles, the label table and the datalist image keys are the pelvis application's
+(:mod:`mtl_med.pelvis`).
 
 Typical use::
 
@@ -13,62 +13,28 @@ Typical use::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from mtl_med.errors import InputError  # noqa: F401  (also importable from here: the checks raise it)
+from mtl_med.pelvis import BINARY_ROLES, IMAGE_KEYS, LABEL_TABLE, SIGNAL_ROLES
+
 __all__ = [
     "InputError",
-    "LABEL_TABLE",
-    "CT_RANGE_HU",
-    "IMAGE_KEYS",
     "check_volume",
     "check_array",
     "check_overlap",
     "check_case",
     "check_datalist",
     "source_name",
-    "atomic_write",
-    "atomic_save_nifti",
-    "atomic_write_json",
     "world_bounds",
 ]
-
-# DESIGN.md "Medical data conventions": the SFG paper's organs.
-LABEL_TABLE: dict[int, str] = {
-    0: "background",
-    1: "left femoral head",
-    2: "right femoral head",
-    3: "prostate",
-    4: "bladder",
-    5: "rectum",
-}
-# A.3: CT range [-1024, 2500] HU, background -1024.
-CT_RANGE_HU = (-1024.0, 2500.0)
-# keys of a datalist item that name image files (others, such as "fold", are passed through)
-IMAGE_KEYS = ("mr", "ct", "label", "bone", "body", "mask", "bias", "tissue")
-# roles whose volumes must not be constant (a constant MR or CT carries no image)
-_SIGNAL_ROLES = ("mr", "ct")
-_BINARY_ROLES = ("bone", "body", "mask")
-
-
-class InputError(ValueError):
-    """Bad input data. ``str(err)`` is ``"<file>: <problem>"``; ``err.path`` and ``err.problem`` hold the parts."""
-
-    def __init__(self, path: Any, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
-
-    def __reduce__(self):  # picklable across DataLoader workers
-        return (type(self), (self.path, self.problem))
 
 
 def source_name(obj: Any, default: str = "<in-memory volume>") -> str:
@@ -92,7 +58,7 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
 
     Raises:
         InputError: empty, wrong dimensionality, NaN / inf voxels, constant MR / CT, label values outside
-            :data:`LABEL_TABLE`, non-binary masks.
+            :data:`mtl_med.pelvis.LABEL_TABLE`, non-binary masks.
     """
     arr = np.asarray(array.detach().cpu() if hasattr(array, "detach") else array)
     if arr.size == 0:
@@ -111,7 +77,7 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
             n_nan = int(np.isnan(arr).sum())
             n_inf = int((~finite).sum()) - n_nan
             raise InputError(path, f"{n_nan} NaN and {n_inf} inf voxels")
-    if role in _SIGNAL_ROLES:
+    if role in SIGNAL_ROLES:
         if float(arr.max()) == float(arr.min()):
             raise InputError(path, f"empty {role} volume: every voxel is {float(arr.min())}")
     elif role == "label":
@@ -121,7 +87,7 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
             raise InputError(
                 path, f"label values {bad[:10]} outside the label table {sorted(LABEL_TABLE)} ({LABEL_TABLE})"
             )
-    elif role in _BINARY_ROLES:
+    elif role in BINARY_ROLES:
         values = np.unique(arr)
         if not set(values.tolist()) <= {0, 1}:
             raise InputError(path, f"{role} mask must be binary (0/1), found values {values[:10].tolist()}")
@@ -288,46 +254,3 @@ def check_datalist(
             if check_volumes:
                 check_case(item, min_overlap=min_overlap)
     return loaded
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the destination folder (same suffixes) and move it onto ``path`` on success.
-
-    On an exception the temporary file is removed and ``path`` is untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
-    """Write a nibabel image atomically (``.nii.gz`` is compressed; gzip header has no time stamp)."""
-    with atomic_write(path) as tmp:
-        nib.save(img, str(tmp))
-    return Path(path)
-
-
-def atomic_write_json(obj: Any, path: str | os.PathLike, *, indent: int = 2) -> Path:
-    """Write JSON atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
-    return Path(path)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
-    """Write text (CSV, JSON, ...) atomically, newlines as given."""
-    with atomic_write(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    return Path(path)

@@ -29,7 +29,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mtl_med.data.nifti import LABEL_TABLE, atomic_save_nifti, atomic_write_json
+from mtl_med.io import atomic_save_nifti, atomic_write_json
+from mtl_med.pelvis import LABEL_TABLE
 
 __all__ = [
     "PRESETS",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtl_med.data.nifti import InputError
+from mtl_med.errors import InputError
 
 __all__ = [
     "VisionFormatError",

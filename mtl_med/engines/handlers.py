@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from mtl_med.pelvis import CT_SCALE, SCT_TASK, SEG_TASK
+
 __all__ = ["TemperatureHandler", "GroupingHandler", "ExampleSlicesHandler", "simplex_image", "rank_zero_first"]
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ class ExampleSlicesHandler:
     ``ct_key`` / ``seg_key`` in network units (CT / 1024 + 1, A.3) and logits.
     """
 
-    def __init__(self, summary_writer, step_transform=None, ct_key: str = "sct", seg_key: str = "seg", window=(-1024.0, 1500.0), tag: str = "val/example_slices"):
+    def __init__(self, summary_writer, step_transform=None, ct_key: str = SCT_TASK, seg_key: str = SEG_TASK, window=(-1024.0, 1500.0), tag: str = "val/example_slices"):
         self.writer, self.step_transform, self.ct_key, self.seg_key = summary_writer, step_transform, ct_key, seg_key
         self.window, self.tag = window, tag
 
@@ -130,7 +132,7 @@ class ExampleSlicesHandler:
             return torch.as_tensor(x)[0, 0, ..., z].detach().float().cpu()
 
         lo, hi = self.window
-        ct_unit = lambda x: ((plane(x) - 1.0) * 1024.0 - lo) / (hi - lo)  # noqa: E731  CT/1024 + 1 -> window
+        ct_unit = lambda x: ((plane(x) - 1.0) * CT_SCALE - lo) / (hi - lo)  # noqa: E731  CT/1024 + 1 -> window
         mr = plane(image)
         tiles = [(mr - mr.min()) / (mr.max() - mr.min()).clamp_min(1e-6)]
         if self.ct_key in label:

@@ -18,7 +18,7 @@ from ignite.metrics import Metric
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from mtl_med.data.nifti import atomic_write_text
+from mtl_med.io import atomic_write_text
 from mtl_med.metrics.multitask import binary_predictions, multitask_metrics, write_summary_json
 
 __all__ = [

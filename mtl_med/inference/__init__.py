@@ -1,8 +1,9 @@
 """Posterior sampling and whole-volume inference."""
 
+from mtl_med.errors import CaseFailures
+
 from .posterior import PosteriorAggregator, PosteriorSampler, sample_posterior, sampling_mode, uses_batch_statistics
 from .volume import (
-    CaseFailures,
     ConcatTaskOutputs,
     VolumePredictor,
     case_names,

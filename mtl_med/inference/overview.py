@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
-from mtl_med.data.nifti import LABEL_TABLE, atomic_write
+from mtl_med.io import atomic_write
+from mtl_med.pelvis import LABEL_TABLE
 
 __all__ = ["save_overview", "axial_view", "to_ras"]
 

@@ -19,6 +19,8 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.nn import functional as F
 
+from mtl_med.pelvis import NUM_LABELS, SCT_TASK, SEG_TASK
+
 __all__ = ["PosteriorAggregator", "PosteriorSampler", "sample_posterior", "sampling_mode", "uses_batch_statistics"]
 
 MODES = ("sample", "argmax", "relaxed")
@@ -171,7 +173,8 @@ class PosteriorSampler:
             pass whatever is given (:attr:`num_samples` is then 1).
         max_batch: images per forward call (images x sample copies): the memory budget.
         mode: ``"sample"`` (posterior draws), ``"argmax"`` (deterministic: one pass, std 0) or ``"relaxed"``.
-        regression: regression outputs; labels: label output -> number of classes (default ``{"seg": 6}``).
+        regression: regression outputs; labels: label output -> number of classes (default ``{"seg": 6}``,
+            the pelvis labels of :mod:`mtl_med.pelvis`).
         generator: random generator of the group draws (same seed, same samples).
         amp: autocast (CUDA only; ignored elsewhere).
         progress: a tqdm bar to advance by the number of image-passes done.
@@ -189,7 +192,7 @@ class PosteriorSampler:
         *,
         max_batch: int = 64,
         mode: str = "sample",
-        regression: Iterable[str] = ("sct",),
+        regression: Iterable[str] = (SCT_TASK,),
         labels: Mapping[str, int] | None = None,
         generator: torch.Generator | None = None,
         amp: bool = False,
@@ -208,7 +211,7 @@ class PosteriorSampler:
         self.max_batch = int(max_batch)
         self.mode = mode
         self.regression = tuple(regression)
-        self.labels = dict(labels if labels is not None else {"seg": 6})
+        self.labels = dict(labels if labels is not None else {SEG_TASK: NUM_LABELS})
         self.generator = generator
         self.amp = bool(amp)
         self.progress = progress
@@ -296,7 +299,7 @@ def sample_posterior(
     x: torch.Tensor,
     num_samples: int = 50,
     samples_per_batch: int = 10,
-    regression: Iterable[str] = ("sct",),
+    regression: Iterable[str] = (SCT_TASK,),
     labels: Mapping[str, int] | None = None,
     generator: torch.Generator | None = None,
     forward: Callable | None = None,

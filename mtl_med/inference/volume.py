@@ -38,10 +38,11 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtl_med.data.nifti import CT_RANGE_HU, IMAGE_KEYS, InputError, check_datalist
-from mtl_med.errors import as_bool
+from mtl_med.data.nifti import check_datalist
+from mtl_med.errors import CaseFailures, InputError, as_bool
 from mtl_med.inference.posterior import PosteriorSampler
-from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
+from mtl_med.transforms.intensity import network_to_hu
 from mtl_med.transforms.io import as_metatensor
 from mtl_med.transforms.spatial import invert_to_input
 
@@ -49,7 +50,6 @@ __all__ = [
     "ConcatTaskOutputs",
     "load_checkpoint",
     "VolumePredictor",
-    "CaseFailures",
     "list_cases",
     "case_names",
     "evaluate_cases",
@@ -59,15 +59,6 @@ __all__ = [
 logger = logging.getLogger("mtl_med.inference")
 
 OUTPUT_POSTFIXES = {"sct": "sct", "seg": "seg", "sct_std": "sct_std", "seg_uncertainty": "seg_uncertainty"}
-
-
-class CaseFailures(RuntimeError):
-    """Raised at the end of a run in which some cases failed; ``failures`` maps case -> message."""
-
-    def __init__(self, failures: Mapping[str, str], total: int):
-        self.failures = dict(failures)
-        lines = "\n".join(f"  {case}: {msg}" for case, msg in self.failures.items())
-        super().__init__(f"{len(self.failures)} of {total} cases failed:\n{lines}")
 
 
 # ----------------------------------------------------------------------------------------------- networks
@@ -242,9 +233,9 @@ class VolumePredictor:
         inference_mode: str = "sample",
         seed: int = 0,
         amp: bool = False,
-        sct_key: str = "sct",
-        seg_key: str = "seg",
-        num_classes: int = 6,
+        sct_key: str = SCT_TASK,
+        seg_key: str = SEG_TASK,
+        num_classes: int = NUM_LABELS,
         uncertainty: str = "disagreement",
         output_dir: str | os.PathLike = "./output",
         postfixes: Mapping[str, str] | None = None,

@@ -10,9 +10,7 @@ from .multitask import (
     write_task_csv,
 )
 from .medical import (
-    DICE_ORGANS,
     PSNR_DATA_RANGE_HU,
-    PSNR_ORGANS,
     dice_per_label,
     pelvis_metrics,
     psnr,

@@ -24,12 +24,11 @@ import torch
 from monai.metrics import PSNRMetric, compute_dice
 from monai.networks.utils import one_hot
 
-from mtl_med.data.nifti import CT_RANGE_HU, LABEL_TABLE, atomic_write, atomic_write_json
+from mtl_med.io import atomic_write, atomic_write_json
+from mtl_med.pelvis import CT_RANGE_HU, DICE_ORGANS, LABEL_TABLE, PSNR_ORGANS
 
 __all__ = [
     "PSNR_DATA_RANGE_HU",
-    "PSNR_ORGANS",
-    "DICE_ORGANS",
     "psnr",
     "region_psnr",
     "region_mae",
@@ -41,14 +40,6 @@ __all__ = [
 ]
 
 PSNR_DATA_RANGE_HU = CT_RANGE_HU[1] - CT_RANGE_HU[0]  # 3524 HU (A.3: [-1024, 2500])
-PSNR_ORGANS: dict[str, int] = {"prostate": 3, "bladder": 4, "rectum": 5}  # Table 2a columns
-DICE_ORGANS: dict[str, int] = {  # Table 2b columns, labels of DESIGN.md
-    "left_femoral_head": 1,
-    "right_femoral_head": 2,
-    "prostate": 3,
-    "bladder": 4,
-    "rectum": 5,
-}
 
 
 def _t(x: Any, dtype=torch.float64) -> torch.Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error, precision_score, recall_score
 
-from mtl_med.data.nifti import atomic_write_text
+from mtl_med.io import atomic_write_text
 
 __all__ = [
     "LOWER_IS_BETTER",

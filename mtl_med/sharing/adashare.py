@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, random_split
 
 from mtl_med.losses.adashare import ADASHARE_HPARAMS
-from mtl_med.data.nifti import atomic_write_text
+from mtl_med.io import atomic_write_text
 
 __all__ = [
     "policy_module",

@@ -25,7 +25,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from mtl_med.data.nifti import InputError, atomic_write_json, check_array, source_name
+from mtl_med.data.nifti import check_array, source_name
+from mtl_med.errors import InputError
+from mtl_med.io import atomic_write_json
 from mtl_med.transforms.n4 import otsu_mask
 
 __all__ = [

@@ -10,11 +10,10 @@ from monai.config import KeysCollection
 from monai.transforms import InvertibleTransform, MapTransform
 from monai.utils.type_conversion import convert_to_tensor
 
-from mtl_med.data.nifti import CT_RANGE_HU, check_array, source_name
+from mtl_med.data.nifti import check_array, source_name
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
 
 __all__ = ["hu_to_network", "network_to_hu", "ScaleCTd", "CTToHUd"]
-
-CT_SCALE = 1024.0  # A.3: CT/1024 + 1
 
 
 def hu_to_network(x: Any, clip: tuple[float, float] | None = CT_RANGE_HU, scale: float = CT_SCALE) -> Any:

@@ -12,7 +12,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, MapTransform
 
-from mtl_med.data.nifti import InputError, check_array, check_overlap, source_name
+from mtl_med.data.nifti import check_array, check_overlap, source_name
+from mtl_med.errors import InputError
 
 __all__ = ["as_metatensor", "LoadVolumesd", "CheckVolumesd", "CheckGeometryd", "AddMaskd", "CheckedCompose", "unwrap_input_error"]
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mtl_med.data.nifti import InputError, check_datalist
+from mtl_med.data.nifti import check_datalist
+from mtl_med.errors import InputError
 from mtl_med.transforms.histogram import DEFAULT_QUANTILES, learn_landmarks, save_landmarks
 from mtl_med.transforms.patches import preprocess_transforms
 

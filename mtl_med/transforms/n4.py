@@ -23,7 +23,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
-from mtl_med.data.nifti import InputError, atomic_write, check_array, source_name
+from mtl_med.data.nifti import check_array, source_name
+from mtl_med.errors import InputError
+from mtl_med.io import atomic_write
 
 __all__ = ["otsu_mask", "shrink_factors", "n4_bias_field", "N4BiasFieldCorrection", "N4BiasFieldCorrectiond"]
 

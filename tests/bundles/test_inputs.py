@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from mtl_med.data.nifti import InputError
 from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.errors import InputError
 from mtl_med.inference import Predictor
 from mtl_med.networks import SFGHighResNet
 from mtl_med.transforms import learn_landmarks, save_landmarks

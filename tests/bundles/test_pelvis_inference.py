@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.nifti import InputError
 from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.errors import InputError
 from mtl_med.inference import CaseFailures, ConcatTaskOutputs, Predictor, bundle_parser, load_checkpoint, predict_case
 from mtl_med.networks import SFGHighResNet
 from mtl_med.transforms import learn_landmarks, save_landmarks

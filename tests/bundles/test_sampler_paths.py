@@ -13,8 +13,9 @@ import torch
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, evaluate_cases, sample_posterior
 from mtl_med.networks import SFGHighResNet
+from mtl_med.pelvis import CT_SCALE
 from mtl_med.transforms import learn_landmarks, save_landmarks
-from mtl_med.transforms.intensity import CT_SCALE, network_to_hu
+from mtl_med.transforms.intensity import network_to_hu
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis"
 TINY = [4, 8, 8]

@@ -1,4 +1,4 @@
-"""Bad input: every check names the file and the problem; writes are atomic."""
+"""Bad input: every check names the file and the problem."""
 
 import gzip
 import json
@@ -8,14 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mtl_med.data.nifti import (
-    InputError,
-    atomic_save_nifti,
-    check_case,
-    check_datalist,
-    check_volume,
-)
+import mtl_med.data
+import mtl_med.data.nifti
+from mtl_med.data.nifti import check_case, check_datalist, check_volume
 from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.errors import InputError
 from mtl_med.transforms import preprocess_transforms
 
 
@@ -135,18 +132,8 @@ def test_datalist_named_by_a_relative_path(tmp_path, case, monkeypatch):
     assert Path(out["training"][0]["mr"]) == root / "mr.nii.gz"
 
 
-def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    img = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
-    target = tmp_path / "out" / "x.nii.gz"
-    atomic_save_nifti(img, target)
-    before = target.read_bytes()
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(nib, "save", boom)
-    with pytest.raises(OSError):
-        atomic_save_nifti(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), target)
-    assert target.read_bytes() == before  # old file intact
-    assert [p.name for p in target.parent.iterdir()] == ["x.nii.gz"]  # no temporary left
-    assert gzip.decompress(before)[:4]  # a complete gzip stream
+def test_input_error_is_one_class_wherever_it_is_imported_from():
+    """The checks raise :class:`mtl_med.errors.InputError`; the old import paths name the same class."""
+    assert mtl_med.data.nifti.InputError is InputError and mtl_med.data.InputError is InputError
+    with pytest.raises(InputError):
+        check_volume("/nonexistent/mr.nii.gz")

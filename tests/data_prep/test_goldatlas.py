@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from data_prep import goldatlas
-from mtl_med.data.nifti import InputError, check_case
+from mtl_med.data.nifti import check_case
+from mtl_med.errors import InputError
 
 LABELS = {"Femur_Head_L": 1, "Femur_Head_R": 2, "Prostate": 3, "Bladder": 4, "Rectum": 5}
 

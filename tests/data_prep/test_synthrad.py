@@ -3,8 +3,10 @@ import json
 import pytest
 
 from data_prep import synthrad
-from mtl_med.data.nifti import InputError, atomic_save_nifti, check_datalist
+from mtl_med.data.nifti import check_datalist
 from mtl_med.data.phantoms import generate_phantom
+from mtl_med.errors import InputError
+from mtl_med.io import atomic_save_nifti
 
 
 def _tree(root, cases=("1PA001", "1PA004", "1PC012")):

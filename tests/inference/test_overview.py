@@ -6,8 +6,8 @@ matplotlib.use("Agg")
 import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mtl_med.data.nifti import LABEL_TABLE  # noqa: E402
 from mtl_med.inference import overview  # noqa: E402
+from mtl_med.pelvis import LABEL_TABLE  # noqa: E402
 
 NX, NY, NZ = 32, 32, 8
 # RAS storage: world x = i - 15.5 (towards the patient's Right), y = j - 15.5 (Anterior), z = 3 k (Superior)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.nifti import InputError
+from mtl_med.errors import InputError
 from mtl_med.transforms import (
     DEFAULT_QUANTILES,
     HistogramStandardize,

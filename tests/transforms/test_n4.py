@@ -3,8 +3,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from mtl_med.data.nifti import InputError
 from mtl_med.data.phantoms import generate_phantom
+from mtl_med.errors import InputError
 from mtl_med.transforms import N4BiasFieldCorrectiond
 from mtl_med.transforms.n4 import N4BiasFieldCorrection, shrink_factors
 

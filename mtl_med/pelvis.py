@@ -1,0 +1,56 @@
+"""The pelvis application (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range and
+scale, task names, datalist roles and the organs of its metric tables.
+
+Generic code (NIfTI checks, transforms, metrics, inference) takes these names from here, usually as defaults
+of its parameters, so another application changes them in one place. The bundle
+``bundles/sfg_highresnet_pelvis`` states the same values in ``configs/metadata.json`` (``tests/test_pelvis.py``
+checks that the two agree). Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LABEL_TABLE",
+    "NUM_LABELS",
+    "CT_RANGE_HU",
+    "CT_SCALE",
+    "SCT_TASK",
+    "SEG_TASK",
+    "TASK_NAMES",
+    "IMAGE_KEYS",
+    "SIGNAL_ROLES",
+    "BINARY_ROLES",
+    "PSNR_ORGANS",
+    "DICE_ORGANS",
+]
+
+# DESIGN.md "Medical data conventions": the SFG paper's organs.
+LABEL_TABLE: dict[int, str] = {
+    0: "background",
+    1: "left femoral head",
+    2: "right femoral head",
+    3: "prostate",
+    4: "bladder",
+    5: "rectum",
+}
+NUM_LABELS = len(LABEL_TABLE)  # classes of the segmentation output, background included
+# A.3: CT range [-1024, 2500] HU, background -1024.
+CT_RANGE_HU = (-1024.0, 2500.0)
+# A.3: network scale CT/1024 + 1 (HU = CT_SCALE * (x - 1))
+CT_SCALE = 1024.0
+
+# the two tasks: synthetic CT (regression, network scale) and the label map (segmentation logits)
+SCT_TASK = "sct"
+SEG_TASK = "seg"
+TASK_NAMES = (SCT_TASK, SEG_TASK)
+
+# keys of a datalist item that name image files (others, such as "fold", are passed through)
+IMAGE_KEYS = ("mr", "ct", "label", "bone", "body", "mask", "bias", "tissue")
+# roles whose volumes must not be constant (a constant MR or CT carries no image)
+SIGNAL_ROLES = ("mr", "ct")
+# roles whose volumes are binary masks
+BINARY_ROLES = ("bone", "body", "mask")
+
+# Table 2a: per-organ PSNR columns; Table 2b: Dice columns (every organ of LABEL_TABLE)
+PSNR_ORGANS: dict[str, int] = {"prostate": 3, "bladder": 4, "rectum": 5}
+DICE_ORGANS: dict[str, int] = {name.replace(" ", "_"): idx for idx, name in LABEL_TABLE.items() if idx > 0}

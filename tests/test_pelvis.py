@@ -1,0 +1,48 @@
+"""The pelvis application's constants (mtl_med.pelvis) agree with what the bundle states in its metadata and
+configs, and the generic code takes its defaults from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mtl_med import pelvis
+from mtl_med.metrics.medical import PSNR_DATA_RANGE_HU, pelvis_metrics
+from mtl_med.transforms.intensity import ScaleCTd
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis" / "configs"
+
+
+def _labels(channel_def):
+    return {int(k): v for k, v in channel_def.items()}
+
+
+def test_metadata_states_the_label_table_the_ct_range_and_the_tasks():
+    meta = json.loads((BUNDLE / "metadata.json").read_text())
+    post = meta["network_data_format"]["post_processed_outputs"]
+    assert _labels(post[pelvis.SEG_TASK]["channel_def"]) == pelvis.LABEL_TABLE
+    assert post[pelvis.SEG_TASK]["value_range"] == [0, pelvis.NUM_LABELS - 1]
+    assert tuple(post[pelvis.SCT_TASK]["value_range"]) == pelvis.CT_RANGE_HU
+    assert post["sct_std"]["value_range"][1] == PSNR_DATA_RANGE_HU
+    net = meta["network_def_data_format"]["outputs"]
+    assert tuple(net) == pelvis.TASK_NAMES
+    assert _labels(net[pelvis.SEG_TASK]["channel_def"]) == pelvis.LABEL_TABLE
+    assert net[pelvis.SEG_TASK]["num_channels"] == pelvis.NUM_LABELS
+
+
+def test_inference_config_names_the_same_tasks_and_classes():
+    cfg = json.loads((BUNDLE / "inference.json").read_text())
+    assert tuple(cfg["task_names"]) == pelvis.TASK_NAMES
+    assert cfg["num_classes"] == pelvis.NUM_LABELS
+
+
+def test_constants_and_the_defaults_that_use_them():
+    assert pelvis.CT_RANGE_HU == (-1024.0, 2500.0) and pelvis.CT_SCALE == 1024.0
+    assert pelvis.DICE_ORGANS == {"left_femoral_head": 1, "right_femoral_head": 2, "prostate": 3, "bladder": 4,
+                                  "rectum": 5}
+    assert set(pelvis.PSNR_ORGANS.values()) <= set(pelvis.LABEL_TABLE) - {0}
+    t = ScaleCTd()
+    assert t.clip == pelvis.CT_RANGE_HU and t.scale == pelvis.CT_SCALE
+    assert PSNR_DATA_RANGE_HU == pelvis.CT_RANGE_HU[1] - pelvis.CT_RANGE_HU[0]
+    row = pelvis_metrics(seg=[[0, 1]], label=[[0, 1]])
+    assert set(row) == {f"dice_{k}" for k in pelvis.DICE_ORGANS} | {"dice_mean"}
