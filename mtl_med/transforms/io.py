@@ -127,8 +127,7 @@ class LoadVolumesd(MapTransform):
         if not files:
             return d
         try:
-            loaded = LoadImaged(keys=files, reader="NibabelReader", ensure_channel_first=True, image_only=True)(d)
-            return loaded
+            return LoadImaged(keys=files, reader="NibabelReader", ensure_channel_first=True, image_only=True)(d)
         except InputError:
             raise
         except Exception as err:  # MONAI wraps reader errors in RuntimeError

@@ -164,24 +164,15 @@ def test_random_bytes_checkpoint_named_without_weights_only_advice(runs):
     r.assert_output_untouched()
 
 
-def test_missing_landmarks_file(runs):
-    r = result(runs, "missing_landmarks")
+@pytest.mark.parametrize("case, file, problem", [
+    ("missing_landmarks", "no_landmarks.json", "landmarks file does not exist"),
+    ("corrupt_landmarks", "broken_landmarks.json", "cannot read landmarks JSON"),
+    ("missing_datalist", "missing.json", "datalist file does not exist"),
+])
+def test_bad_landmarks_or_datalist_is_named(runs, case, file, problem):
+    r = result(runs, case)
     line = r.error_line()
-    assert "no_landmarks.json" in line and "landmarks file does not exist" in line, line
-    r.assert_output_untouched()
-
-
-def test_corrupt_landmarks_json(runs):
-    r = result(runs, "corrupt_landmarks")
-    line = r.error_line()
-    assert "broken_landmarks.json" in line and "cannot read landmarks JSON" in line, line
-    r.assert_output_untouched()
-
-
-def test_evaluation_with_missing_datalist(runs):
-    r = result(runs, "missing_datalist")
-    line = r.error_line()
-    assert "missing.json" in line and "datalist file does not exist" in line, line
+    assert file in line and problem in line, line
     r.assert_output_untouched()
 
 
