@@ -180,6 +180,7 @@ class SFGConv(nn.Module):
             (concatenation and a 1x1 convolution per task) where other transformations, such as
             residual blocks, sit between SFG layers (end of section 3.1).
         mode: a sharing mode of :data:`SHARING_MODES` that sets the initial / fixed ``p``.
+        stride, padding: of the convolution (padding ``None``: "same" at stride 1).
         cross_stitch: mix the task streams with a cross-stitch unit after this layer (the CS
             baseline: CS units on the task-specific outputs, A.4). Needs ``mode="cross_stitch"``.
     """
@@ -192,6 +193,8 @@ class SFGConv(nn.Module):
         num_tasks: int = 2,
         kernel_size: int = 3,
         dilation: int = 1,
+        stride: int = 1,
+        padding: int | None = None,
         first: bool = False,
         merge: str = "sum",
         mode: str = "sfg",
@@ -208,8 +211,8 @@ class SFGConv(nn.Module):
         self.spatial_dims, self.num_tasks, self.first, self.merge = spatial_dims, num_tasks, first, merge
         self.in_channels, self.out_channels = in_channels, out_channels
         conv = Conv[Conv.CONV, spatial_dims]
-        padding = dilation * (kernel_size - 1) // 2
-        self.conv = conv(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+        padding = dilation * (kernel_size - 1) // 2 if padding is None else padding
+        self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation, bias=False)
         self.groups = StochasticFilterGroups(
             out_channels,
             num_tasks,

@@ -1,9 +1,9 @@
-"""Whole networks assembled from the layers: one backbone, pluggable sharing."""
+"""Backbones, each defined once as data (units and branch points), task heads, and ``build_network``."""
 
-from .highresnet import SFGHighResNet
-from .sfg import SFGNetwork
-from .vgg import VGG_CFGS, SFGVGG
-from .resnet import ResNet, TaskHeads, resnet18, resnet34
-from .vgg import TaskRoutingVGG
-from .adashare_highresnet import AdaShareHighResNet
-from .factory import build_network
+from .blocks import Backbone, ConvUnit, LayerFactory, PoolUnit, Residual, Trunk
+from .heads import HEADS, DenseHeads, PooledHeads
+from .highresnet import highresnet
+from .resnet import resnet18, resnet34
+from .small_cnn import mnist_cnn
+from .vgg import VGG_CFGS, vgg
+from .build import BACKBONES, allowed_pairs, build_network, describe_backbone

@@ -1,13 +1,18 @@
-"""AdaShare training strategy (Sun et al., NeurIPS 2020, section 3.3) as reusable pieces.
+"""AdaShare (Sun et al., NeurIPS 2020): a per-task select-or-skip policy over the residual blocks
+of any backbone that has them (section 3.1), and its training strategy (section 3.3).
 
-Policy-learning phase: warm up the weights with every block shared (``set_policy_mode(model,
-"warmup")``), then in each epoch ``l = 1, 2, ...`` learn the policy of the last ``l`` blocks only
-(:func:`apply_curriculum`), alternating 80% of the training data for the weights (SGD) and 20% for
-the policy logits (Adam) (:func:`split_weight_policy_data`, :func:`make_optimizers`,
-:func:`alternate_epoch`), annealing the temperature after each alternation. Re-training phase:
-sample a discrete policy (:func:`sample_policy`) and train the network it defines from scratch
+The network: :class:`AdaShare`, a trunk whose residual blocks are gated by a
+:class:`~mtl_med.layers.block_gate.BlockPolicy`; its regulariser is eq. 7's sparsity and sharing
+losses while the policy is learned. The strategy, as reusable pieces: warm up the weights with
+every block shared (``set_policy_mode(model, "warmup")``), then in each epoch ``l = 1, 2, ...``
+learn the policy of the last ``l`` blocks only (:func:`apply_curriculum`), alternating 80% of the
+training data for the weights (SGD) and 20% for the policy logits (Adam)
+(:func:`split_weight_policy_data`, :func:`make_optimizers`, :func:`alternate_epoch`), annealing the
+temperature after each alternation. Re-training phase: sample a discrete policy
+(:func:`sample_policy`) and train the network it defines from scratch
 (:func:`build_retrain_network`). The policy is saved with :func:`export_policy_json` and drawn as
-the paper's fig. 3 grid by :func:`policy_figure` / :func:`policy_image`.
+the paper's fig. 3 grid by :func:`policy_figure` / :func:`policy_image`. The search as a MONAI
+engine run: :class:`mtl_med.engines.AdaShareSearch`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, random_split
 
-from mtl_med.losses.adashare import ADASHARE_HPARAMS
 from mtl_med.io import atomic_write_text
+from mtl_med.layers.block_gate import BlockPolicy
+from mtl_med.losses.adashare import ADASHARE_HPARAMS, DEFAULT_LAMBDA_SHARING, DEFAULT_LAMBDA_SPARSITY, AdaShareRegularizer
+from mtl_med.networks.blocks import Backbone, LayerFactory, Residual, Trunk
+
+from .base import MultiTaskNetwork, TaskContext
 
 __all__ = [
+    "AdaShare",
+    "GatedBlock",
     "policy_module",
     "set_policy_mode",
     "curriculum_num_blocks",
@@ -40,6 +51,120 @@ __all__ = [
     "policy_figure",
     "policy_image",
 ]
+
+
+
+class GatedBlock(nn.Module):
+    """A residual block under the context's gate ``g`` for it: ``None`` runs the block, a Python
+    ``bool`` runs or skips it (nothing computed when skipped), a scalar or ``(B,)`` tensor gives
+    ``g * block(x) + (1 - g) * shortcut(x)`` (section 3.1)."""
+
+    def __init__(self, block: nn.Module, index: int, context: TaskContext):
+        super().__init__()
+        self.block, self.index, self.context = block, int(index), context
+
+    def forward(self, x):
+        g = None if self.context.gates is None else self.context.gates[self.index]
+        if g is None or (isinstance(g, bool) and g):
+            return self.block(x)
+        s = self.block.shortcut(x)
+        if isinstance(g, bool):
+            return s
+        out = self.block.combine(self.block.residual(x), s)
+        g = g.reshape(g.shape + (1,) * (out.ndim - g.ndim)) if g.ndim else g
+        return g * out + (1 - g) * s
+
+
+class _GatingFactory(LayerFactory):
+    def __init__(self, backbone: Backbone, context: TaskContext):
+        super().__init__(backbone.spatial_dims, backbone.norm, backbone.act)
+        self.context = context
+
+    def block(self, block, index):
+        return GatedBlock(block, index, self.context)
+
+
+class AdaShare(MultiTaskNetwork):
+    """Every residual block of the backbone gated per task by a select-or-skip policy.
+
+    Args:
+        tau: initial Gumbel-Softmax temperature (section 3.2: 5).
+        lambda_sparsity, lambda_sharing: eq. 7 weights of :meth:`regularizer` while the policy is
+            learned (Table 7 defaults).
+        policy: a discrete ``(num_tasks, num_blocks)`` policy for re-training / inference.
+
+    In the ``"warmup"`` mode every block runs and the trunk is computed once for all tasks.
+    """
+
+    name = "adashare"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        task_names,
+        heads,
+        tau: float = 5.0,
+        lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY,
+        lambda_sharing: float = DEFAULT_LAMBDA_SHARING,
+        policy: torch.Tensor | Sequence | None = None,
+        bn_inference: str = "population",
+    ):
+        super().__init__(backbone, task_names, heads, bn_inference)
+        self.trunk = Trunk(backbone, _GatingFactory(backbone, self.context))
+        res = backbone.residual_indices
+        # "stage{s}.{i}": block i of the stage after branch point s - 1
+        stage = [sum(b < i for b in backbone.branch_points) for i in res]
+        self.block_names = [f"stage{s}.{stage[:j].count(s)}" for j, s in enumerate(stage)]
+        self.policy = BlockPolicy(self.num_tasks, len(res), tau=tau, policy=policy)
+        self.policy_loss = AdaShareRegularizer(lambda_sparsity, lambda_sharing)
+
+    @classmethod
+    def refuse(cls, backbone: Backbone) -> str | None:
+        if not backbone.residual_indices:
+            return (
+                "AdaShare decides per task whether to execute or skip each residual block (section 3.1), and a skipped"
+                " block must leave its shortcut: this backbone has no residual blocks"
+            )
+        return None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.policy.num_blocks
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [self.policy.logits]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("policy.")]
+
+    def regularizer(self) -> torch.Tensor:
+        """``lambda_sp L_sparsity + lambda_sh L_sharing`` (eq. 7) while the policy is learned, else 0."""
+        if self.policy.mode != "learn":
+            return self.policy.logits.new_zeros(())
+        return self.policy_loss(self.policy.select_probability(effective=True))
+
+    def _run(self, x, gates):
+        self.context.gates = gates
+        try:
+            return self.trunk(x)
+        finally:
+            self.context.gates = None
+
+    def task_features(self, x, task, generator=None):
+        gates = self.policy.gates(generator)
+        if gates is None:
+            y = self.trunk(x)
+            return [y] * self.num_tasks if task is None else y
+        if task is None:
+            return [self.task_features_of(x, gates, k) for k in range(self.num_tasks)]
+        return self.task_features_of(x, gates, task)
+
+    def task_features_of(self, x, gates, task):
+        if isinstance(task, torch.Tensor):
+            return self._run(x, [gates[task.to(gates.device), l] for l in range(self.num_blocks)])
+        if self.policy.mode == "fixed":
+            return self._run(x, [bool(v) for v in self.policy.policy[task].tolist()])
+        return self._run(x, list(gates[task].unbind(0)))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -184,21 +309,23 @@ def sample_policy(model: nn.Module, generator: torch.Generator | None = None, de
 
 
 def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, seed: int | None = None) -> nn.Module:
-    """A fresh network with the constructor arguments of ``model`` and the discrete ``policy``.
+    """A fresh network built as ``model`` was (its ``build_args``) with the discrete ``policy``.
 
     Its weights are newly initialised (re-trained from scratch, section 3.3); ``seed`` seeds the
     initialisation (torch's global RNG is used and restored).
     """
+    from mtl_med.networks import build_network
+
     base = _unwrap(model)
-    args = dict(getattr(base, "init_args", {}))
+    args = dict(getattr(base, "build_args", {}))
     if not args:
-        raise ValueError(f"{type(base).__name__} does not record its constructor arguments (init_args)")
+        raise ValueError(f"{type(base).__name__} was not made by build_network: no build_args to rebuild it from")
     args["policy"] = torch.as_tensor(policy).bool().cpu()
     if seed is None:
-        return type(base)(**args)
+        return build_network(**args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return type(base)(**args)
+        return build_network(**args)
 
 
 def export_policy_json(

@@ -1,0 +1,139 @@
+"""The registry of backbones and ``build_network``: any backbone, any sharing method, one head per task.
+
+``build_network(backbone, sharing, task_names, out_channels)`` describes the backbone
+(:data:`BACKBONES`), makes the heads (:data:`~mtl_med.networks.heads.HEADS`) and hands both to
+the sharing method (:data:`mtl_med.sharing.METHODS`), which refuses, with its paper's reason, a
+backbone it cannot use. :func:`allowed_pairs` lists what builds.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+from torch import nn
+
+from .blocks import Backbone
+from .heads import HEADS
+from .highresnet import highresnet
+from .resnet import resnet18, resnet34
+from .small_cnn import mnist_cnn
+from .vgg import vgg
+
+__all__ = ["BACKBONES", "build_network", "describe_backbone", "allowed_pairs"]
+
+#: name -> function returning the backbone's description (:class:`~mtl_med.networks.blocks.Backbone`)
+BACKBONES = {
+    "highresnet": highresnet,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "vgg11": partial(vgg, 11, False),
+    "vgg11_bn": partial(vgg, 11, True),
+    "vgg16": partial(vgg, 16, False),
+    "vgg16_bn": partial(vgg, 16, True),
+    "mnist_cnn": mnist_cnn,
+}
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def describe_backbone(name: str, spatial_dims: int = 2, **kwargs) -> Backbone:
+    """The description of backbone ``name`` (its units, branch points, layers)."""
+    name = str(name).lower()
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name](spatial_dims=spatial_dims, **kwargs)
+
+
+def _outs(out_channels, task_names: Sequence[str]) -> list[int]:
+    if isinstance(out_channels, int):
+        return [out_channels] * len(task_names)
+    if isinstance(out_channels, Mapping):
+        missing = [t for t in task_names if t not in out_channels]
+        if missing:
+            raise ValueError(f"out_channels has no entry for tasks {missing}")
+        return [int(out_channels[t]) for t in task_names]
+    outs = [int(c) for c in out_channels]
+    if len(outs) != len(task_names):
+        raise ValueError(f"out_channels has {len(outs)} entries for {len(task_names)} tasks")
+    return outs
+
+
+def build_network(
+    backbone: str,
+    sharing: str,
+    task_names: Sequence[str],
+    out_channels: int | Sequence[int] | Mapping[str, int],
+    spatial_dims: int = 2,
+    head: str | None = None,
+    head_hidden: int | None = None,
+    head_act: str | tuple = "relu",
+    **kwargs,
+) -> nn.Module:
+    """A multi-task network whose ``forward(x, task=None, generator=None)`` returns ``{task_name: output}``.
+
+    Args:
+        backbone: a name of :data:`BACKBONES`.
+        sharing: a name of :data:`mtl_med.sharing.METHODS`.
+        task_names: one name per task.
+        out_channels: outputs per task (``int`` for all, a sequence, or a mapping name -> int).
+        spatial_dims: 2 or 3.
+        head: ``"dense"`` (1x1 convolutions at full resolution) or ``"pooled"`` (global average
+            pooling and fully connected layers); default: dense for backbones that keep the
+            input's resolution (HighResNet), pooled otherwise.
+        head_hidden, head_act: the pooled heads' hidden width (default: the backbone's) and activation.
+        kwargs: the backbone's arguments (e.g. ``in_channels``, ``width``, ``features``,
+            ``conv1_t_size``) and the method's (e.g. ``sigma`` and ``seed`` for routing,
+            ``grouping``/``shared_init``/``lambda1`` for SFG, ``tau``/``policy`` for AdaShare,
+            ``bn_inference`` for all).
+    """
+    from mtl_med.sharing import METHODS  # the methods build on this package's blocks
+
+    backbone, sharing = str(backbone).lower(), str(sharing).lower()
+    if sharing not in METHODS:
+        raise ValueError(f"unknown sharing {sharing!r}; expected one of {sorted(METHODS)}")
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
+    build_args = dict(backbone=backbone, sharing=sharing, task_names=list(task_names), out_channels=out_channels,
+                      spatial_dims=spatial_dims, head=head, head_hidden=head_hidden, head_act=head_act, **kwargs)
+    bb_keys = _parameters(BACKBONES[backbone]) - {"spatial_dims"}
+    method = METHODS[sharing]
+    method_keys = _parameters(method.__init__) - {"self", "backbone", "task_names", "heads"}
+    unknown = sorted(set(kwargs) - bb_keys - method_keys)
+    if unknown:
+        raise ValueError(
+            f"build_network({backbone!r}, {sharing!r}) got unknown arguments {unknown}; the backbone takes"
+            f" {sorted(bb_keys)} and the method {sorted(method_keys)}"
+        )
+    spec = describe_backbone(backbone, spatial_dims, **{k: v for k, v in kwargs.items() if k in bb_keys})
+    reason = method.refuse(spec)
+    if reason:
+        raise ValueError(f"sharing {sharing!r} cannot use backbone {backbone!r}: {reason}")
+    task_names = [str(t) for t in task_names]
+    outs = _outs(out_channels, task_names)
+    head = head or ("dense" if spec.dense else "pooled")
+    if head == "dense":
+        heads = HEADS["dense"](spatial_dims, spec.out_channels, outs)
+    elif head == "pooled":
+        hidden = spec.head_hidden if head_hidden is None else int(head_hidden)
+        heads = HEADS["pooled"](spatial_dims, spec.out_channels, outs, hidden=hidden, act=head_act)
+    else:
+        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+    net = method(spec, task_names, heads, **{k: v for k, v in kwargs.items() if k in method_keys})
+    net.build_args = build_args
+    return net
+
+
+def allowed_pairs(spatial_dims: int = 2) -> dict[tuple[str, str], str | None]:
+    """``(backbone, sharing)`` -> ``None`` where the pair builds, else the reason it is refused."""
+    from mtl_med.sharing import METHODS
+
+    out = {}
+    for b in BACKBONES:
+        spec = describe_backbone(b, spatial_dims)
+        for s, m in METHODS.items():
+            out[(b, s)] = m.refuse(spec)
+    return out

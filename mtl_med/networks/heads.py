@@ -1,0 +1,73 @@
+"""Task heads: what turns one task's features into its output. ``heads(features, k)`` is task ``k``'s
+output; the heads never see another task's features."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers.factories import Act, Conv, Pool
+from torch import nn
+
+from .blocks import layer_spec
+
+__all__ = ["DenseHeads", "PooledHeads", "HEADS"]
+
+
+class DenseHeads(nn.ModuleList):
+    """One 1x1 convolution with bias per task, at the features' resolution (SFG-HighResNet's heads:
+    linear, so a regression head can output any value)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int]):
+        super().__init__(Conv[Conv.CONV, spatial_dims](in_channels, int(c), 1, bias=True) for c in out_channels)
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self[task](x)
+
+
+class PooledHeads(nn.Module):
+    """Global average pooling, then per task an optional hidden layer and a linear layer.
+
+    The weights of all tasks live in batched ``(T, out, in)`` tensors (nn.Linear's initialisation,
+    task by task), so hundreds of tasks (Task Routing's CelebA / CUB attributes) cost no module per
+    task. Task ``k`` uses the first ``out_channels[k]`` rows.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: feature channels.
+        out_channels: outputs of each task.
+        hidden: width of each task's hidden layer (0: linear heads).
+        act: activation after the hidden layer; parameter-free (a shared PReLU would tie the tasks).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int], hidden: int = 0, act: str | tuple = "relu"):
+        super().__init__()
+        self.out_channels = [int(c) for c in out_channels]
+        self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
+        t, o = len(self.out_channels), max(self.out_channels)
+        dims = [in_channels, int(hidden), o] if hidden else [in_channels, o]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            w = torch.empty(t, fan_out, fan_in)
+            for k in range(t):
+                nn.init.kaiming_uniform_(w[k], a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(fan_in)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.empty(t, fan_out).uniform_(-bound, bound)))
+        self.act = None
+        if hidden:
+            name, args = layer_spec(act)
+            self.act = Act[name](**args)
+            if any(True for _ in self.act.parameters()):
+                raise ValueError(f"the pooled heads' activation must be parameter-free, got {name!r}")
+
+    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        x = torch.flatten(self.pool(x), 1) if x.ndim > 2 else x
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = F.linear(self.act(x) if i else x, w[task], b[task])
+        return x[:, : self.out_channels[task]]
+
+
+HEADS = {"dense": DenseHeads, "pooled": PooledHeads}

@@ -1,0 +1,136 @@
+"""The interface every sharing method implements.
+
+A method is an ``nn.Module`` built from a :class:`~mtl_med.networks.blocks.Backbone` (data), the
+task names and the task heads. It says which backbones it cannot use and why (:meth:`refuse`),
+computes each task's features (:meth:`task_features`) and brings whatever else it needs: a
+regulariser added to the loss (:meth:`regularizer`), engine handlers for training
+(:meth:`train_handlers`), extra checkpoint state (module buffers / extra state). The forward
+pass, task selection and batch-norm mode are common to all and live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mtl_med.layers.task_routing import as_task_index, split_by_task
+from mtl_med.networks.blocks import Backbone
+from mtl_med.networks.utils import batch_norm_statistics
+
+__all__ = ["MultiTaskNetwork", "TaskContext"]
+
+
+class TaskContext:
+    """What the layers inside a trunk need to know about the current pass and cannot receive as an
+    argument of ``forward(x)``: the task (an ``int`` or ``(B,)`` ids) and a method's per-pass values
+    (AdaShare's gates). Shared by reference between the network and its layers; not state."""
+
+    __slots__ = ("task", "gates")
+
+    def __init__(self):
+        self.task, self.gates = None, None
+
+
+class MultiTaskNetwork(nn.Module):
+    """Base class of the sharing methods. ``forward(x, task=None, generator=None)`` returns
+    ``{task_name: output}``:
+
+    - ``task=None``: every task;
+    - an ``int`` or a name: that task only (one task per mini-batch, Task Routing's algorithm 1);
+    - a ``(B,)`` ``LongTensor`` of per-example task ids: ``{name: outputs of that task's examples}``
+      for the tasks present (group targets with :func:`mtl_med.layers.task_routing.split_by_task`).
+
+    ``generator`` drives the method's randomness (SFG's group draws, AdaShare's Gumbel noise).
+
+    Args:
+        backbone: the backbone's description.
+        task_names: one unique name per task.
+        heads: a heads module, ``heads(features, k)`` -> output of task ``k``.
+        bn_inference: test-time batch-norm statistics: ``"population"`` (running averages) or
+            ``"batch"`` (the test batch's, SFG paper A.4).
+    """
+
+    #: registry name (``mtl_med.sharing.METHODS``)
+    name = ""
+    #: the least number of tasks the method is defined for
+    min_tasks = 1
+
+    def __init__(self, backbone: Backbone, task_names: Sequence[str], heads: nn.Module, bn_inference: str = "population"):
+        super().__init__()
+        self.task_names = [str(t) for t in task_names]
+        if not self.task_names or len(set(self.task_names)) != len(self.task_names):
+            raise ValueError(f"task_names must be non-empty and unique, got {self.task_names}")
+        if len(self.task_names) < self.min_tasks:
+            raise ValueError(f"{self.name} needs at least {self.min_tasks} tasks, got {len(self.task_names)}")
+        reason = self.refuse(backbone)
+        if reason:
+            raise ValueError(f"sharing {self.name!r} cannot use backbone {backbone.name!r}: {reason}")
+        if bn_inference not in ("population", "batch"):
+            raise ValueError(f"bn_inference must be 'population' or 'batch', got {bn_inference!r}")
+        self.num_tasks, self.spatial_dims, self.bn_inference = len(self.task_names), backbone.spatial_dims, bn_inference
+        self.backbone_name = backbone.name
+        self.heads = heads
+        self.context = TaskContext()
+        self.build_args: dict = {}  # set by build_network: how to build this network again
+
+    # --- what a method says about itself --------------------------------------------------------
+    @classmethod
+    def refuse(cls, backbone: Backbone) -> str | None:
+        """Why this method cannot be built on ``backbone`` (its paper's precondition), or ``None``."""
+        return None
+
+    def task_features(self, x: torch.Tensor, task: int | torch.Tensor | None, generator: torch.Generator | None) -> list | torch.Tensor:
+        """Features of every task (``task=None``: a list in task order), of task ``task`` (an
+        ``int``), or per example (``(B,)`` ids: row ``b`` holds the features of task ``task[b]``)."""
+        raise NotImplementedError
+
+    def regularizer(self) -> torch.Tensor:
+        """What the method adds to the loss (:class:`~mtl_med.losses.MultiTaskLoss` adds it); 0 here."""
+        return self.heads_parameter().new_zeros(())
+
+    def train_handlers(self, **kwargs) -> list:
+        """MONAI / ignite handlers the method needs while training (none here)."""
+        return []
+
+    # --- common --------------------------------------------------------------------------------
+    def heads_parameter(self) -> torch.Tensor:
+        return next(self.heads.parameters())
+
+    def batch_statistics(self, enabled: bool | None = None):
+        """Context: normalise with the current batch's statistics, running ones untouched (SFG A.4);
+        ``enabled`` defaults to ``bn_inference == "batch"``."""
+        return batch_norm_statistics(self, self.bn_inference == "batch" if enabled is None else enabled)
+
+    def forward(self, x: torch.Tensor, task: int | str | torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        with self.batch_statistics(enabled=not self.training and self.bn_inference == "batch"):
+            if task is None:
+                feats = self.task_features(x, None, generator)
+                return {n: self.heads(f, k) for k, (n, f) in enumerate(zip(self.task_names, feats))}
+            task = as_task_index(task, self.task_names)
+            if isinstance(task, torch.Tensor):
+                if task.shape != (x.shape[0],):
+                    raise ValueError(f"per-example task ids must have shape ({x.shape[0]},), got {tuple(task.shape)}")
+                task = task.to(x.device)
+                rows = split_by_task(self.task_features(x, task, generator), task, self.task_names)
+                return {n: self.heads(v, self.task_names.index(n)) for n, v in rows.items()}
+            return {self.task_names[task]: self.heads(self.task_features(x, task, generator), task)}
+
+    @staticmethod
+    def per_example(x: torch.Tensor, task: torch.Tensor, fn) -> torch.Tensor:
+        """Row ``b`` of ``fn(x[rows of task k], k)`` for each task present: for methods whose
+        tasks run apart (single-task columns)."""
+        out = None
+        for k in torch.unique(task).tolist():
+            idx = (task == k).nonzero(as_tuple=True)[0]
+            y = fn(x[idx], k)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[idx] = y
+        return out
+
+    @staticmethod
+    def rows_of(feats: Sequence[torch.Tensor], task: torch.Tensor) -> torch.Tensor:
+        """Row ``b`` of ``feats[task[b]]``: per-example features from features of every task."""
+        return torch.stack(list(feats))[task, torch.arange(task.shape[0], device=task.device)]
