@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 from .blocks import Backbone, ConvUnit, PoolUnit, Residual, check_spatial_dims, scaled
@@ -51,8 +52,17 @@ def resnet(
 
 
 def resnet18(**kwargs) -> Backbone:
+    """ResNet-18: :func:`resnet` with 8 residual blocks."""
     return resnet(18, **kwargs)
 
 
 def resnet34(**kwargs) -> Backbone:
+    """ResNet-34: :func:`resnet` with 16 residual blocks."""
     return resnet(34, **kwargs)
+
+
+# build_network checks a call's arguments against the backbone's signature: show resnet's, less depth
+_signature = inspect.signature(resnet)
+resnet18.__signature__ = resnet34.__signature__ = _signature.replace(
+    parameters=[p for n, p in _signature.parameters.items() if n != "depth"]
+)
