@@ -16,12 +16,19 @@ from .blocks import layer_spec
 __all__ = ["DenseHeads", "PooledHeads", "HEADS"]
 
 
+def _counts(out_channels: Sequence[int]) -> list[int]:
+    counts = [int(c) for c in out_channels]
+    if not counts or min(counts) < 1:
+        raise ValueError(f"heads need at least one task and at least one output per task, got out_channels {counts}")
+    return counts
+
+
 class DenseHeads(nn.ModuleList):
     """One 1x1 convolution with bias per task, at the features' resolution (SFG-HighResNet's heads:
     linear, so a regression head can output any value)."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int]):
-        super().__init__(Conv[Conv.CONV, spatial_dims](in_channels, int(c), 1, bias=True) for c in out_channels)
+        super().__init__(Conv[Conv.CONV, spatial_dims](in_channels, c, 1, bias=True) for c in _counts(out_channels))
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         return self[task](x)
@@ -44,7 +51,7 @@ class PooledHeads(nn.Module):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int], hidden: int = 0, act: str | tuple = "relu"):
         super().__init__()
-        self.out_channels = [int(c) for c in out_channels]
+        self.out_channels = _counts(out_channels)
         self.pool = Pool[Pool.ADAPTIVEAVG, spatial_dims](1)
         t, o = len(self.out_channels), max(self.out_channels)
         dims = [in_channels, int(hidden), o] if hidden else [in_channels, o]
