@@ -1,148 +1,101 @@
-"""Multi-task ResNet: one class for hard sharing, task routing and AdaShare; TaskRoutingVGG."""
+"""ResNet-18 / ResNet-34 as data: blocks, widths, strides, branch points; the same network as MONAI's."""
 
 import pytest
 import torch
+from monai.networks.nets import ResNet as MonaiResNet
+from monai.networks.nets import resnet18 as monai_resnet18
 
-from mtl_med.layers.task_routing import TaskRouting
-from mtl_med.losses import MultiTaskLoss
-from mtl_med.networks.resnet import ResNet, resnet18, resnet34
-from mtl_med.networks.vgg import TaskRoutingVGG
+from mtl_med.networks import Trunk, describe_backbone
+from mtl_med.networks.blocks import ConvUnit, PoolUnit, Residual
+from mtl_med.networks.resnet import RESNET_LAYERS, resnet, resnet18, resnet34
 
-TINY = dict(widths=(4, 8), layers=(1, 2), conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
-
-
-@pytest.mark.parametrize("sharing", ["hard", "routing", "adashare"])
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_output_dict_for_every_sharing_mode(sharing, spatial_dims):
-    net = ResNet(spatial_dims, 2, ["age", "gender"], out_channels={"age": 1, "gender": 2}, sharing=sharing, **TINY)
-    x = torch.randn(2, 2, *([8] * spatial_dims))
-    out = net(x)
-    assert net.task_names == ["age", "gender"]
-    assert out["age"].shape == (2, 1) and out["gender"].shape == (2, 2)
-    assert list(net(x, "gender")) == ["gender"]
-    reg = net.regularizer()
-    assert reg.ndim == 0 and float(reg) == 0.0  # AdaShare starts in warm-up: no policy loss
+SMALL_STEM = dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
 
 
-def test_block_counts_of_resnet18_and_34():
-    assert resnet18(task_names=["a", "b"], widths=(2, 2, 2, 2)).num_blocks == 8
-    assert resnet34(task_names=["a", "b"], widths=(2, 2, 2, 2), sharing="adashare").policy.num_blocks == 16
+def _blocks(spec):
+    return [u for u in spec.units if isinstance(u, Residual)]
 
 
-def _plain_and_adashare():
-    torch.manual_seed(0)
-    plain = ResNet(2, 1, ["a", "b"], sharing="hard", **TINY).eval()
-    ada = ResNet(2, 1, ["a", "b"], sharing="adashare", **TINY).eval()
-    missing, unexpected = ada.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and all(k.startswith("policy.") for k in missing)
-    return plain, ada
+@pytest.mark.parametrize("depth,per_stage", [(18, (2, 2, 2, 2)), (34, (3, 4, 6, 3))])
+def test_block_counts_widths_and_strides(depth, per_stage):
+    spec = describe_backbone(f"resnet{depth}")
+    blocks = _blocks(spec)
+    assert RESNET_LAYERS[depth] == per_stage and len(blocks) == sum(per_stage) == {18: 8, 34: 16}[depth]
+    assert len(spec.residual_indices) == len(blocks) and all(b.kind == "basic" for b in blocks)
+    widths = [w for w, n in zip((64, 128, 256, 512), per_stage) for _ in range(n)]
+    assert [b.out_channels for b in blocks] == widths and spec.out_channels == 512
+    assert [b.in_channels for b in blocks] == [64, *widths[:-1]]
+    firsts = {sum(per_stage[:s]) for s in range(1, 4)}  # the first block of stages 2-4 halves the resolution
+    assert [b.stride for b in blocks] == [2 if i in firsts else 1 for i in range(len(blocks))]
+    assert spec.name == f"resnet{depth}" and not spec.dense and spec.head_hidden == 0 and spec.norm == "batch"
 
 
-def test_policy_selecting_every_block_reproduces_the_plain_resnet():
-    plain, ada = _plain_and_adashare()
-    ada.policy.set_policy(torch.ones(2, ada.num_blocks, dtype=torch.bool))
-    x = torch.randn(3, 1, 8, 8)
-    ref = plain(x)
-    assert all(torch.equal(ada(x)[n], ref[n]) for n in ref)  # the same kernels on the same batch
-    # per-example ids: tensor gates 1 * block + 0 * shortcut on the same batch give the same features
-    # bit for bit, but the heads then run as a per-example einsum (batched matmul) instead of F.linear
-    # (addmm): other kernels, whose bits are not promised to match
-    ids = torch.tensor([0, 1, 0])
-    assert torch.equal(ada.features(x, ids, ada.policy.gates()), plain.features(x))
-    out = ada(x, ids)
-    torch.testing.assert_close(out["a"], ref["a"][[0, 2]], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["b"], ref["b"][[1]], rtol=1e-5, atol=1e-6)
+def test_stem_and_branch_points():
+    spec = resnet18()
+    stem, pool = spec.units[:2]
+    assert stem == ConvUnit(3, 64, 7, stride=2, padding=3) and pool == PoolUnit("max", 3, stride=2, padding=1)
+    # after the stem (its pooling) and after each stage
+    assert spec.branch_points == (1, 3, 5, 7, 9) and [spec.channels_after(b) for b in spec.branch_points] == [64, 64, 128, 256, 512]
+    small = resnet18(in_channels=1, width=0.0625, **SMALL_STEM)
+    assert small.units[0] == ConvUnit(1, 4, 3, stride=1, padding=1) and not any(isinstance(u, PoolUnit) for u in small.units)
+    assert small.branch_points == (0, 2, 4, 6, 8) and [small.channels_after(b) for b in small.branch_points] == [4, 4, 8, 16, 32]
+    assert resnet34().branch_points == (1, 4, 8, 14, 17)
 
 
-def test_policy_selecting_no_block_leaves_only_identity_and_downsample_paths():
-    _, ada = _plain_and_adashare()
-    ada.policy.set_policy(torch.zeros(2, ada.num_blocks, dtype=torch.bool))
-    x = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        y = ada.maxpool(ada.act(ada.bn1(ada.conv1(x))))
-        for block in ada.blocks:
-            y = block.downsample(y) if block.downsample is not None else y
-        feats = torch.flatten(ada.pool(y), 1)
-        expected = ada.heads(feats, 1)
-        assert torch.equal(ada(x, 1)["b"], expected)
-        # soft gates of exactly zero (per-example path) agree
-        assert torch.allclose(ada(x, torch.tensor([1, 1, 1]))["b"], expected)
-
-
-def test_fixed_policy_skips_block_computation_for_one_task():
-    _, ada = _plain_and_adashare()
-    policy = torch.ones(2, ada.num_blocks, dtype=torch.bool)
-    policy[0, 1] = False
-    ada.policy.set_policy(policy)
-    calls = []
-    ada.blocks[1].conv1.register_forward_hook(lambda *a: calls.append(1))
-    ada(torch.randn(1, 1, 8, 8), 0)
-    assert calls == []
-    ada(torch.randn(1, 1, 8, 8), 1)
-    assert calls == [1]
-
-
-def test_adashare_learn_mode_is_soft_and_seeded():
-    torch.manual_seed(0)
-    net = ResNet(2, 1, ["a", "b"], sharing="adashare", **TINY).train()
-    net.policy.set_mode("learn")
-    g = net.policy.gates(torch.Generator().manual_seed(0))
-    assert g.shape == (2, net.num_blocks) and ((g > 0) & (g < 1)).all()
-    assert torch.equal(g, net.policy.gates(torch.Generator().manual_seed(0)))
-    x = torch.randn(2, 1, 8, 8)
-    net.eval()  # batch-norm statistics fixed; gates still sampled when train() is on the policy
-    net.policy.train()
-    a = net(x, generator=torch.Generator().manual_seed(1))
-    b = net(x, generator=torch.Generator().manual_seed(1))
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert float(net.regularizer().detach()) != 0.0
-
-
-def test_multitask_loss_adds_the_policy_regulariser():
-    torch.manual_seed(0)
-    net = ResNet(2, 1, ["a", "b"], sharing="adashare", **TINY)
-    net.policy.set_mode("learn")
-    loss = MultiTaskLoss({"a": torch.nn.MSELoss(), "b": torch.nn.MSELoss()}, weights={"a": 1.0, "b": 20.0})
-    out = net(torch.randn(2, 1, 8, 8))
-    total, terms = loss(out, {"a": torch.zeros(2, 1), "b": torch.zeros(2, 1)}, model=net)
-    assert torch.allclose(total, terms["a"] + 20 * terms["b"] + terms["regularizer"])
-    total.backward()
-    assert net.policy.logits.grad.abs().sum() > 0
-
-
-def test_policy_mode_and_tau_travel_in_state_dict():
-    net = ResNet(2, 1, ["a", "b"], sharing="adashare", **TINY)
-    net.policy.set_mode("learn")
-    net.policy.set_tau(1.25)
-    net.policy.set_num_learnable(1)
-    other = ResNet(2, 1, ["a", "b"], sharing="adashare", **TINY)
-    other.load_state_dict(net.state_dict())
-    assert other.policy.mode == "learn" and other.policy.num_learnable == 1 and float(other.policy.tau) == 1.25
-
-
-def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="sharing"):
-        ResNet(sharing="soft")
+def test_widths_and_bad_arguments():
+    assert [b.out_channels for b in _blocks(resnet18(width=0.0625))][::2] == [4, 8, 16, 32]
+    assert [b.out_channels for b in _blocks(resnet34(widths=(2, 3, 5, 7)))][-1] == 7
+    assert resnet18(width=0.001).out_channels == 1  # at least one channel
+    with pytest.raises(ValueError, match="widths"):
+        resnet18(widths=(4, 8))
+    with pytest.raises(ValueError, match="depth"):
+        resnet(50)
     with pytest.raises(ValueError, match="spatial_dims"):
-        ResNet(spatial_dims=1)
-    net = ResNet(2, 1, ["a", "b"], **TINY)
-    with pytest.raises(KeyError):
-        net(torch.randn(1, 1, 8, 8), "c")
-    with pytest.raises(IndexError):
-        net(torch.randn(1, 1, 8, 8), 2)
+        resnet18(spatial_dims=1)
+    with pytest.raises(ValueError, match="width"):
+        resnet18(width=0)
 
 
-@pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_task_routing_vgg(spatial_dims):
+@pytest.mark.parametrize("dims,size,stem", [(2, 32, {}), (3, 16, {}), (2, 8, SMALL_STEM)])
+def test_output_resolution(dims, size, stem):
+    trunk = Trunk(resnet18(spatial_dims=dims, in_channels=2, width=0.0625, **stem))
+    y = trunk(torch.randn(2, 2, *([size] * dims)))
+    # the default stem divides by 4, each of stages 2-4 by 2
+    expected = max(1, size // (32 if not stem else 8))
+    assert y.shape == (2, 32, *([expected] * dims))
+
+
+#: MONAI's ResNet with the layers of the published one: a stride-2 stem, bias-free downsampling convolutions
+PUBLISHED = dict(conv1_t_stride=2, feed_forward=False, bias_downsample=False)
+
+
+def _monai(dims, widths, stem):
+    kw = {**PUBLISHED, **stem}
+    return MonaiResNet("basic", [2, 2, 2, 2], list(widths), spatial_dims=dims, n_input_channels=2, **kw)
+
+
+@pytest.mark.parametrize("dims,stem", [(2, {}), (3, {}), (2, SMALL_STEM)])
+def test_the_trunk_computes_what_monai_resnet18_computes(dims, stem):
     torch.manual_seed(0)
-    net = TaskRoutingVGG(spatial_dims, 1, ["a", "b", "c"], depth=11, width=1 / 16, sigma=0.0, act="prelu")
-    routers = [m for m in net.modules() if isinstance(m, TaskRouting)]
-    assert len(routers) == 8  # every convolution of VGG-11
-    x = torch.randn(2, 1, *([8] * spatial_dims))
-    out = net(x)
-    assert set(out) == {"a", "b", "c"} and out["a"].shape == (2, 1)
-    net(x, 1)["b"].sum().backward()
-    first = net.layers[0]
-    masked = ~first["route"].masks[1]
-    assert masked.any() and torch.all(first["conv"].weight.grad[masked] == 0)
-    assert float(net.regularizer()) == 0.0
+    trunk = Trunk(resnet18(spatial_dims=dims, in_channels=2, widths=(4, 6, 8, 10), **stem)).eval()
+    ref = _monai(dims, (4, 6, 8, 10), stem).eval()
+    ours, theirs = trunk.state_dict(), ref.state_dict()
+    # the same layers in the same order: conv1, bn1, then per block conv1, bn1, conv2, bn2, downsampling
+    assert [v.shape for v in ours.values()] == [v.shape for v in theirs.values()]
+    with torch.no_grad():
+        for name, v in zip(theirs, ours.values()):
+            theirs[name] = v + 0.01 * torch.randn_like(v) if v.is_floating_point() and "running_var" not in name else v
+    ref.load_state_dict(theirs)
+    trunk.load_state_dict(dict(zip(ours, theirs.values())))
+    x = torch.randn(2, 2, *([16] * dims))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.flatten(trunk(x).mean(tuple(range(2, 2 + dims))), 1), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_count_of_the_published_resnet18():
+    # torchvision's resnet18 has 11,689,512 parameters, 513,000 of them in the 1000-class fc layer
+    trunk = Trunk(resnet18())
+    count = sum(p.numel() for p in trunk.parameters())
+    assert count == 11_689_512 - 513_000 == 11_176_512
+    monai = monai_resnet18(spatial_dims=2, n_input_channels=3, **PUBLISHED)
+    assert count == sum(p.numel() for p in monai.parameters())

@@ -1,0 +1,82 @@
+"""Task heads: shapes, one task's loss reaches only that task's head, parameter-free activations."""
+
+import math
+
+import pytest
+import torch
+from monai.networks.layers.factories import Act
+
+from mtl_med.networks.heads import DenseHeads, PooledHeads
+
+OUTS = [1, 3, 2]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_dense_heads_keep_the_resolution(dims):
+    heads = DenseHeads(dims, 4, OUTS)
+    x = torch.randn(2, 4, *([5] * dims))
+    for k, c in enumerate(OUTS):
+        assert heads(x, k).shape == (2, c, *([5] * dims))
+        assert heads[k].kernel_size == (1,) * dims and heads[k].bias is not None
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("hidden", [0, 6])
+def test_pooled_heads_pool_and_give_each_task_its_outputs(dims, hidden):
+    heads = PooledHeads(dims, 4, OUTS, hidden=hidden)
+    assert heads.out_channels == OUTS
+    shapes = [(3, 6, 4), (3, 3, 6)] if hidden else [(3, 3, 4)]
+    assert [tuple(w.shape) for w in heads.weights] == shapes and [tuple(b.shape) for b in heads.biases] == [s[:2] for s in shapes]
+    x = torch.randn(2, 4, *([5] * dims))
+    for k, c in enumerate(OUTS):
+        y = heads(x, k)
+        assert y.shape == (2, c)
+        # global average pooling: the spatially averaged features (already flat) give the same output
+        torch.testing.assert_close(heads(x.flatten(2).mean(-1), k), y)
+
+
+def test_pooled_heads_initialise_as_linear_layers():
+    heads = PooledHeads(2, 16, OUTS, hidden=9)
+    for w, b in zip(heads.weights, heads.biases):
+        bound = 1 / math.sqrt(w.shape[-1])  # nn.Linear's: kaiming_uniform(a=sqrt(5)) for the weights
+        assert w.abs().max() <= bound and b.abs().max() <= bound
+        assert not torch.equal(w[0], w[1])  # task by task
+
+
+@pytest.mark.parametrize("kind", ["dense", "pooled", "pooled_hidden", "pooled_prelu"])
+def test_a_task_loss_reaches_only_its_own_head(kind):
+    torch.manual_seed(0)
+    if kind == "dense":
+        heads = DenseHeads(2, 4, OUTS)
+    else:
+        heads = PooledHeads(2, 4, OUTS, hidden=0 if kind == "pooled" else 5, act="prelu" if kind == "pooled_prelu" else "relu")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    heads(x, 1).square().sum().backward()
+    if kind == "dense":
+        assert all(p.grad is None for k in (0, 2) for p in heads[k].parameters())
+        assert all(p.grad.abs().sum() > 0 for p in heads[1].parameters())
+        return
+    for p in heads.parameters():  # every parameter is batched over the tasks
+        assert p.shape[0] == len(OUTS) and torch.all(p.grad[[0, 2]] == 0) and p.grad[1].abs().sum() > 0
+    # task 1 uses all three rows of the last layer, task 0 only the first
+    assert heads.weights[-1].grad[1].abs().sum(-1).gt(0).tolist() == [True, True, True]
+    heads.zero_grad()
+    heads(x, 0).sum().backward()
+    assert heads.weights[-1].grad[0].abs().sum(-1).gt(0).tolist() == [True, False, False]
+
+
+def test_an_activation_with_parameters_shared_by_the_tasks_is_refused(monkeypatch):
+    # a module with one slope for every task would tie them; "prelu" gets one slope per task instead
+    monkeypatch.setitem(Act.components, "TIEDPRELU", Act.components["PRELU"])
+    with pytest.raises(ValueError, match="parameter-free"):
+        PooledHeads(2, 4, OUTS, hidden=5, act="tiedprelu")
+    heads = PooledHeads(2, 4, OUTS, hidden=5, act=("leakyrelu", {"negative_slope": 0.1}))
+    assert heads(torch.randn(2, 4, 3, 3), 2).shape == (2, 2) and len(list(heads.parameters())) == 4
+    assert len(list(PooledHeads(2, 4, OUTS, act="tiedprelu").parameters())) == 2  # linear heads: no activation
+
+
+def test_empty_or_zero_outputs_are_refused():
+    for cls in (DenseHeads, PooledHeads):
+        for outs in ([], [1, 0]):
+            with pytest.raises(ValueError, match="at least one"):
+                cls(2, 4, outs)
