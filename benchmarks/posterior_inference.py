@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import build_network
 
 
 def _rss() -> int:
@@ -121,7 +121,7 @@ def main():
     ph = generate_phantom(0, shape=size)
     mr = torch.as_tensor(ph.mr, dtype=torch.float32)
     x = ((mr - mr.mean()) / mr.std())[None, None].to(device)
-    net = SFGHighResNet(features=tuple(args.features)).to(device).eval()
+    net = build_network("highresnet", "sfg", ("sct", "seg"), (1, 6), features=tuple(args.features)).to(device).eval()
     inferer = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=args.sw_batch_size, overlap=0.0, progress=False)
     amp = torch.autocast("cuda", dtype=torch.float16) if args.amp and device.type == "cuda" else contextlib.nullcontext()
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "

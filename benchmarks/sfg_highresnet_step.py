@@ -16,7 +16,7 @@ import torch
 from monai.networks.nets import HighResNet
 
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import build_network
 
 
 def step_time(model, forward, loss_fn, x, targets, repeats, device):
@@ -56,9 +56,9 @@ def main():
     monai_net = HighResNet(spatial_dims=2, in_channels=1, out_channels=7, acti_type=("prelu", {})).to(device).train()
     split = lambda y: {"sct": y[:, :1], "seg": y[:, 1:]}  # noqa: E731  one 7-channel head as two tasks
     rows = [("MONAI HighResNet (2D, 7 outputs)", monai_net, lambda b: split(monai_net(b)))]
-    for sharing in ("sfg", "hard_sharing", "cross_stitch"):
-        net = SFGHighResNet(spatial_dims=2, sharing=sharing).to(device).train()
-        rows.append((f"SFG-HighResNet (2D, sharing={sharing})", net, net))
+    for grouping in ("sfg", "hard_sharing", "cross_stitch"):
+        net = build_network("highresnet", "sfg", ("sct", "seg"), (1, 6), grouping=grouping).to(device).train()
+        rows.append((f"SFG-HighResNet (2D, grouping={grouping})", net, net))
 
     print(f"device {device}, threads {torch.get_num_threads()}, batch {tuple(x.shape)}, median of {args.repeats} steps")
     base = None

@@ -63,7 +63,7 @@ class AdaShareSearch:
     the sampled policy (mode ``"fixed"``), ready to be re-trained from scratch (section 3.3).
 
     Args:
-        network: an AdaShare network (``ResNet(sharing="adashare")``, :class:`~mtl_med.networks.AdaShareHighResNet`),
+        network: an AdaShare network (``build_network(<backbone>, "adashare", ...)``),
             possibly wrapped in DDP.
         train_dataset: the training set; split 80/20 for weights / policy (``weight_fraction``).
         loss_function: :class:`~mtl_med.losses.MultiTaskLoss` (adds the eq. 5-6 policy losses

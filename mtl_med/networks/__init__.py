@@ -6,4 +6,4 @@ from .highresnet import highresnet
 from .resnet import resnet18, resnet34
 from .small_cnn import mnist_cnn
 from .vgg import VGG_CFGS, vgg
-from .build import BACKBONES, allowed_pairs, build_network, describe_backbone
+from .build import BACKBONES, allowed_pairs, build_network, describe_backbone, sfg_highresnet

@@ -21,7 +21,7 @@ from .resnet import resnet18, resnet34
 from .small_cnn import mnist_cnn
 from .vgg import vgg
 
-__all__ = ["BACKBONES", "build_network", "describe_backbone", "allowed_pairs"]
+__all__ = ["BACKBONES", "build_network", "sfg_highresnet", "describe_backbone", "allowed_pairs"]
 
 #: name -> function returning the backbone's description (:class:`~mtl_med.networks.blocks.Backbone`)
 BACKBONES = {
@@ -125,6 +125,12 @@ def build_network(
     net = method(spec, task_names, heads, **{k: v for k, v in kwargs.items() if k in method_keys})
     net.build_args = build_args
     return net
+
+
+def sfg_highresnet(task_names: Sequence[str] = ("sct", "seg"), out_channels=(1, 6), spatial_dims: int = 2, in_channels: int = 1, **kwargs) -> nn.Module:
+    """SFG-HighResNet (SFG paper, section 4.1 and appendix B): ``build_network("highresnet", "sfg", ...)``
+    with the pelvis tasks' defaults, synthetic CT (1 channel) and 6-class labels."""
+    return build_network("highresnet", "sfg", task_names, out_channels, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
 
 
 def allowed_pairs(spatial_dims: int = 2) -> dict[tuple[str, str], str | None]:

@@ -46,7 +46,8 @@ class PooledHeads(nn.Module):
         in_channels: feature channels.
         out_channels: outputs of each task.
         hidden: width of each task's hidden layer (0: linear heads).
-        act: activation after the hidden layer; parameter-free (a shared PReLU would tie the tasks).
+        act: activation after the hidden layer: a parameter-free MONAI ``Act`` or ``"prelu"`` (one
+            slope per task, as ``nn.PReLU()`` in each task's head; a shared one would tie the tasks).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int], hidden: int = 0, act: str | tuple = "relu"):
@@ -63,17 +64,22 @@ class PooledHeads(nn.Module):
             bound = 1.0 / math.sqrt(fan_in)
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(torch.empty(t, fan_out).uniform_(-bound, bound)))
-        self.act = None
+        self.act, self.slopes = None, None
         if hidden:
             name, args = layer_spec(act)
-            self.act = Act[name](**args)
-            if any(True for _ in self.act.parameters()):
-                raise ValueError(f"the pooled heads' activation must be parameter-free, got {name!r}")
+            if name.lower() == "prelu":
+                self.slopes = nn.Parameter(torch.full((t, 1), float(args.get("init", 0.25))))
+            else:
+                self.act = Act[name](**args)
+                if any(True for _ in self.act.parameters()):
+                    raise ValueError(f"the pooled heads' activation must be parameter-free or 'prelu', got {name!r}")
 
     def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
         x = torch.flatten(self.pool(x), 1) if x.ndim > 2 else x
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            x = F.linear(self.act(x) if i else x, w[task], b[task])
+            if i:
+                x = F.prelu(x, self.slopes[task]) if self.slopes is not None else self.act(x)
+            x = F.linear(x, w[task], b[task])
         return x[:, : self.out_channels[task]]
 
 

@@ -97,6 +97,7 @@ class AdaShare(MultiTaskNetwork):
     """
 
     name = "adashare"
+    may_skip_parameters = True
 
     def __init__(
         self,
@@ -144,11 +145,8 @@ class AdaShare(MultiTaskNetwork):
         return self.policy_loss(self.policy.select_probability(effective=True))
 
     def _run(self, x, gates):
-        self.context.gates = gates
-        try:
+        with self.in_context(gates=gates):
             return self.trunk(x)
-        finally:
-            self.context.gates = None
 
     def task_features(self, x, task, generator=None):
         gates = self.policy.gates(generator)
@@ -316,6 +314,7 @@ def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, see
     """
     from mtl_med.networks import build_network
 
+    policy_module(model)  # a clear error for a network without a policy
     base = _unwrap(model)
     args = dict(getattr(base, "build_args", {}))
     if not args:

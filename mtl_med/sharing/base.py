@@ -10,6 +10,7 @@ pass, task selection and batch-norm mode are common to all and live here.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -56,6 +57,8 @@ class MultiTaskNetwork(nn.Module):
     name = ""
     #: the least number of tasks the method is defined for
     min_tasks = 1
+    #: a forward pass may leave parameters out of the graph (DDP's ``find_unused_parameters``)
+    may_skip_parameters = False
 
     def __init__(self, backbone: Backbone, task_names: Sequence[str], heads: nn.Module, bn_inference: str = "population"):
         super().__init__()
@@ -94,6 +97,9 @@ class MultiTaskNetwork(nn.Module):
         """MONAI / ignite handlers the method needs while training (none here)."""
         return []
 
+    def set_inference(self, mode: str = "sample", per_example: bool | None = None) -> None:
+        """How a stochastic method draws at test time (SFG); a deterministic one has nothing to set."""
+
     # --- common --------------------------------------------------------------------------------
     def heads_parameter(self) -> torch.Tensor:
         return next(self.heads.parameters())
@@ -116,6 +122,17 @@ class MultiTaskNetwork(nn.Module):
                 rows = split_by_task(self.task_features(x, task, generator), task, self.task_names)
                 return {n: self.heads(v, self.task_names.index(n)) for n, v in rows.items()}
             return {self.task_names[task]: self.heads(self.task_features(x, task, generator), task)}
+
+    @contextlib.contextmanager
+    def in_context(self, **values):
+        """Set the context's ``task`` / ``gates`` for one pass of the trunk, cleared afterwards."""
+        for k, v in values.items():
+            setattr(self.context, k, v)
+        try:
+            yield
+        finally:
+            for k in values:
+                setattr(self.context, k, None)
 
     @staticmethod
     def per_example(x: torch.Tensor, task: torch.Tensor, fn) -> torch.Tensor:

@@ -56,11 +56,8 @@ class TaskRouting(MultiTaskNetwork):
         return [m for m in self.modules() if isinstance(m, TaskRoutingLayer)]
 
     def _run(self, x, task):
-        self.context.task = task
-        try:
+        with self.in_context(task=task):
             return self.trunk(x)
-        finally:
-            self.context.task = None
 
     def task_features(self, x, task, generator=None):
         if task is None:

@@ -128,9 +128,9 @@ class SFG(MultiTaskNetwork):
 
     # ---- training
     def sfg_layers(self):
-        for name, m in self.named_modules():
-            if isinstance(m, SFGConv):
-                yield name, m
+        """``("sfg.j", layer)`` for the SFG layers in order (the names of the logs and exports)."""
+        for j, m in enumerate(m for m in self.layers if isinstance(m, SFGConv)):
+            yield f"sfg.{j}", m
 
     def regularizer(self) -> torch.Tensor:
         """``lambda1 * sum ||M||^2 - lambda2 * sum H(p)`` over SFG layers and kernels (eq. 5)."""

@@ -15,6 +15,7 @@ class SingleTask(MultiTaskNetwork):
     as ``T`` single-task networks trained on a summed loss. Only the asked task's column runs."""
 
     name = "single_task"
+    may_skip_parameters = True
 
     def __init__(self, backbone: Backbone, task_names, heads, bn_inference: str = "population"):
         super().__init__(backbone, task_names, heads, bn_inference)

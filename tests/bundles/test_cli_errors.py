@@ -23,7 +23,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import ConfigError, as_bool
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def make_inputs(shared: Path) -> None:
     (shared / "inputs" / "pelvis.nii.gz").write_bytes(Path(paths["mr"]).read_bytes())
     save_landmarks(shared / "landmarks.json", learn_landmarks([nib.load(paths["mr"]).get_fdata()]))
     torch.manual_seed(0)
-    torch.save(SFGHighResNet(features=TINY).state_dict(), shared / "model.pt")
+    torch.save(sfg_highresnet(features=TINY).state_dict(), shared / "model.pt")
     (shared / "tiny").mkdir()
     arr = np.random.default_rng(0).uniform(10, 100, (4, 4, 2)).astype(np.float32)
     nib.save(nib.Nifti1Image(arr, np.diag([1.46, 1.46, 1.46, 1.0])), str(shared / "tiny" / "tiny.nii.gz"))

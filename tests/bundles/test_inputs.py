@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import Predictor
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis"
@@ -29,7 +29,7 @@ def case(tmp_path_factory):
     paths = write_phantom(generate_phantom(5, shape=(32, 32, 8), mr_spacing=(1.3, 1.46, 2.5), oblique_deg=10.0), root)
     save_landmarks(root / "landmarks.json", learn_landmarks([nib.load(paths["mr"]).get_fdata()]))
     torch.manual_seed(0)
-    torch.save(SFGHighResNet(features=TINY).state_dict(), root / "model.pt")
+    torch.save(sfg_highresnet(features=TINY).state_dict(), root / "model.pt")
     pred = Predictor(BUNDLE, ckpt_path=str(root / "model.pt"), landmarks_path=str(root / "landmarks.json"),
                      features=TINY, num_samples=2, max_batch=8, device="cpu", n4=False, progress=False, save_png=False)
     return {"paths": paths, "pred": pred, "ref": pred.predict_case(paths["mr"], label=paths["label"])}

@@ -27,7 +27,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, volume
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child process (POSIX only)")
@@ -67,7 +67,10 @@ def env(tmp_path_factory):
         mrs.append(mr)
     save_landmarks(root / "landmarks.json", learn_landmarks([nib.load(m).get_fdata() for m in mrs]))
     torch.manual_seed(0)
-    torch.save(SFGHighResNet(features=TINY).state_dict(), root / "model.pt")
+    net = sfg_highresnet(features=TINY)
+    with torch.no_grad():  # synthetic CT around 0 HU, inside the clipped range, so that the sampling seed shows
+        net.heads[0].bias.fill_(1.0)
+    torch.save(net.state_dict(), root / "model.pt")
     overrides = {
         "ckpt_path": str(root / "model.pt"), "landmarks_path": str(root / "landmarks.json"), "features": TINY,
         "num_samples": 2, "max_batch": 8, "margin": 4, "device": "cpu", "n4": False, "progress": False,

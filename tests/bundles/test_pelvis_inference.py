@@ -17,7 +17,7 @@ import torch
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import CaseFailures, ConcatTaskOutputs, Predictor, bundle_parser, load_checkpoint, predict_case
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def env(tmp_path_factory):
         cases.append(write_phantom(ph, root / f"case_{i}"))
     save_landmarks(root / "landmarks.json", learn_landmarks([nib.load(c["mr"]).get_fdata() for c in cases]))
     torch.manual_seed(0)
-    torch.save(SFGHighResNet(features=TINY).state_dict(), root / "model.pt")
+    torch.save(sfg_highresnet(features=TINY).state_dict(), root / "model.pt")
     datalist = {"test": [{"mr": c["mr"], "ct": c["ct"], "label": c["label"], "bone": c["bone"]} for c in cases]}
     (root / "datalist.json").write_text(json.dumps(datalist))
     overrides = {
@@ -142,7 +142,7 @@ def test_folder_with_bad_files_via_bundle_run(env, tmp_path):
 
 def test_checkpoint_from_cuda_loads_with_map_location(env, tmp_path):
     """A checkpoint whose tensors are tagged as CUDA storages (as a GPU run saves them) loads on this device."""
-    net = SFGHighResNet(features=TINY)
+    net = sfg_highresnet(features=TINY)
     registry = torch.serialization._package_registry
     entry = (-1, lambda obj: "cuda:0", lambda obj, loc: None)
     registry.insert(0, entry)  # tag every storage as cuda:0 while saving
@@ -153,7 +153,7 @@ def test_checkpoint_from_cuda_loads_with_map_location(env, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(tmp_path / "gpu.pt", weights_only=True)  # what loading without map_location does
-    other = SFGHighResNet(features=TINY)
+    other = sfg_highresnet(features=TINY)
     load_checkpoint(other, tmp_path / "gpu.pt", map_location=torch.device("cpu"))
     for k, v in net.state_dict().items():
         assert torch.equal(other.state_dict()[k], v) and other.state_dict()[k].device.type == "cpu"
@@ -182,7 +182,7 @@ def test_verify_net_in_out_and_torchscript_export(env, tmp_path):
     ckpt_export(**common, filepath=str(ts), ckpt_file=env["overrides"]["ckpt_path"], use_trace=True,
                 input_shape=[1, 1, 24, 24])
     exported = torch.jit.load(str(ts))
-    net = SFGHighResNet(features=TINY)
+    net = sfg_highresnet(features=TINY)
     load_checkpoint(net, env["overrides"]["ckpt_path"])
     ref = ConcatTaskOutputs(net, mode="argmax").eval()
     x = torch.randn(1, 1, 20, 28)  # another slice size; a trace keeps the batch size of input_shape

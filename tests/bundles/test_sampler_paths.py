@@ -12,7 +12,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, evaluate_cases, sample_posterior
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 from mtl_med.pelvis import CT_SCALE
 from mtl_med.transforms import learn_landmarks, save_landmarks
 from mtl_med.transforms.intensity import network_to_hu
@@ -29,7 +29,7 @@ def env(tmp_path_factory):
     paths = write_phantom(generate_phantom(11, shape=(32, 32, 8), mr_spacing=(1.46, 1.6, 3.0), oblique_deg=10.0), root)
     save_landmarks(root / "landmarks.json", learn_landmarks([nib.load(paths["mr"]).get_fdata()]))
     torch.manual_seed(0)
-    torch.save(SFGHighResNet(features=TINY).state_dict(), root / "model.pt")
+    torch.save(sfg_highresnet(features=TINY).state_dict(), root / "model.pt")
     overrides = {"ckpt_path": str(root / "model.pt"), "landmarks_path": str(root / "landmarks.json"), "features": TINY,
                  "device": "cpu", "n4": False, "progress": False, "save_png": False}
     yield {"root": root, "paths": paths, "overrides": overrides}

@@ -114,7 +114,7 @@ def test_tensorboard_has_per_task_losses_metrics_and_sharing_views(trained):
 
 def test_variants_configure_the_network_they_name(trained):
     net = trained["tr_sigma0.2"][1].parser.get_parsed_content("network_def")
-    assert type(net).__name__ == "TaskRoutingVGG"
+    assert (net.name, net.backbone_name) == ("routing", "vgg11_bn")
     masks = [m.masks for m in net.modules() if hasattr(m, "masks")]
     shared = masks[-1].all(0).float().mean()  # fraction of units every task uses
     assert shared == pytest.approx(0.2, abs=0.02)
@@ -122,7 +122,11 @@ def test_variants_configure_the_network_they_name(trained):
     assert ada.policy.mode == "fixed"  # re-trained under the sampled policy
     policy = json.loads((trained["adashare"][0] / "models" / "policy.json").read_text())
     assert torch.equal(torch.tensor(policy["policy"]).bool(), ada.policy.policy.cpu())
-    assert trained["sfg"][1].parser.get_parsed_content("network_def").sharing == "sfg"
+    sfg = trained["sfg"][1].parser.get_parsed_content("network_def")
+    assert (sfg.name, sfg.grouping) == ("sfg", "sfg")
+    for v in ("hard_sharing", "single_task", "cross_stitch"):  # the SFG paper's baselines: SFG with fixed p
+        net = trained[v][1].parser.get_parsed_content("network_def")
+        assert (net.name, net.grouping) == ("sfg", v)
     # tasks take different paths through shared batch-norms: test with batch statistics (SFG A.4)
     bn = {v: trained[v][1].parser.get_parsed_content("validate#evaluator").bn_inference for v in VARIANTS}
     assert {v for v, b in bn.items() if b == "batch"} == {"sfg", "adashare", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8"}

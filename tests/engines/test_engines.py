@@ -15,7 +15,7 @@ from mtl_med.engines import (
 )
 from mtl_med.layers import ExponentialTemperature
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 
 
 def _batches(n=3, seed=0):
@@ -43,7 +43,7 @@ class _SpyLoss(MaskedRMSELoss):
 
 def test_trainer_runs_multitask_loss_with_mask_regularizer_and_temperature():
     torch.manual_seed(0)
-    net = SFGHighResNet(features=(4, 8, 8))
+    net = sfg_highresnet(features=(4, 8, 8))
     before = [p.detach().clone() for p in net.parameters()]
     spy = _SpyLoss()
     loss = MultiTaskLoss({"sct": spy, "seg": MaskedDiceCELoss()})
@@ -68,9 +68,9 @@ def test_trainer_runs_multitask_loss_with_mask_regularizer_and_temperature():
 
 
 def test_trainer_with_one_task_per_minibatch():
-    from mtl_med.networks import resnet18
+    from mtl_med.networks import build_network
 
-    net = resnet18(spatial_dims=2, in_channels=1, task_names=("sct", "seg"), out_channels=(1, 1), widths=(4, 4, 8, 8), sharing="routing")
+    net = build_network("resnet18", "routing", ("sct", "seg"), (1, 1), in_channels=1, widths=(4, 4, 8, 8))
     tasks = iter(["seg", "sct", "seg"])
     trainer = MultiTaskTrainer(
         device=torch.device("cpu"),
@@ -88,7 +88,7 @@ def test_trainer_with_one_task_per_minibatch():
 
 def test_evaluator_metric_of_one_task():
     torch.manual_seed(0)
-    net = SFGHighResNet(features=(4, 8, 8))
+    net = sfg_highresnet(features=(4, 8, 8))
     data = _batches(2)
     evaluator = MultiTaskEvaluator(
         device=torch.device("cpu"),
@@ -110,7 +110,7 @@ def test_grouping_handler_writes_proportions_and_simplex_images(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from ignite.engine import Engine
 
-    net = SFGHighResNet(features=(4, 8, 8))
+    net = sfg_highresnet(features=(4, 8, 8))
     writer = SummaryWriter(tmp_path)
     engine = Engine(lambda e, b: None)
     GroupingHandler(writer, net, interval=1).attach(engine)

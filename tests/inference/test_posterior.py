@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtl_med.inference import PosteriorAggregator, sample_posterior
-from mtl_med.networks import SFGHighResNet
+from mtl_med.networks import sfg_highresnet
 
 
 def test_regression_mean_and_std_in_chunks():
@@ -40,7 +40,7 @@ def test_single_sample_has_no_spread():
 
 def test_posterior_of_sfg_highresnet():
     torch.manual_seed(0)
-    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    model = sfg_highresnet(features=(4, 8, 8), grouping="constant_p")
     x = torch.randn(2, 1, 16, 16)
     run = lambda seed, **kw: sample_posterior(model, x, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
     a, b, c = run(0, num_samples=7, samples_per_batch=3), run(0, num_samples=7, samples_per_batch=3), run(1, num_samples=7, samples_per_batch=3)
@@ -52,7 +52,7 @@ def test_posterior_of_sfg_highresnet():
 
 
 def test_deterministic_network_has_zero_posterior_spread():
-    model = SFGHighResNet(features=(4, 8, 8), sharing="hard_sharing")
+    model = sfg_highresnet(features=(4, 8, 8), grouping="hard_sharing")
     out = sample_posterior(model, torch.randn(1, 1, 16, 16), num_samples=4, samples_per_batch=2)
     assert out["sct_std"].max() < 1e-5 and out["seg_disagreement"].max() == 0
 
@@ -66,7 +66,7 @@ def test_batch_statistics_sample_one_assignment_per_pass(bn_inference):
     from mtl_med.inference import PosteriorSampler
 
     torch.manual_seed(0)
-    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p", bn_inference=bn_inference)
+    model = sfg_highresnet(features=(4, 8, 8), grouping="constant_p", bn_inference=bn_inference)
     calls, draws = [], []
     model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     groups = next(m for _, m in model.sfg_layers()).groups
@@ -88,7 +88,7 @@ def test_margin_removes_the_slice_border_from_the_outputs():
     from mtl_med.inference import PosteriorSampler
 
     torch.manual_seed(0)
-    model = SFGHighResNet(features=(4, 8, 8), sharing="hard_sharing").eval()
+    model = sfg_highresnet(features=(4, 8, 8), grouping="hard_sharing").eval()
     x = torch.full((2, 1, 24, 20), 0.7)
     for margin, flat in ((0, False), (33, True)):
         maps = PosteriorSampler(model, num_samples=1, mode="argmax", margin=margin).run(SimpleInferer(), x)
@@ -107,7 +107,7 @@ def test_inferer_path_equals_sample_posterior_batch_by_batch():
     from mtl_med.inference import PosteriorSampler
 
     torch.manual_seed(0)
-    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    model = sfg_highresnet(features=(4, 8, 8), grouping="constant_p")
     vol = torch.randn(1, 1, 20, 18, 6)
     inferer = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=4, overlap=0.0, progress=False)
     sampler = PosteriorSampler(model, num_samples=5, max_batch=8, margin=3)
@@ -132,7 +132,7 @@ def test_argmax_mode_makes_one_pass_and_says_so():
 
     from mtl_med.inference import PosteriorSampler
 
-    model = SFGHighResNet(features=(4, 8, 8), sharing="constant_p")
+    model = sfg_highresnet(features=(4, 8, 8), grouping="constant_p")
     calls = []
     model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
     sampler = PosteriorSampler(model, num_samples=7, mode="argmax")

@@ -1,13 +1,11 @@
-"""Task Routing Layer: masks, sharing ratio, gradients, state and task selection."""
+"""Task Routing Layer: masks, sharing ratio, gradients, state, task sampling and grouping by task
+(the network-level properties are in tests/sharing/test_routing.py)."""
 
 import pytest
 import torch
 from monai.networks.layers.factories import Act, Conv, Norm
 
 from mtl_med.layers.task_routing import TaskRouting, TaskSampler, routing_masks, split_by_task
-from mtl_med.networks.resnet import ResNet
-
-TINY = dict(widths=(4, 8), layers=(1, 1), conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
 
 
 @pytest.mark.parametrize("act", ["prelu", "leakyrelu"])
@@ -29,17 +27,6 @@ def test_masked_channel_gets_exactly_zero_gradient(act, spatial_dims):
     assert torch.all(conv.bias.grad[~mask] == 0)
     assert torch.all(bn.weight.grad[~mask] == 0) and torch.all(bn.bias.grad[~mask] == 0)
     assert (grad[mask].abs().sum(1) > 0).all()
-
-
-def test_masked_stem_channels_get_zero_gradient_in_resnet_with_prelu():
-    torch.manual_seed(0)
-    net = ResNet(2, 1, ["a", "b"], sharing="routing", sigma=0.0, act="prelu", seed=3, **TINY)
-    out = net(torch.randn(3, 1, 8, 8), task=1)["b"]
-    out.sum().backward()
-    masked = ~net.trl1.masks[1]
-    assert masked.any()
-    assert torch.all(net.conv1.weight.grad[masked] == 0)
-    assert (net.conv1.weight.grad[~masked].flatten(1).abs().sum(1) > 0).all()
 
 
 @pytest.mark.parametrize("sigma", [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -77,61 +64,6 @@ def test_masks_that_leave_a_unit_unused_are_rejected():
         TaskRouting(3, 2, sigma=1.5)
 
 
-def test_masks_saved_and_restored_and_differ_between_seeds(tmp_path):
-    a = ResNet(2, 1, [f"t{k}" for k in range(6)], sharing="routing", sigma=0.3, seed=0, **TINY)
-    b = ResNet(2, 1, [f"t{k}" for k in range(6)], sharing="routing", sigma=0.3, seed=1, **TINY)
-    again = ResNet(2, 1, [f"t{k}" for k in range(6)], sharing="routing", sigma=0.3, seed=0, **TINY)
-    masks = {k: v for k, v in a.state_dict().items() if k.endswith("masks")}
-    assert len(masks) == 1 + 2 + 2 + 1  # stem, two blocks with two convs, one downsample
-    assert any(not torch.equal(v, b.state_dict()[k]) for k, v in masks.items())
-    assert all(torch.equal(v, again.state_dict()[k]) for k, v in masks.items())
-    torch.save(a.state_dict(), tmp_path / "a.pt")
-    b.load_state_dict(torch.load(tmp_path / "a.pt"))
-    assert all(torch.equal(v, b.state_dict()[k]) for k, v in masks.items())
-    # masks are buffers, never trained
-    assert all(not n.endswith("masks") for n, _ in a.named_parameters())
-
-
-def test_sigma_one_equals_the_plain_network():
-    torch.manual_seed(0)
-    plain = ResNet(2, 1, ["a", "b", "c"], sharing="hard", **TINY).eval()
-    routed = ResNet(2, 1, ["a", "b", "c"], sharing="routing", sigma=1.0, **TINY).eval()
-    missing, unexpected = routed.load_state_dict(plain.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(k.endswith("masks") for k in missing)
-    x = torch.randn(2, 1, 8, 8)
-    ref = plain(x)
-    for k, name in enumerate(["a", "b", "c"]):
-        assert torch.equal(routed(x, task=k)[name], ref[name])
-    assert all(torch.equal(routed(x)[n], ref[n]) for n in ref)
-
-
-def test_switching_the_active_task_changes_outputs_only_through_the_masks():
-    torch.manual_seed(0)
-    net = ResNet(2, 1, ["a", "b"], sharing="routing", sigma=0.25, seed=5, **TINY).eval()
-    x = torch.randn(2, 1, 8, 8)
-    fa, fb = net.features(x, 0), net.features(x, 1)
-    assert not torch.allclose(fa, fb)
-    for m in net.modules():
-        if isinstance(m, TaskRouting):
-            m.masks[0] = m.masks[1]
-    assert torch.equal(net.features(x, 0), fb)
-
-
-def test_per_example_task_ids_match_one_task_per_batch():
-    torch.manual_seed(0)
-    net = ResNet(2, 1, ["a", "b", "c"], out_channels=[1, 2, 1], sharing="routing", sigma=0.5, **TINY).eval()
-    x = torch.randn(5, 1, 8, 8)
-    ids = torch.tensor([2, 0, 2, 1, 0])
-    out = net(x, ids)
-    assert set(out) == {"a", "b", "c"} and out["b"].shape == (1, 2)
-    for k, name in enumerate(["a", "b", "c"]):
-        sel = ids == k
-        assert torch.allclose(out[name], net(x[sel], k)[name], atol=1e-6)
-    targets = {"a": torch.arange(5), "b": torch.arange(5) * 10, "c": torch.arange(5) * 100}
-    grouped = split_by_task(targets, ids, ["a", "b", "c"])
-    assert grouped["c"].tolist() == [0, 200] and grouped["b"].tolist() == [30]
-
-
 def test_task_sampler_is_seeded_and_covers_tasks():
     s1, s2 = TaskSampler(10, seed=3), TaskSampler(10, seed=3)
     draws = [s1.sample() for _ in range(200)]
@@ -145,11 +77,8 @@ def test_task_sampler_is_seeded_and_covers_tasks():
     assert torch.equal(a, s1.sample(8))
 
 
-def test_scales_to_hundreds_of_tasks_without_backbone_copies():
-    names = [f"attr_{k}" for k in range(312)]
-    hard = ResNet(2, 1, names, sharing="hard", **TINY)
-    routed = ResNet(2, 1, names, sharing="routing", sigma=0.4, **TINY)
-    n_params = sum(p.numel() for p in routed.parameters())
-    assert n_params == sum(p.numel() for p in hard.parameters())
-    out = routed(torch.randn(3, 1, 8, 8), torch.tensor([0, 311, 150]))
-    assert set(out) == {"attr_0", "attr_311", "attr_150"}
+def test_split_by_task_groups_targets_in_batch_order():
+    ids = torch.tensor([2, 0, 2, 1, 0])
+    targets = {"a": torch.arange(5), "b": torch.arange(5) * 10, "c": torch.arange(5) * 100}
+    grouped = split_by_task(targets, ids, ["a", "b", "c"])
+    assert grouped["c"].tolist() == [0, 200] and grouped["b"].tolist() == [30] and grouped["a"].tolist() == [1, 4]

@@ -283,7 +283,7 @@ def test_retrain_network_is_built_again_from_build_args(backbone):
     by_hand = AdaShare(spec, ["a", "b"], HEADS["pooled"](2, spec.out_channels, [1, 1]))
     with pytest.raises(ValueError, match="build_args"):
         build_retrain_network(by_hand, policy)
-    with pytest.raises(ValueError, match="policy"):
+    with pytest.raises(ValueError, match="has no AdaShare policy"):
         build_retrain_network(_net(backbone, sharing="hard_sharing"), policy)
 
 

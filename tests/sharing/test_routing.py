@@ -140,3 +140,21 @@ def test_masks_are_seeded_and_saved():
 def test_sigma_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="sigma"):
         _net("vgg11_bn", sigma=1.5)
+
+
+def test_switching_the_active_task_changes_features_only_through_the_masks():
+    net = _net(sigma=0.25, seed=5).eval()
+    x = torch.randn(2, 1, 8, 8)
+    fa, fb = net.task_features(x, 0), net.task_features(x, 1)
+    assert not torch.allclose(fa, fb)
+    for layer in net.routing_layers():
+        layer.masks[0] = layer.masks[1]
+    assert torch.equal(net.task_features(x, 0), fb)
+
+
+def test_hundreds_of_tasks_cost_no_backbone_copies():
+    names = [f"attr_{k}" for k in range(312)]
+    hard, routed = _net(sharing="hard_sharing", tasks=names, out=2), _net(tasks=names, out=2, sigma=0.4)
+    assert sum(p.numel() for p in routed.parameters()) == sum(p.numel() for p in hard.parameters())
+    out = routed(torch.randn(3, 1, 8, 8), torch.tensor([0, 311, 150]))
+    assert set(out) == {"attr_0", "attr_311", "attr_150"} and all(v.shape == (1, 2) for v in out.values())
