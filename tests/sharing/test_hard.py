@@ -54,19 +54,6 @@ def test_every_task_trains_the_whole_trunk_and_only_its_own_head():
     assert all(torch.all(w.grad[0] == 0) and w.grad[1].abs().sum() > 0 for w in net.heads.weights)
 
 
-def test_per_example_task_ids_equal_per_task_passes():
-    net = _net(["a", "b", "c"], (1, 2, 3)).eval()
-    x = torch.randn(5, 1, 8, 8)
-    ids = torch.tensor([2, 0, 2, 1, 0])
-    per = net(x, ids)
-    assert list(per) == ["a", "b", "c"]
-    for k, name in enumerate(net.task_names):
-        rows = (ids == k).nonzero(as_tuple=True)[0]
-        assert per[name].shape == (len(rows), k + 1)
-        torch.testing.assert_close(per[name], net(x, k)[name][rows], rtol=1e-5, atol=1e-6)
-    assert list(net(x, torch.tensor([1, 1, 1, 1, 1]))) == ["b"]
-
-
 def test_bad_task_selections_raise():
     net = _net(["a", "b"])
     x = torch.randn(2, 1, 8, 8)
