@@ -69,7 +69,7 @@ def test_train_writes_checkpoints_events_landmarks_and_resumes(tmp_path, phantom
     resumed = torch.load(models / "checkpoint_final.pt", map_location="cpu")
     assert resumed["trainer"]["iteration"] == 3 and resumed["trainer"]["max_epochs"] == 3
     assert resumed["optimizer"]["state"][0]["step"].item() == 3
-    tau = resumed["model"]["sfg.0.groups.tau"].item()
+    tau = resumed["model"]["layers.0.groups.tau"].item()
     assert tau == pytest.approx(max(0.1, float(torch.exp(torch.tensor(-0.1 * 2)))))  # set before iteration 3
     assert (models / "landmarks.json").read_text() == landmarks
 
