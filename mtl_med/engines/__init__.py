@@ -4,3 +4,4 @@ from .handlers import ExampleSlicesHandler, GroupingHandler, TemperatureHandler,
 from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer, loss_terms, task_output
 from .vision import MultiTaskReport, MultiTaskScore, PredictionWriter, RegressionLoss, load_baseline, task_losses, task_out_channels
 from .adashare import AdaShareSearch, PolicyImageHandler
+from .branched import BranchedSearch

@@ -227,23 +227,24 @@ class HighResBlock(ResidualBlock):
 
 
 class Trunk(nn.Module):
-    """The backbone's units built by ``factory`` (default: the backbone's plain factory).
+    """The backbone's units ``start .. stop - 1`` (default: all) built by ``factory`` (default: the
+    backbone's plain factory).
 
-    ``forward(x)`` runs every unit; ``run(x, start, stop)`` runs units ``start .. stop - 1``, so
-    a method can stop at the branch points.
+    ``forward(x)`` runs every unit; ``run(x, start, stop)`` runs units ``start .. stop - 1`` of this
+    trunk, so a method can stop at the branch points (:meth:`segments`).
     """
 
-    def __init__(self, backbone: Backbone, factory: LayerFactory | None = None):
+    def __init__(self, backbone: Backbone, factory: LayerFactory | None = None, start: int = 0, stop: int | None = None):
         super().__init__()
         f = backbone.factory() if factory is None else factory
-        units, n_res = [], 0
-        for u in backbone.units:
+        units, n_res = [], sum(isinstance(u, Residual) for u in backbone.units[:start])
+        for u in backbone.units[start:stop]:
             m = u.build(f)
             if isinstance(u, Residual):
                 m, n_res = f.block(m, n_res), n_res + 1
             units.append(m)
         self.units = nn.ModuleList(units)
-        self.branch_points = tuple(backbone.branch_points)
+        self.branch_points = tuple(b - start for b in backbone.branch_points if start <= b < (len(backbone.units) if stop is None else stop))
 
     def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         for m in self.units[start:stop]:

@@ -11,7 +11,8 @@ from .cross_stitch import CrossStitch
 from .routing import TaskRouting
 from .sfg import SFG
 from .adashare import AdaShare
-from . import adashare
+from .branched import Branched
+from . import adashare, branched
 
 #: name -> sharing method
-METHODS = {m.name: m for m in (HardSharing, SingleTask, CrossStitch, TaskRouting, SFG, AdaShare)}
+METHODS = {m.name: m for m in (HardSharing, SingleTask, CrossStitch, TaskRouting, SFG, AdaShare, Branched)}

@@ -21,6 +21,7 @@ from mtl_med.networks.build import allowed_pairs, build_network, describe_backbo
 from mtl_med.networks.heads import DenseHeads, PooledHeads
 from mtl_med.sharing import METHODS
 from mtl_med.sharing.adashare import GatedBlock
+from mtl_med.sharing.branched import tree_params
 from mtl_med.sharing.routing import RoutedNorm
 
 NAMES = ["a", "b", "c"]
@@ -274,7 +275,31 @@ def check_adashare(net, backbone, num_tasks, spatial_dims, x, out, grads):
                 assert all(_zero(g) for g in block_grads), f"task {t} skips block {block.index} and trains it"
 
 
+def check_branched(net, backbone, num_tasks, spatial_dims, x, out, grads):
+    # the default tree shares every block: hard sharing with the same weights, unit for unit
+    hard = _reference(backbone, "hard_sharing", num_tasks, spatial_dims)
+    state = [v for k, v in net.state_dict().items() if k != "tree"]
+    hard.load_state_dict(dict(zip(hard.state_dict(), state)))
+    with torch.no_grad():
+        ref = hard(x)
+    for name in net.task_names:
+        assert torch.equal(out[name], ref[name])
+    # the last block split per task: task t's loss reaches only its own branch there, and the
+    # parameters are the tree's formula
+    tree = [[0] * num_tasks] * (len(net.blocks) - 1) + [list(range(num_tasks))]
+    split = _build(backbone, "branched", num_tasks, spatial_dims, tree=tree).train()
+    losses = _losses(split(x))
+    for t, loss in enumerate(losses):
+        for b, branch in enumerate(split.blocks[-1]):
+            g = _grads(loss, list(branch.parameters()))
+            assert _nonzero(g) if b == t else all(_zero(v) for v in g), f"task {t} and branch {b}"
+    block = [sum(p.numel() for p in branches[0].parameters()) for branches in split.blocks]
+    fixed = sum(p.numel() for m in (split.stem, split.heads) for p in m.parameters())
+    assert tree_params(split.config, block, fixed) == sum(p.numel() for p in split.parameters())
+
+
 CHECKS = {
+    "branched": check_branched,
     "hard_sharing": check_hard_sharing,
     "single_task": check_single_task,
     "cross_stitch": check_cross_stitch,
@@ -327,6 +352,7 @@ def test_refused_pair_says_why(backbone, sharing, spatial_dims):
 #: per-method settings that make the per-example test meaningful and deterministic in eval mode
 PER_EXAMPLE = {
     "sfg": dict(grouping="constant_mask"),  # every group holds kernels
+    "branched": dict(tree=[[0, 0, 0], [0, 0, 1], [0, 1, 2], [0, 1, 2]]),  # tasks on different paths
 }
 
 

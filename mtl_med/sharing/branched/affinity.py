@@ -48,6 +48,8 @@ from torch import nn
 from mtl_med.io import atomic_write
 from mtl_med.networks.blocks import Trunk
 
+from .trees import tree_partitions
+
 __all__ = [
     "AffinityResult",
     "trunk_of",
@@ -681,41 +683,18 @@ def pareto_image(*args, **kwargs) -> np.ndarray:
 
 
 def _tree_levels(config, num_tasks: int) -> list[list[tuple[int, ...]]]:
-    """Per level, the groups of task indices; each level refined by the one above (a branch cannot
-    re-merge tasks that split earlier, as bmtas's ``make_refinement``), groups ordered by their
-    first task. ``config``: ``L x N`` branch labels (bmtas ``branch_config``) or, per level, a
-    sequence of groups of task indices."""
-    c = _plain_config(config)
-    levels = []
-    for row in c:
-        if len(row) and all(isinstance(v, (tuple, frozenset)) for v in row):  # groups
-            label = {}
-            for g, group in enumerate(row):
-                for t in group:
-                    label[int(t)] = g
-            labels = [label[t] for t in range(num_tasks)]
-        else:
-            labels = [int(v) for v in row]
-        if len(labels) != num_tasks:
-            raise ValueError(f"a level of the tree has {len(labels)} tasks, expected {num_tasks}")
-        levels.append(labels)
-    out, parent = [], [0] * num_tasks
-    for labels in levels:
-        keys = [(parent[t], labels[t]) for t in range(num_tasks)]
-        groups: dict = {}
-        for t, k in enumerate(keys):
-            groups.setdefault(k, []).append(t)
-        ordered = sorted(groups.values(), key=lambda g: g[0])
-        out.append([tuple(g) for g in ordered])
-        parent = [next(i for i, g in enumerate(ordered) if t in g) for t in range(num_tasks)]
-    return out
+    """Per level, the groups of task indices of the (canonical) tree."""
+    levels = tree_partitions(_plain_config(config))
+    if any(sum(len(g) for g in level) != num_tasks for level in levels):
+        raise ValueError(f"the tree does not cover {num_tasks} tasks at every level")
+    return levels
 
 
 def tree_figure(config, task_names: Sequence[str], block_names: Sequence[str] | None = None):
     """The tree of a branched network (fig. 1b): a shared stem on top, one level per branchable
     block with one node per branch (the tasks it serves, in the node's label), the tasks as leaves.
-    ``config`` is the ``blocks x tasks`` branch-label matrix (bmtas ``branch_config``) or, per
-    block, its groups of task indices. Returns a matplotlib Figure."""
+    ``config`` is the ``blocks x tasks`` branch-label matrix (bmtas ``branch_config``). Returns a
+    matplotlib Figure."""
     from matplotlib.figure import Figure
 
     names = [str(t) for t in task_names]

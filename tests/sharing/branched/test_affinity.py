@@ -274,7 +274,6 @@ def test_figures_render_to_rgb_arrays():
     as_dicts = [dict(config=c, cost=k, params=p) for c, k, p in table]
     assert _is_rgb(pareto_image(as_dicts, chosen=1, budget=6))
     assert _is_rgb(tree_image([[0, 0, 0], [0, 0, 1], [0, 1, 2]], ["s", "d", "n"], ["b1", "b2", "b3"]))
-    assert _is_rgb(tree_image([[[0, 1], [2]], [[0], [1], [2]]], ["s", "d", "n"]))  # groups per level
 
 
 def test_affinity_npz_round_trip(tmp_path):

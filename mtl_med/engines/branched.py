@@ -1,0 +1,190 @@
+"""Algorithm 1 of Branched Multi-Task Networks (Vandenhende et al., section 3) as a bundle stage.
+
+:class:`BranchedSearch` trains one single-task network per task with the bundle's own training
+config (hard sharing, only that task's loss; identical encoder and recipe, section 3.1), measures the
+task affinity at the backbone's branchable blocks on a seeded subset of held-out images (RSA), and
+picks the tree of least dissimilarity under the parameter budget (section 3.2). It writes
+``affinity.npz``, ``tree.json`` and the figures (affinity heat maps, fig. 2a; cost against parameters
+of the trees searched, fig. 2b; the chosen tree), and logs them to TensorBoard. The ``branched``
+variant of the bundle then trains the network of ``tree.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.bundle import ConfigParser, ConfigWorkflow
+
+from mtl_med.errors import ConfigError
+from mtl_med.sharing.branched import (
+    affinity_image,
+    budget_from_fraction,
+    pareto_image,
+    save_affinity,
+    save_tree_json,
+    search_beam,
+    search_exhaustive,
+    task_affinity,
+    tree_image,
+)
+
+__all__ = ["BranchedSearch"]
+
+log = logging.getLogger(__name__)
+
+
+def _png(path: str, image) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = f"{path}.tmp.png"
+    plt.imsave(tmp, image)
+    os.replace(tmp, path)
+
+
+class BranchedSearch:
+    """Single-task encoders, task affinity and the tree under a budget.
+
+    Args:
+        config_file: the bundle's training config(s); each encoder is trained with them and
+            ``overrides`` (the recipe of the run that asks for the search).
+        task_names: the tasks.
+        output_dir: where ``single_task/<task>/``, ``affinity.npz``, ``tree.json`` and the figures go.
+        images: held-out images ``(M, C, ...)`` or a dataset of ``{"image": ...}`` items (the
+            validation split); ``num_images`` of them are drawn with ``seed`` (section 3.1: a
+            held-out subset, K = 500 as Dwivedi & Roig).
+        budget: parameters of the whole network, or ``None`` to use ``budget_fraction`` (0: hard
+            sharing, 1: single-task networks).
+        search: ``"exhaustive"``, ``"beam"`` (section 3.2's beam search for many tasks) or ``"auto"``
+            (exhaustive up to ``max_exhaustive`` trees' worth of tasks: 5 tasks).
+        first_shared: leading blocks shared by every task (the stem always is).
+        retrain: train the encoders again even where ``single_task/<task>/model_final.pt`` exists.
+        summary_writer: TensorBoard writer for the figures.
+    """
+
+    def __init__(
+        self,
+        config_file: str | Sequence[str],
+        task_names: Sequence[str],
+        output_dir: str | os.PathLike,
+        images,
+        budget: int | None = None,
+        budget_fraction: float = 0.5,
+        num_images: int = 500,
+        seed: int = 0,
+        search: str = "auto",
+        first_shared: int = 1,
+        center_features: bool = True,
+        pool_to: Sequence[int] | None = None,
+        overrides: Mapping | None = None,
+        retrain: bool = False,
+        summary_writer=None,
+        device: torch.device | str | None = None,
+    ):
+        if search not in ("auto", "exhaustive", "beam"):
+            raise ConfigError(f"search must be 'auto', 'exhaustive' or 'beam', got {search!r}")
+        if budget is None and not 0.0 <= float(budget_fraction) <= 1.0:
+            raise ConfigError(f"budget_fraction must be in [0, 1], got {budget_fraction}")
+        self.config_file = [str(f) for f in ([config_file] if isinstance(config_file, (str, os.PathLike)) else config_file)]
+        self.task_names, self.output_dir = [str(t) for t in task_names], str(output_dir)
+        self.images, self.budget, self.budget_fraction = images, budget, float(budget_fraction)
+        self.num_images, self.seed, self.search, self.first_shared = int(num_images), int(seed), search, int(first_shared)
+        self.center_features, self.pool_to = center_features, pool_to
+        self.overrides, self.retrain, self.writer = dict(overrides or {}), retrain, summary_writer
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+    # --- stage 1: one single-task network per task ---------------------------------------------
+    def _encoder_overrides(self, task: str) -> dict:
+        root = os.path.join(self.output_dir, "single_task", task)
+        return {
+            **self.overrides,
+            "sharing": "hard_sharing",
+            "variant": f"single_task_{task}",
+            "task_weights": {t: float(t == task) for t in self.task_names},
+            "ckpt_dir": root,
+            "output_dir": root,
+        }
+
+    def train_encoders(self) -> list[str]:
+        """The checkpoint of each task's single-task network, trained here unless it exists."""
+        paths = []
+        for task in self.task_names:
+            over = self._encoder_overrides(task)
+            path = os.path.join(over["ckpt_dir"], "model_final.pt")
+            if self.retrain or not os.path.exists(path):
+                log.info("Branched MTN: training the single-task network of %r (%s)", task, path)
+                wf = ConfigWorkflow(config_file=self.config_file, workflow_type="train", **over)
+                wf.initialize()
+                wf.run()
+                wf.finalize()
+            else:
+                log.info("Branched MTN: reusing the single-task network of %r (%s)", task, path)
+            paths.append(path)
+        return paths
+
+    def _network(self, **overrides) -> torch.nn.Module:
+        parser = ConfigParser()
+        parser.read_config(self.config_file)
+        parser.update({**self.overrides, **overrides})
+        return parser.get_parsed_content("network_def", instantiate=True)
+
+    def _held_out(self) -> torch.Tensor:
+        if isinstance(self.images, torch.Tensor):
+            return self.images
+        n = len(self.images)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: min(self.num_images, n)].sort().values
+        return torch.stack([torch.as_tensor(self.images[int(i)]["image"]) for i in idx])
+
+    # --- stage 2: affinity and tree --------------------------------------------------------------
+    def run(self) -> dict:
+        """Encoders, affinity, search; returns the ``tree.json`` record."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        nets = []
+        for task, path in zip(self.task_names, self.train_encoders()):
+            net = self._network(sharing="hard_sharing")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state.get("model", state))
+            nets.append(net.to(self.device))
+        log.info("Branched MTN: task affinity on %d held-out images", min(self.num_images, len(self.images)))
+        result = task_affinity(nets, self._held_out(), num_images=self.num_images, seed=self.seed,
+                               center_features=self.center_features, pool_to=self.pool_to, device=self.device)
+        A = result.affinity if hasattr(result, "affinity") else result[0]
+        locations = getattr(result, "location_names", None)
+        del nets
+
+        shared = self._network(sharing="branched")  # every block shared: the per-block parameter counts
+        block_params = [sum(p.numel() for p in branches[0].parameters()) for branches in shared.blocks]
+        fixed = sum(p.numel() for p in shared.stem.parameters()) + sum(p.numel() for p in shared.heads.parameters())
+        budget = self.budget
+        if budget is None:
+            budget = budget_from_fraction(self.budget_fraction, block_params, len(self.task_names), fixed, self.first_shared)
+        dissimilarity = (1.0 - torch.as_tensor(A)).numpy()
+        method = self.search
+        if method == "auto":
+            method = "exhaustive" if len(self.task_names) <= 5 else "beam"
+        search = search_exhaustive if method == "exhaustive" else search_beam
+        found = search(dissimilarity, block_params, budget, fixed_params=fixed, first_shared=self.first_shared)
+        config, cost, params = found["config"], found["cost"], found["params"]
+        log.info("Branched MTN: %s search, budget %d parameters: tree %s, cost %.4f, %d parameters", method, budget, config, cost, params)
+
+        block_names = [f"block{l + 1}" for l in range(len(block_params))]
+        save_affinity(os.path.join(self.output_dir, "affinity.npz"), A, self.task_names, locations or block_names,
+                      num_images=min(self.num_images, len(self.images)), seed=self.seed, center_features=self.center_features)
+        record = dict(config=config, task_names=self.task_names, block_names=block_names, cost=float(cost), params=int(params),
+                      budget=int(budget), search=method, block_params=block_params, fixed_params=int(fixed))
+        save_tree_json(os.path.join(self.output_dir, "tree.json"), **record)
+        images = {
+            "branched/affinity": affinity_image(A, self.task_names, block_names),
+            "branched/tree": tree_image(config, self.task_names, block_names),
+        }
+        if found.get("table"):
+            images["branched/pareto"] = pareto_image(found["table"], chosen=config)
+        for tag, image in images.items():
+            _png(os.path.join(self.output_dir, tag.split("/")[1] + ".png"), image)
+            if self.writer is not None:
+                self.writer.add_image(tag, image, 0, dataformats="HWC")
+        if self.writer is not None:
+            self.writer.flush()
+        return record
