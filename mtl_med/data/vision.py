@@ -201,19 +201,27 @@ def _root(root) -> Path:
 
 
 def load_digits_tasks(
-    split: str = "train", seed: int = 0, fractions: Sequence[float] = (0.7, 0.15, 0.15), transform: Callable | None = None
+    split: str = "train",
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    transform: Callable | None = None,
+    digits: Sequence[int] | None = None,
 ) -> MultiTaskImageDataset:
     """scikit-learn's bundled 8x8 digits (1797 images, no download) as ten binary one-vs-all tasks
     ``digit_0`` .. ``digit_9`` (the homogeneous set-up of Task Routing / Selective Sharing), with a
-    seeded ``train``/``val``/``test`` split. Images are ``(1, 8, 8)`` in [0, 1]."""
+    seeded ``train``/``val``/``test`` split. Images are ``(1, 8, 8)`` in [0, 1]. ``digits`` keeps the
+    tasks of those digits only (every image stays)."""
     from sklearn.datasets import load_digits
 
     _check_split(split)
+    digits = list(range(10)) if digits is None else [int(k) for k in digits]
+    if not digits or len(set(digits)) != len(digits) or not all(0 <= k <= 9 for k in digits):
+        raise ValueError(f"digits must be distinct digits 0-9, got {digits}")
     d = load_digits()
     idx = np.sort(seeded_split(len(d.target), fractions, seed)[split])
     images = torch.from_numpy(d.images[idx].astype(np.float32) / 16.0).unsqueeze(1)
-    names = [f"digit_{k}" for k in range(10)]
-    return MultiTaskImageDataset(images, _one_vs_all(d.target[idx], names), dict.fromkeys(names, "binary"), transform)
+    targets = {f"digit_{k}": (d.target[idx] == k).astype(np.int64) for k in digits}
+    return MultiTaskImageDataset(images, targets, dict.fromkeys(targets, "binary"), transform)
 
 
 # --- UTKFace -----------------------------------------------------------------------------------

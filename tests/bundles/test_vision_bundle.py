@@ -63,15 +63,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+#: Branched MTN end to end on two tasks: single-task networks, affinity and tree, then the branched network
+BRANCHED = dict(FAST, dataset_kwargs={"digits": [3, 8]}, affinity_images=40)
+
+
+def _train(root, variant):
+    if variant != "branched":
+        return run(["train.json", f"variants/{variant}.json"], root, **FAST)
+    run(["train.json", "affinity.json"], root, encoder_config=[str(BUNDLE / "configs" / "train.json")], **BRANCHED)
+    return run(["train.json", "variants/branched.json"], root, **BRANCHED)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, one_thread):
     """Every variant trained for two iterations; variant -> (bundle root, workflow)."""
     root = tmp_path_factory.mktemp("vision_bundle")
-    return {v: (root / v, run(["train.json", f"variants/{v}.json"], root / v, **FAST)) for v in VARIANTS}
+    return {v: (root / v, _train(root / v, v)) for v in VARIANTS}
 
 
 def test_variants_cover_the_sharing_methods():
-    assert set(VARIANTS) >= {"sfg", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "adashare", "cross_stitch", "hard_sharing", "single_task"}
+    assert set(VARIANTS) >= {"sfg", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "adashare", "cross_stitch", "hard_sharing", "single_task", "branched"}
 
 
 @pytest.mark.skipif(not SCHEMA.is_file(), reason="offline MONAI metadata schema (../shared/schemas) not available")
@@ -209,3 +220,31 @@ def test_two_process_ddp_with_early_stopping_ends_with_identical_weights(tmp_pat
     assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
     assert (tmp_path / "models" / "model_final.pt").is_file()
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents*"))) == 1  # rank 0 logs alone
+
+
+def test_branched_pipeline_writes_its_artefacts_and_trains_the_tree(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mtl_med.sharing.branched import load_affinity, load_tree_json
+
+    root, wf = trained["branched"]
+    affinity = root / "affinity"
+    for task in ("digit_3", "digit_8"):  # one single-task network per task, trained with the same recipe
+        assert (affinity / "single_task" / task / "model_final.pt").is_file()
+    tree = load_tree_json(affinity / "tree.json")
+    assert tree["task_names"] == ["digit_3", "digit_8"] and tree["params"] <= tree["budget"]
+    assert len(tree["config"]) == 4 and tree["search"] == "exhaustive"  # VGG-11: a stem and 4 blocks
+    a = load_affinity(affinity / "affinity.npz")
+    assert a.affinity.shape == (4, 2, 2) and a.num_images == 40
+    assert {"affinity.png", "tree.png", "pareto.png"} <= {p.name for p in affinity.iterdir()}
+    images = EventAccumulator(str(root / "eval" / "tensorboard")).Reload().Tags()["images"]
+    assert {"branched/affinity", "branched/tree", "branched/pareto"} <= set(images)
+    net = wf.parser.get_parsed_content("network_def")
+    assert net.name == "branched" and net.config == tree["config"]
+    assert sum(p.numel() for p in net.parameters()) == tree["params"]
+
+
+def test_branched_variant_without_a_tree_says_what_to_run(tmp_path):
+    with pytest.raises(Exception) as info:
+        run(["train.json", "variants/branched.json"], tmp_path, **FAST)
+    assert "tree.json" in messages(info.value) and "affinity.json" in messages(info.value)

@@ -79,15 +79,12 @@ _RDM_CHUNK_ELEMENTS = 1 << 24
 # --- where the features come from ------------------------------------------------------------------
 def trunk_of(net: nn.Module) -> Trunk:
     """The trunk whose branchable blocks are the locations: a bare :class:`Trunk`, the ``trunk`` of
-    a one-task network (``build_network(..., "hard_sharing", [task], ...)``), or the single column
-    of a one-task ``single_task`` network."""
+    a hard-sharing network trained on one task (one head, or other heads whose losses weighed 0, as
+    the bundles train them), or the single column of a one-task ``single_task`` network."""
     if isinstance(net, Trunk):
         return net
-    num_tasks = getattr(net, "num_tasks", 1)
-    if num_tasks != 1:
-        raise ValueError(f"task affinity needs single-task networks (section 3.1), got one with {num_tasks} tasks")
     trunk = getattr(net, "trunk", None)
-    if isinstance(trunk, Trunk):
+    if isinstance(trunk, Trunk) and getattr(net, "name", "hard_sharing") == "hard_sharing":
         return trunk
     columns = getattr(net, "columns", None)
     if isinstance(columns, nn.ModuleList) and len(columns) == 1 and isinstance(columns[0], Trunk):

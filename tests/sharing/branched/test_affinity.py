@@ -177,8 +177,12 @@ def test_locations_are_the_outputs_of_the_blocks_after_the_stem():
         torch.testing.assert_close(a, b)
     for a, b in zip(collect_features(net, [(x[:3], 1), (x[3:], 2)]), feats):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="single-task"):
-        trunk_of(build_network("vgg11_bn", "hard_sharing", ["a", "b"], 2, width=1 / 16, in_channels=1))
+    # a hard-sharing network whose other heads weighed 0 (the bundles' single-task runs) has its trunk read;
+    # a network whose trunk is not plain (task routing) has none
+    two = build_network("vgg11_bn", "hard_sharing", ["a", "b"], 2, width=1 / 16, in_channels=1)
+    assert trunk_of(two) is two.trunk
+    with pytest.raises(TypeError, match="no plain trunk"):
+        trunk_of(build_network("vgg11_bn", "routing", ["a", "b"], 2, width=1 / 16, in_channels=1))
 
 
 def test_pool_to_shrinks_the_features_and_keeps_the_shapes():

@@ -1,0 +1,157 @@
+"""Branched multi-task networks on the digits default of the vision bundle: affinity, trees under three
+budgets, and their test accuracy against hard sharing, single-task networks and random trees.
+
+Runs the bundle's own configs (bundles/vision_multitask): ``affinity.json`` once (ten single-task
+networks of seed 0, RSA affinity at VGG-11's four blocks), the paper's beam search for the tree at
+each ``--fractions`` of the way from hard sharing to single-task networks, then for each seed the
+``branched`` variant on that tree, on a random tree with the same branches per block (so the same
+parameter count), and hard sharing, each with early stopping on the validation mean accuracy and
+tested on the test split. Single-task networks are the ten encoders themselves, each tested on its
+own task. Prints the affinity per block (mean over task pairs: does it fall with depth, as fig. 2a?),
+the trees, and a table of accuracy (mean ± std over seeds) and parameters; the time of the affinity
+stage relative to one single-task training. A benchmark prints; it never asserts.
+
+    python benchmarks/branched_digits.py                      # the settings of the bundle README
+    python benchmarks/branched_digits.py --seeds 0 --max_epochs 2 --fractions 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vision_digits import BUNDLE, run_bundle
+
+from mtl_med.sharing.branched import canonical_tree, load_affinity, load_tree_json, save_tree_json, search_beam, tree_params
+from mtl_med.sharing.branched.trees import budget_from_fraction
+
+
+def random_tree(like: list[list[int]], rng: np.random.Generator) -> list[list[int]]:
+    """A random chain of refining partitions with the branch count of ``like`` at every block."""
+    counts = [len(set(row)) for row in like]
+    groups, out = [list(range(len(like[0])))], []
+    for b in counts:
+        groups = [list(g) for g in groups]
+        while len(groups) < b:  # split a random splittable group in two random non-empty parts
+            g = groups.pop(int(rng.choice([i for i, g in enumerate(groups) if len(g) > 1])))
+            perm = list(rng.permutation(g))
+            cut = int(rng.integers(1, len(g)))
+            groups += [sorted(perm[:cut]), sorted(perm[cut:])]
+        row = [0] * len(like[0])
+        for label, g in enumerate(groups):
+            for t in g:
+                row[t] = label
+        out.append(row)
+    return canonical_tree(out)
+
+
+def test_accuracy(run_dir: Path, configs: list[str], **overrides) -> dict:
+    run_bundle(configs + ["evaluate.json"], run_dir, **overrides)
+    return json.loads((run_dir / "eval" / "summary.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    p.add_argument("--max_epochs", type=int, default=30)
+    p.add_argument("--patience", type=int, default=8)
+    p.add_argument("--encoder_epochs", type=int, default=20, help="epochs of each single-task network")
+    p.add_argument("--image_size", type=int, default=16)
+    p.add_argument("--width", type=float, default=0.15625)
+    p.add_argument("--affinity_images", type=int, default=250, help="K held-out images (the validation split has 270)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.INFO)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="branched_digits_"))
+    common = dict(image_size=args.image_size, width=args.width, batch_size=64)
+    train = dict(common, max_epochs=args.max_epochs, patience=args.patience)
+
+    # stage 1: ten single-task networks (seed 0), affinity, the tree at the middle budget
+    aff_root = root / "affinity_stage"
+    cpu0 = time.process_time()
+    # encoders train for a fixed number of epochs: the validation score averages every task's head,
+    # and only one is trained, so it cannot pick a single-task network's best epoch
+    run_bundle(["train.json", "affinity.json"], aff_root, seed=0, affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
+               encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
+    stage_cpu = time.process_time() - cpu0
+    cpu0 = time.process_time()  # again, the encoders reused: the affinity and the search alone
+    run_bundle(["train.json", "affinity.json"], aff_root, seed=0, affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
+               encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
+    search_cpu = time.process_time() - cpu0
+    encoder_cpu = (stage_cpu - search_cpu) / 10
+    record = load_tree_json(aff_root / "affinity" / "tree.json")
+    a = load_affinity(aff_root / "affinity" / "affinity.npz")
+    tasks = list(record["task_names"])
+    off = ~np.eye(len(tasks), dtype=bool)
+    print("affinity per block (mean / min / max over task pairs): " + "; ".join(
+        f"{name} {A[off].mean():.3f} / {A[off].min():.3f} / {A[off].max():.3f}" for name, A in zip(a.location_names, a.affinity)), flush=True)
+
+    # single-task networks: each encoder on its own task; the time of one training
+    single = {}
+    for t in tasks:
+        enc = aff_root / "affinity" / "single_task" / t
+        s = test_accuracy(enc, ["train.json"], ckpt_file=str(enc / "model_final.pt"), seed=0, **common)
+        single[t] = s["tasks"][t]["accuracy"]["mean"]
+    print(f"single-task networks (seed 0, {args.encoder_epochs} epochs): mean accuracy {np.mean(list(single.values())):.4f}; one single-task "
+          f"training {encoder_cpu:.0f} CPU-s; affinity ({args.affinity_images} images) and search {search_cpu:.0f} CPU-s "
+          f"({search_cpu / encoder_cpu:.2f}x one single-task training)", flush=True)
+
+    # trees under each budget
+    dis, block, fixed = 1.0 - a.affinity, record["block_params"], record["fixed_params"]
+    trees = {}
+    for f in args.fractions:
+        budget = budget_from_fraction(f, block, len(tasks), fixed, first_shared=1)
+        found = search_beam(dis, block, budget, fixed_params=fixed, first_shared=1)
+        trees[f] = found["config"]
+        print(f"budget fraction {f}: {budget} parameters -> tree {found['config']} (cost {found['cost']:.3f}, {found['params']} parameters)", flush=True)
+
+    results: dict[str, dict] = {}
+
+    def record_run(name, seed, summary, params):
+        results.setdefault(name, {})[seed] = {"accuracy": summary["mean_accuracy"], "params": params}
+        print(f"{name:22s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  {params} parameters", flush=True)
+
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        run_dir = root / f"hard_seed{seed}"
+        run_bundle(["train.json", "early_stopping.json"], run_dir, seed=seed, sharing="hard_sharing", **train)
+        record_run("hard sharing", seed, test_accuracy(run_dir, ["train.json"], seed=seed, sharing="hard_sharing", **common),
+                   tree_params([[0] * len(tasks)] * len(block), block, fixed))
+        for f, tree in trees.items():
+            for kind, cfg in (("searched", tree), ("random", random_tree(tree, rng))):
+                run_dir = root / f"{kind}_{f}_seed{seed}"
+                tree_file = run_dir / "tree.json"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                save_tree_json(tree_file, cfg, tasks)
+                configs = ["train.json", "variants/branched.json"]
+                run_bundle(configs + ["early_stopping.json"], run_dir, seed=seed, tree_file=str(tree_file), **train)
+                record_run(f"{kind} tree @{f}", seed, test_accuracy(run_dir, configs, seed=seed, tree_file=str(tree_file), **common),
+                           tree_params(cfg, block, fixed))
+
+    print(f"\nDigits, 10 one-vs-all tasks; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; early stopping "
+          f"(patience {args.patience}, cap {args.max_epochs}); seeds {args.seeds}; single-task networks: seed 0 only")
+    print("| model | mean accuracy (mean ± std) | parameters |")
+    print("| --- | --- | --- |")
+    print(f"| single-task networks | {100 * np.mean(list(single.values())):.2f} % | {tree_params([list(range(len(tasks)))] * len(block), block, fixed)} (x{len(tasks)} stems: {len(tasks)} networks) |")
+    for name, by_seed in results.items():
+        acc = np.array([r["accuracy"] for r in by_seed.values()])
+        sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        print(f"| {name} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {next(iter(by_seed.values()))['params']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
+                                               "results": results, "encoder_cpu_s": encoder_cpu, "affinity_search_cpu_s": search_cpu}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
