@@ -12,7 +12,8 @@ from .routing import TaskRouting
 from .sfg import SFG
 from .adashare import AdaShare
 from .branched import Branched
+from .selective import SelectiveSharing
 from . import adashare, branched
 
 #: name -> sharing method
-METHODS = {m.name: m for m in (HardSharing, SingleTask, CrossStitch, TaskRouting, SFG, AdaShare, Branched)}
+METHODS = {m.name: m for m in (HardSharing, SingleTask, CrossStitch, TaskRouting, SFG, AdaShare, Branched, SelectiveSharing)}

@@ -298,8 +298,40 @@ def check_branched(net, backbone, num_tasks, spatial_dims, x, out, grads):
     assert tree_params(split.config, block, fixed) == sum(p.numel() for p in split.parameters())
 
 
+def check_selective(net, backbone, num_tasks, spatial_dims, x, out, grads):
+    # identical, identically initialised branches; the outputs are trunk -> shared FC -> own branch -> head
+    assert net.assignment() == list(range(num_tasks))
+    for w in [*net.branch_weights, *net.branch_biases]:
+        assert all(torch.equal(w[b], w[0]) for b in range(num_tasks))
+    with torch.no_grad():
+        shared = net.shared_features(x)  # train mode: batch statistics of the same batch, the same computation
+        for k, name in enumerate(net.task_names):
+            assert torch.equal(out[name], net.heads(net.branch(shared, k), k))
+    # before any merge each task's loss reaches only its own branch, exactly
+    weights = [*net.branch_weights, *net.branch_biases]
+    for t, loss in enumerate(_losses(net(x))):
+        for g in _grads(loss, weights):
+            assert bool((g[t] != 0).any()), f"task {t} does not train its branch"
+            assert all(bool((g[b] == 0).all()) for b in range(num_tasks) if b != t), f"task {t} trains another branch"
+    # a merge rewrites the map only: the group's tasks share the survivor, the rest is untouched
+    keys, before = list(net.state_dict()), net.active_parameter_count()
+    net.merge([0, 1], survivor=1)
+    assert list(net.state_dict()) == keys and net.assignment() == [1, 1, *range(2, num_tasks)]
+    assert net.active_branches() == list(range(1, num_tasks))
+    assert before - net.active_parameter_count() == net.branch_parameter_count()
+    merged = net(x)
+    for t, loss in enumerate(_losses(merged)):
+        own = 1 if t < 2 else t
+        for g in _grads(loss, weights):
+            assert bool((g[own] != 0).any()) and all(bool((g[b] == 0).all()) for b in range(num_tasks) if b != own)
+    with torch.no_grad():
+        shared = net.shared_features(x)
+        assert torch.equal(merged[net.task_names[0]], net.heads(net.branch(shared, 1), 0))
+
+
 CHECKS = {
     "branched": check_branched,
+    "selective": check_selective,
     "hard_sharing": check_hard_sharing,
     "single_task": check_single_task,
     "cross_stitch": check_cross_stitch,
