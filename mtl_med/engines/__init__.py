@@ -5,3 +5,4 @@ from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrain
 from .vision import MultiTaskReport, MultiTaskScore, PredictionWriter, RegressionLoss, load_baseline, task_losses, task_out_channels
 from .adashare import AdaShareSearch, PolicyImageHandler
 from .branched import BranchedSearch
+from .selective import SelectiveSharingHandler

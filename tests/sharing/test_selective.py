@@ -314,3 +314,127 @@ def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match="patience"):
         _net(patience=0)
     assert math.isclose(_net(dropout=0.2).branch_parameter_count(), 24 * 12 + 12 + 12 * 6 + 6)
+
+
+# ---- the training side: SelectiveSharingHandler on MultiTaskTrainer -----------------------------------------
+class _Writer:
+    """A SummaryWriter stand-in that keeps what it is given."""
+
+    def __init__(self):
+        self.scalars, self.images = {}, {}
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, float(value)))
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images.setdefault(tag, []).append((step, image, dataformats))
+
+
+def _loader(batches=3, batch=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(batches * batch):
+        digit = int(torch.randint(0, 4, (), generator=gen))
+        image = torch.randn(1, 16, 16, generator=gen) + digit
+        items.append({"image": image, "targets": {t: torch.tensor(int(digit == k)) for k, t in enumerate(TASKS)}})
+    return torch.utils.data.DataLoader(items, batch_size=batch, shuffle=False)
+
+
+def _train(net, epochs, handler, spy=None):
+    from ignite.engine import Events
+
+    from mtl_med.engines import MultiTaskPrepareBatch, MultiTaskTrainer
+    from mtl_med.losses import MultiTaskLoss
+
+    trainer = MultiTaskTrainer(
+        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=_loader(), network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.5),
+        loss_function=MultiTaskLoss({t: torch.nn.CrossEntropyLoss() for t in TASKS}),
+        prepare_batch=MultiTaskPrepareBatch("image", "targets"), train_handlers=[handler],
+    )
+    if spy is not None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, spy)
+    trainer.run()
+    return trainer
+
+
+def test_handler_captures_every_iteration_clusters_and_records_each_epoch(tmp_path):
+    import json
+
+    from monai.engines.utils import IterationEvents
+
+    net, writer, record = _net(), _Writer(), tmp_path / "selective.json"
+    (handler,) = net.train_handlers(summary_writer=writer, record_file=record)
+    terms = []
+    trainer = _train(net, 3, handler, spy=lambda e: terms.append({t: float(v) for t, v in e.state.output["terms"].items()}))
+    assert trainer.has_event_handler(handler.capture, IterationEvents.BACKWARD_COMPLETED)  # after backward, before the step
+    data = json.loads(record.read_text())
+    assert data["task_names"] == TASKS and data["settings"]["condition"] == "similarity"
+    epochs = data["epochs"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    first = epochs[0]
+    assert first["clustered"] and first["batches"] == 3 and first["branches"] == [0, 1, 2, 3]
+    assert np.asarray(first["distances"]).shape == (4, 4) and len(first["labels"]) == 4
+    for t in TASKS:  # the epoch's mean loss of each task, from state.output["terms"]
+        assert first["task_losses"][t] == pytest.approx(np.mean([x[t] for x in terms[:3]]))
+    for r in epochs:
+        assert sorted(sum(r["groups"], [])) == TASKS  # every task in exactly one group
+        for m in r.get("merges", []):  # each group keeps its branch of lowest loss
+            losses = {int(b): v for b, v in m["losses"].items()}
+            assert m["survivor"] == min(m["members"], key=lambda b: (losses[b], b))
+    last = epochs[-1]
+    assert last["branch_of_task"] == dict(zip(TASKS, net.assignment())) and last["active_parameters"] == net.active_parameter_count()
+    assert last["locked"] == net.is_locked
+    assert [s for s, _ in writer.scalars["selective/active_branches"]] == [1, 2, 3]
+    step, image, fmt = writer.images["selective/membership"][-1]
+    assert step == 3 and fmt == "HWC" and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert writer.images["selective/clusters"][0][0] == 1
+
+
+def test_handler_merges_into_the_lowest_loss_branch_locks_and_resumes(tmp_path, monkeypatch):
+    import json
+
+    import mtl_med.engines.selective as engine_module
+
+    plan = {1: [0, -1, 0, -1]}  # seed (the settings' 0 + the epoch) -> labels: branches 0 and 2 group at epoch 1
+    monkeypatch.setattr(engine_module, "cluster_branches", lambda points, condition, seed, **kw: np.array(plan.get(seed, [-1] * len(points))))
+    net, record = _net(patience=2), tmp_path / "selective.json"
+    (handler,) = net.train_handlers(record_file=record)
+    _train(net, 4, handler)
+    epochs = json.loads(record.read_text())["epochs"]
+    first = epochs[0]
+    losses = {int(b): v for b, v in first["branch_losses"].items()}
+    survivor = 0 if losses[0] <= losses[2] else 2
+    assert first["survivors"] == [survivor] and first["merges"][0]["tasks"] == ["a", "c"]
+    assert net.assignment() == [survivor, 1, survivor, 3]
+    assert first["groups"] == ([["a", "c"], ["b"], ["d"]] if survivor == 0 else [["b"], ["a", "c"], ["d"]])
+    # epochs 2 and 3 change nothing: locked after the third (patience 2); epoch 4 neither captures nor clusters
+    assert [r["locked"] for r in epochs] == [False, False, True, True] and epochs[2]["lock_epoch"] == 3
+    assert epochs[3]["batches"] == 0 and not epochs[3]["clustered"] and net.is_locked
+    assert epochs[3]["active_parameters"] == sum(p.numel() for p in net.parameters()) - net.branch_parameter_count()
+    # resume: the network's state dict keeps the groups and the lock, the handler's its records
+    fresh = _net(seed=3)
+    fresh.load_state_dict(net.state_dict())
+    (again,) = fresh.train_handlers(record_file=record)
+    again.load_state_dict(handler.state_dict())
+    assert fresh.assignment() == net.assignment() and fresh.is_locked and again.records == handler.records
+    assert again.stop.locked and again.lock_epoch == 3
+
+
+def test_handler_skips_non_finite_gradients_and_refuses_other_networks():
+    from types import SimpleNamespace
+
+    from mtl_med.engines import SelectiveSharingHandler
+
+    net = _net()
+    (handler,) = net.train_handlers()
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=1))
+    sum(_losses(net(_x()))).backward()
+    handler.capture(engine)
+    net.branch_weights[0].grad[2, 0, 0] = float("inf")  # an AMP overflow: the scaler skips the step, so do we
+    handler.capture(engine)
+    assert len(handler.factors) == 1 and handler.skipped == 1
+    with pytest.raises(ValueError, match="selective"):
+        SelectiveSharingHandler(build_network("mnist_cnn", "hard_sharing", TASKS, 2, in_channels=1, width=0.25))
+    with pytest.raises(ValueError, match="unknown"):
+        net.train_handlers(temperature=1.0)
