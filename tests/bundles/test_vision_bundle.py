@@ -67,7 +67,13 @@ def one_thread():
 BRANCHED = dict(FAST, dataset_kwargs={"digits": [3, 8]}, affinity_images=40)
 
 
+#: Selective Sharing clusters at every epoch end: three epochs, so the run records groups over epochs
+SELECTIVE = dict(FAST, max_epochs=3)
+
+
 def _train(root, variant):
+    if variant == "selective_sharing":
+        return run(["train.json", f"variants/{variant}.json"], root, **SELECTIVE)
     if variant != "branched":
         return run(["train.json", f"variants/{variant}.json"], root, **FAST)
     run(["train.json", "affinity.json"], root, encoder_config=[str(BUNDLE / "configs" / "train.json")], **BRANCHED)
@@ -82,7 +88,8 @@ def trained(tmp_path_factory, one_thread):
 
 
 def test_variants_cover_the_sharing_methods():
-    assert set(VARIANTS) >= {"sfg", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "adashare", "cross_stitch", "hard_sharing", "single_task", "branched"}
+    assert set(VARIANTS) >= {"sfg", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "adashare", "cross_stitch", "hard_sharing", "single_task", "branched",
+                             "selective_sharing"}
 
 
 @pytest.mark.skipif(not SCHEMA.is_file(), reason="offline MONAI metadata schema (../shared/schemas) not available")
@@ -98,7 +105,7 @@ def test_metadata_passes_verify_metadata():
 def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained, variant):
     root, wf = trained[variant]
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == FAST["epoch_length"]
+    assert trainer.state.iteration == FAST["epoch_length"] * trainer.state.max_epochs
     assert math.isfinite(float(trainer.state.output["loss"]))
     for name in ("model.pt", "model_final.pt"):
         state = torch.load(root / "models" / name, map_location="cpu", weights_only=True)
@@ -248,3 +255,27 @@ def test_branched_variant_without_a_tree_says_what_to_run(tmp_path):
     with pytest.raises(Exception) as info:
         run(["train.json", "variants/branched.json"], tmp_path, **FAST)
     assert "tree.json" in messages(info.value) and "affinity.json" in messages(info.value)
+
+
+def test_selective_sharing_records_groups_every_epoch(trained):
+    root, wf = trained["selective_sharing"]
+    net = wf.parser.get_parsed_content("network_def")
+    assert (net.name, net.backbone_name) == ("selective", "mnist_cnn")
+    assert net.shared.weight.shape == (640, 640) and [tuple(w.shape[1:]) for w in net.branch_weights] == [(100, 640), (50, 100)]
+    optimizer = wf.parser.get_parsed_content("optimizer")  # the paper's SGD with momentum
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.02 and optimizer.defaults["momentum"] == 0.5
+    record = json.loads((root / "eval" / "selective_sharing.json").read_text())
+    epochs = record["epochs"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and record["task_names"] == [f"digit_{k}" for k in range(10)]
+    for r in epochs:
+        assert sorted(sum(r["groups"], [])) == sorted(record["task_names"]) and r["clustered"] == (not r["locked"] or r["lock_epoch"] == r["epoch"])
+        assert r["batches"] == (FAST["epoch_length"] if r["clustered"] else 0)  # locked: nothing captured
+        assert r["active_branches"] == len(r["groups"])
+    assert epochs[-1]["branch_of_task"] == dict(zip(net.task_names, net.assignment()))
+    assert epochs[-1]["active_parameters"] == net.active_parameter_count()
+    # the checkpoint carries the groups
+    state = torch.load(root / "models" / "model_final.pt", map_location="cpu", weights_only=True)
+    assert state["model"]["branch_of_task"].tolist() == net.assignment()
+    scalars, images = _tags(root)
+    assert {"selective/active_branches", "selective/active_parameters", "selective/locked"} <= scalars
+    assert {"selective/membership", "selective/clusters"} <= images
