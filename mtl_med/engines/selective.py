@@ -14,8 +14,11 @@ network's :meth:`~mtl_med.sharing.selective.SelectiveSharing.train_handlers` mak
   group into its branch of lowest loss, apply the stop rule, log and write the record.
 
 Under DDP the gradients read on a rank are already averaged over the ranks; the bundles attach this
-handler on rank 0 only, and DDP broadcasts rank 0's buffers (``branch_of_task`` among them) at the
-next forward pass, so every rank follows rank 0's merges.
+handler on rank 0 only, and DDP broadcasts rank 0's buffers (``branch_of_task`` and ``locked``
+among them) at every forward pass, so every rank trains with rank 0's merges from the next
+iteration on. Checkpoints are rank 0's; after the last epoch the other ranks' in-memory map lacks
+that epoch's merges, as no forward pass follows (two gloo processes: equal weights, rank 1's map
+of the epoch before).
 """
 
 from __future__ import annotations

@@ -393,7 +393,7 @@ def merge_groups(assignment: Sequence[int], branches: Sequence[int], labels: Seq
 
 class StopRule:
     """Section 3.3: stop grouping once every task shares its branch with at least one other task, or
-    after ``patience`` consecutive clustered epochs without a change (footnote 2: 3); then the
+    after ``patience`` consecutive grouping epochs without a change (footnote 2: 3); then the
     architecture is locked."""
 
     def __init__(self, patience: int = 3):
@@ -403,7 +403,7 @@ class StopRule:
         self.unchanged, self.locked = 0, False
 
     def update(self, changed: bool, assignment: Sequence[int]) -> bool:
-        """After one clustered epoch: whether it merged branches, and the task -> branch map. Returns
+        """After one grouping epoch: whether it merged branches, and the task -> branch map. Returns
         whether the architecture is now locked."""
         if self.locked:
             return True

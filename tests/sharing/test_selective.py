@@ -96,7 +96,7 @@ def test_factor_vectors_have_fixed_length_unit_norm_and_batch_independence():
     assert tensorize_shape(7, 12) == (1, 7, 3, 4)
     grads = torch.randn(3, 100, 640, generator=torch.Generator().manual_seed(0))
     rows = factor_vectors(grads, rank=4)
-    assert rows.shape == (3, 1 * 10 * 4 + 4 * 10 * 4 + 4 * 20 * 4 + 4 * 32 * 1)  # 648 numbers (notes: r = 4)
+    assert rows.shape == (3, 1 * 10 * 4 + 4 * 10 * 4 + 4 * 20 * 4 + 4 * 32 * 1)  # 648 numbers per mini-batch at rank 4
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(3))
     alone = factor_vectors(grads[1:2] * 5.0, rank=4)  # another batch and scale: the same row
     torch.testing.assert_close(alone[0], rows[1], rtol=0, atol=3e-4)
