@@ -24,7 +24,7 @@ def _hard(out=1, tasks=TASKS, **kw):
 
 def test_registry_contents():
     assert set(BACKBONES) == {"highresnet", "resnet18", "resnet34", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn", "mnist_cnn"}
-    assert {"hard_sharing", "single_task", "cross_stitch", "routing", "sfg", "adashare", "branched"} <= set(METHODS)
+    assert {"hard_sharing", "single_task", "cross_stitch", "routing", "sfg", "adashare", "branched", "selective"} <= set(METHODS)
     assert all(m.name == name for name, m in METHODS.items())
     assert set(HEADS) == {"dense", "pooled"} and HEADS["dense"] is DenseHeads and HEADS["pooled"] is PooledHeads
     for name in BACKBONES:
