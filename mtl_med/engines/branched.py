@@ -105,7 +105,7 @@ class BranchedSearch:
         budget: parameters of the whole network, or ``None`` to use ``budget_fraction`` (0: hard
             sharing, 1: single-task networks).
         search: ``"exhaustive"``, ``"beam"`` (section 3.2's beam search for many tasks) or ``"auto"``
-            (exhaustive up to ``max_exhaustive`` trees' worth of tasks: 5 tasks).
+            (exhaustive search up to 5 tasks, beam search beyond).
         first_shared: leading blocks shared by every task (the stem always is).
         retrain: train the encoders again even where ``single_task/<task>/<ckpt_name>`` exists.
         summary_writer: TensorBoard writer for the figures.
