@@ -20,3 +20,4 @@ from .medical import (
     write_case_csv,
     write_metrics_summary,
 )
+from .dense import DenseMeters, DepthMeter, NormalMeter, SegmentationMeter, dense_delta_m
