@@ -47,6 +47,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "VISION_DATASETS",
     "load_vision_tasks",
+    "as_ranking",
 ]
 
 FASHION_MNIST_CLASSES = (
@@ -95,7 +96,8 @@ class MultiTaskImageDataset(Dataset):
         images: a tensor ``(N, C, H, W)`` (``uint8`` scaled by 1/255, float used as is) or ``N``
             image paths, read lazily with Pillow.
         targets: task name -> ``(N,)`` array of targets.
-        task_types: task name -> ``"binary"`` or ``"regression"``.
+        task_types: task name -> ``"binary"``, ``"regression"`` or ``"ranking"`` (graded
+            targets; pairs of images are ordered by them).
         transform: optional callable applied to each image tensor.
         image_mode: Pillow mode for files (``"RGB"`` or ``"L"``).
         image_size: ``(H, W)`` to resize files to (``None``: as stored).
@@ -501,12 +503,18 @@ def read_cub(
     seed: int = 0,
     image_size: Sequence[int] | None = None,
     transform: Callable | None = None,
+    ranking: bool = False,
 ) -> MultiTaskImageDataset:
     """CUB-200-2011 (``root`` = the ``CUB_200_2011`` folder): 312 binary attributes from
     ``attributes/image_attribute_labels.txt`` (``<image_id> <attribute_id> <is_present> ...``),
     images from ``images.txt`` under ``images/``, the official split of ``train_test_split.txt``
     (1 = train). Tasks follow the annotation file order (Task Routing, section 4.1);
-    ``num_attributes`` keeps the first ones. Names come from ``attributes.txt`` when present
+    ``num_attributes`` keeps the first ones. ``ranking=True`` poses each attribute as a ranking
+    task (Selective Sharing, section 4: pairs of images ordered by the attribute's presence): the
+    target grades presence with the annotator's certainty (4th column: 1 not visible, 2 guessing,
+    3 probably, 4 definitely), ``+(c - 1)`` when present and ``-(c - 1)`` when absent, so a definite
+    presence outranks a guess and "not visible" is 0. The paper does not say how it orders pairs;
+    this is our reading. Names come from ``attributes.txt`` when present
     (in ``root``, ``root/attributes`` or the parent folder), else ``attr_001``..."""
     _check_split(split)
     root = _root(root)
@@ -524,8 +532,9 @@ def read_cub(
     missing = [i for i in ids if i not in is_train]
     if missing:
         raise VisionFormatError(split_txt, f"no split for {len(missing)} images, e.g. image id {missing[0]}")
-    rows = _int_table(labels_txt, 3, "CUB attribute labels")
-    triples = np.array([[_to_int(labels_txt, i + 1, x) for x in r[:3]] for i, r in enumerate(rows)], dtype=np.int64)
+    fields = 4 if ranking else 3
+    rows = _int_table(labels_txt, fields, "CUB attribute labels")
+    triples = np.array([[_to_int(labels_txt, i + 1, x) for x in r[:fields]] for i, r in enumerate(rows)], dtype=np.int64)
     n_attr = int(triples[:, 1].max()) if len(triples) else 0
     if not set(np.unique(triples[:, 2]).tolist()) <= {0, 1}:
         raise VisionFormatError(labels_txt, "is_present must be 0 or 1")
@@ -537,6 +546,11 @@ def read_cub(
         raise VisionFormatError(labels_txt, "attribute ids start at 1")
     labels = np.full((len(ids), n_attr), -1, dtype=np.int64)
     labels[[row_of[i] for i in triples[:, 0]], triples[:, 1] - 1] = triples[:, 2]
+    if ranking:
+        if not set(np.unique(triples[:, 3]).tolist()) <= {1, 2, 3, 4}:
+            raise VisionFormatError(labels_txt, "certainty_id must be 1, 2, 3 or 4")
+        grades = np.zeros((len(ids), n_attr), dtype=np.float32)
+        grades[[row_of[i] for i in triples[:, 0]], triples[:, 1] - 1] = (2 * triples[:, 2] - 1) * (triples[:, 3] - 1)
     if (labels < 0).any():
         r, c = np.argwhere(labels < 0)[0]
         raise VisionFormatError(labels_txt, f"no label for image id {ids[r]}, attribute {c + 1}")
@@ -560,9 +574,9 @@ def read_cub(
     train_idx = order[[is_train[i] for i in ids]]
     test_idx = order[[not is_train[i] for i in ids]]
     idx = _official_with_val(train_idx, test_idx, split, val_fraction, seed)
-    targets = {names[a]: labels[idx, a] for a in range(keep)}
+    targets = {names[a]: (grades if ranking else labels)[idx, a] for a in range(keep)}
     return MultiTaskImageDataset(
-        [paths[ids[i]] for i in idx], targets, dict.fromkeys(targets, "binary"), transform, "RGB", image_size
+        [paths[ids[i]] for i in idx], targets, dict.fromkeys(targets, "ranking" if ranking else "binary"), transform, "RGB", image_size
     )
 
 
@@ -585,6 +599,7 @@ def load_vision_tasks(
     split: str = "train",
     data_root: str | os.PathLike | None = None,
     transform: Callable | None = None,
+    ranking_tasks: Sequence[str] | None = None,
     **kwargs,
 ) -> MultiTaskImageDataset:
     """The ``split`` of a vision benchmark by name (a key of :data:`VISION_DATASETS`).
@@ -592,6 +607,8 @@ def load_vision_tasks(
     ``data_root`` is the local copy's folder (not used by ``digits``, which scikit-learn bundles);
     ``kwargs`` go to the reader (e.g. ``seed``, ``image_size``, ``num_attributes``) over the
     defaults of :data:`VISION_DATASETS` (a 10% validation part for the sets without an official one).
+    ``ranking_tasks`` names tasks to pose as ranking tasks (eq. 7 of Selective Sharing: their targets
+    order pairs of images; e.g. UTKFace's ``age``).
     """
     if dataset not in VISION_DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(VISION_DATASETS)}")
@@ -600,5 +617,18 @@ def load_vision_tasks(
     if needs_root:
         if not data_root:
             raise ValueError(f"dataset {dataset!r} needs data_root (the folder of a local copy; nothing is downloaded)")
-        return reader(data_root, split=split, transform=transform, **args)
-    return reader(split=split, transform=transform, **args)
+        ds = reader(data_root, split=split, transform=transform, **args)
+    else:
+        ds = reader(split=split, transform=transform, **args)
+    return as_ranking(ds, ranking_tasks or ())
+
+
+def as_ranking(ds: MultiTaskImageDataset, tasks: Sequence[str]) -> MultiTaskImageDataset:
+    """``ds`` with ``tasks`` posed as ranking tasks (targets as floats; they order image pairs)."""
+    unknown = [t for t in tasks if t not in ds.task_types]
+    if unknown:
+        raise ValueError(f"ranking tasks {unknown} are not tasks of the data set; its tasks: {ds.task_names}")
+    for t in tasks:
+        ds.task_types[t] = "ranking"
+        ds.targets[t] = ds.targets[t].float()
+    return ds

@@ -1,4 +1,4 @@
-"""Engine pieces for multi-task image classification / regression (the vision bundles): task
+"""Engine pieces for multi-task image classification / regression / ranking (the vision bundles): task
 losses from task types, a validation score, the per-task report (CSV and summary JSON with
 delta-m) and a predictions CSV."""
 
@@ -24,6 +24,7 @@ from mtl_med.metrics.multitask import binary_predictions, multitask_metrics, wri
 __all__ = [
     "TASK_TYPES",
     "RegressionLoss",
+    "PairwiseRankingLoss",
     "task_losses",
     "task_out_channels",
     "primary_metric",
@@ -35,9 +36,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TASK_TYPES = ("binary", "regression")
-#: the measure of each task type that the score and delta-m use (higher accuracy, lower MAE is better)
-PRIMARY = {"binary": "accuracy", "regression": "mae"}
+TASK_TYPES = ("binary", "regression", "ranking")
+#: the measure of each task type that the score and delta-m use (higher accuracy and tau, lower MAE is better)
+PRIMARY = {"binary": "accuracy", "regression": "mae", "ranking": "kendall_tau"}
 _REGRESSION_LOSSES = {"l1": nn.L1Loss, "mse": nn.MSELoss, "smooth_l1": nn.SmoothL1Loss}
 
 
@@ -60,22 +61,42 @@ class RegressionLoss(nn.Module):
         return self.loss(input.reshape(target.shape).float(), target.float())
 
 
+class PairwiseRankingLoss(nn.Module):
+    """Eq. 7 of Selective Sharing (after Chen et al.'s ranking CNNs): over the pairs of a batch whose
+    targets are ordered, ``y_i > y_j``, the squared hinge ``max(0, 1 - (f(x_i) - f(x_j)))^2``,
+    averaged. Tied pairs carry no order and are left out; a batch without an ordered pair gives 0
+    (still connected to the graph, so every task's term exists)."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        f, y = input.reshape(-1).float(), target.reshape(-1).float()
+        if f.shape != y.shape:
+            raise ValueError(f"ranking scores {tuple(input.shape)} do not match targets {tuple(target.shape)}")
+        ordered = y[:, None] > y[None, :]  # pair (i, j) with y_i > y_j
+        if not ordered.any():
+            return f.sum() * 0.0
+        margin = f[:, None] - f[None, :]
+        return torch.clamp(1.0 - margin[ordered], min=0.0).square().mean()
+
+
 def task_losses(task_types: Mapping[str, str], regression: str = "l1") -> dict[str, nn.Module]:
     """Task name -> loss: cross-entropy over two logits for ``"binary"`` tasks, ``regression``
-    (``"l1"``, ``"mse"``, ``"smooth_l1"``) for ``"regression"`` tasks; for :class:`~mtl_med.losses.MultiTaskLoss`."""
+    (``"l1"``, ``"mse"``, ``"smooth_l1"``) for ``"regression"`` tasks, eq. 7's pairwise hinge for
+    ``"ranking"`` tasks; for :class:`~mtl_med.losses.MultiTaskLoss`."""
     _check_types(task_types)
-    return {t: nn.CrossEntropyLoss() if k == "binary" else RegressionLoss(regression) for t, k in task_types.items()}
+    make = {"binary": nn.CrossEntropyLoss, "regression": lambda: RegressionLoss(regression), "ranking": PairwiseRankingLoss}
+    return {t: make[k]() for t, k in task_types.items()}
 
 
 def task_out_channels(task_types: Mapping[str, str]) -> dict[str, int]:
-    """Task name -> network outputs: 2 logits for a binary task, 1 value for a regression task."""
+    """Task name -> network outputs: 2 logits for a binary task, 1 value for a regression or ranking task."""
     _check_types(task_types)
     return {t: 2 if k == "binary" else 1 for t, k in task_types.items()}
 
 
 def primary_metric(per_task: Mapping[str, Mapping[str, float]], task_types: Mapping[str, str]) -> float:
-    """Mean accuracy over the binary tasks; ``-`` mean MAE when there is no binary task."""
-    acc = [m["accuracy"] for t, m in per_task.items() if task_types.get(t) == "binary"]
+    """Mean over the binary tasks' accuracy and the ranking tasks' Kendall tau (both higher is
+    better, at most 1); ``-`` mean MAE when there is neither."""
+    acc = [m[PRIMARY[task_types[t]]] for t, m in per_task.items() if task_types.get(t) in ("binary", "ranking")]
     if acc:
         return float(np.mean(acc))
     return -float(np.mean([m["mae"] for m in per_task.values()]))
@@ -118,7 +139,7 @@ class MultiTaskScore(Metric):
     ``"<task>/<metric>"`` (TensorBoardStatsHandler logs them).
 
     Args:
-        task_types: task name -> ``"binary"`` or ``"regression"``.
+        task_types: task name -> ``"binary"``, ``"regression"`` or ``"ranking"``.
         regression_scale: task name -> factor applied before the MAE (e.g. 100: UTKFace ages).
     """
 
@@ -169,12 +190,12 @@ def load_baseline(path: str | os.PathLike, task_types: Mapping[str, str]) -> dic
 
 class MultiTaskReport:
     """Evaluator handler: at the end of a run, every task's metrics in a CSV (one row per task:
-    ``task, type, accuracy, precision, recall, mae, n``) and a summary JSON
+    ``task, type, accuracy, precision, recall, mae, kendall_tau, n``) and a summary JSON
     (:func:`mtl_med.metrics.multitask.write_summary_json`: per-task values, the mean accuracy and,
     given a single-task baseline, delta-m of eq. 1 of Vandenhende et al.). Written on rank 0 only.
 
     Args:
-        task_types: task name -> ``"binary"`` or ``"regression"``.
+        task_types: task name -> ``"binary"``, ``"regression"`` or ``"ranking"``.
         output_dir: folder of the two files.
         baseline_file: summary JSON of the single-task run (``None``: no delta-m).
         regression_scale: task name -> factor applied before the MAE.
@@ -182,7 +203,7 @@ class MultiTaskReport:
         extra: more entries for the summary JSON (variant, checkpoint, ...).
     """
 
-    COLUMNS = ("task", "type", "accuracy", "precision", "recall", "mae", "n")
+    COLUMNS = ("task", "type", "accuracy", "precision", "recall", "mae", "kendall_tau", "n")
 
     def __init__(
         self,
@@ -219,7 +240,7 @@ class MultiTaskReport:
         w = csv.writer(buf)
         w.writerow(self.COLUMNS)
         for t, m in per_task.items():
-            w.writerow([t, self.task_types[t], *(repr(m[k]) if k in m else "" for k in self.COLUMNS[2:6]), len(labels[t])])
+            w.writerow([t, self.task_types[t], *(repr(m[k]) if k in m else "" for k in self.COLUMNS[2:-1]), len(labels[t])])
         atomic_write_text(buf.getvalue(), os.path.join(self.output_dir, self.csv_name))
         extra = {"mean_accuracy": primary_metric(per_task, self.task_types), **self.extra}
         if self.baseline is None:
@@ -236,7 +257,7 @@ class PredictionWriter:
     ``<task>_prob`` (probability of class 1). Written atomically at the end, on rank 0.
 
     Args:
-        task_types: task name -> ``"binary"`` or ``"regression"``.
+        task_types: task name -> ``"binary"``, ``"regression"`` or ``"ranking"``.
         output_file: the CSV path.
         index_key: batch key of the item indices.
     """

@@ -1,7 +1,7 @@
 """Per-task metrics and the multi-task performance delta-m.
 
 Binary tasks: accuracy, precision and recall (Task Routing, section 4.4); regression: mean absolute
-error (SFG, Table 1). ``delta_m`` is eq. 1 of Vandenhende et al. (after Maninis et al. 2019):
+error (SFG, Table 1); ranking: Kendall's tau between scores and targets (Selective Sharing, Table 2). ``delta_m`` is eq. 1 of Vandenhende et al. (after Maninis et al. 2019):
 ``delta_m = (1/T) sum_i (-1)^{l_i} (M_m,i - M_b,i) / M_b,i`` with ``l_i = 1`` when lower is better.
 """
 
@@ -25,6 +25,7 @@ __all__ = [
     "binary_predictions",
     "binary_classification_metrics",
     "regression_metrics",
+    "ranking_metrics",
     "multitask_metrics",
     "delta_m",
     "summarize_runs",
@@ -74,13 +75,25 @@ def regression_metrics(y_pred, y_true, scale: float = 1.0) -> dict[str, float]:
     return {"mae": float(mean_absolute_error(t, p))}
 
 
+def ranking_metrics(scores, y_true) -> dict[str, float]:
+    """Kendall's tau-b between predicted scores and graded targets (Selective Sharing, Table 2 reports
+    tau x 100); 0 when either side is constant (tau undefined)."""
+    from scipy.stats import kendalltau
+
+    p, t = _np(scores).reshape(-1).astype(np.float64), _np(y_true).reshape(-1).astype(np.float64)
+    if p.shape != t.shape:
+        raise ValueError(f"scores and targets differ in size: {p.shape} vs {t.shape}")
+    tau = kendalltau(p, t).statistic if len(p) > 1 else float("nan")
+    return {"kendall_tau": 0.0 if math.isnan(tau) else float(tau)}
+
+
 def multitask_metrics(
     outputs: Mapping[str, object],
     targets: Mapping[str, object],
     task_types: Mapping[str, str],
     regression_scale: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: metrics}`` for ``task_types[task]`` in ``{"binary", "regression"}``."""
+    """``{task: metrics}`` for ``task_types[task]`` in ``{"binary", "regression", "ranking"}``."""
     res = {}
     for task, kind in task_types.items():
         if task not in outputs or task not in targets:
@@ -89,8 +102,10 @@ def multitask_metrics(
             res[task] = binary_classification_metrics(binary_predictions(outputs[task]), targets[task])
         elif kind == "regression":
             res[task] = regression_metrics(outputs[task], targets[task], (regression_scale or {}).get(task, 1.0))
+        elif kind == "ranking":
+            res[task] = ranking_metrics(outputs[task], targets[task])
         else:
-            raise ValueError(f"task {task!r}: unknown type {kind!r} (binary or regression)")
+            raise ValueError(f"task {task!r}: unknown type {kind!r} (binary, regression or ranking)")
     return res
 
 

@@ -279,3 +279,16 @@ def test_selective_sharing_records_groups_every_epoch(trained):
     scalars, images = _tags(root)
     assert {"selective/active_branches", "selective/active_parameters", "selective/locked"} <= scalars
     assert {"selective/membership", "selective/clusters"} <= images
+
+
+def test_selective_sharing_trains_and_evaluates_ranking_tasks(tmp_path):
+    # eq. 7's pairwise loss on graded targets: digits posed as two ranking tasks
+    over = dict(FAST, dataset_kwargs={"digits": [3, 8], "ranking_tasks": ["digit_3", "digit_8"]})
+    wf = run(["train.json", "variants/selective_sharing.json"], tmp_path, **over)
+    assert wf.parser.get_parsed_content("task_types") == {"digit_3": "ranking", "digit_8": "ranking"}
+    run(["train.json", "variants/selective_sharing.json", "evaluate.json"], tmp_path, **over)
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    taus = [summary["tasks"][t]["kendall_tau"]["mean"] for t in ("digit_3", "digit_8")]
+    assert all(-1.0 <= t <= 1.0 for t in taus) and summary["mean_accuracy"] == pytest.approx(sum(taus) / 2)
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert [r["type"] for r in rows] == ["ranking", "ranking"] and all(r["kendall_tau"] for r in rows)

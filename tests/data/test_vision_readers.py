@@ -14,6 +14,7 @@ from mtl_med.data.vision import (
     VisionFileNotFoundError,
     VisionFormatError,
     load_digits_tasks,
+    load_vision_tasks,
     parse_utkface_name,
     read_celeba,
     read_cifar10,
@@ -251,3 +252,25 @@ def test_missing_and_corrupt_image_files(tmp_path):
     (tmp_path / "img_align_celeba" / "000001.jpg").unlink()
     with pytest.raises(VisionFileNotFoundError, match="000001.jpg"):
         ds[0]
+
+
+def test_cub_as_ranking_grades_presence_by_certainty(tmp_path):
+    # image 1: present/definitely, image 3: absent/probably; attribute 2: present/guessing, absent/not visible
+    text = "1 1 1 4 1\n1 2 1 2 1\n2 1 0 1 1\n2 2 0 1 1\n3 1 0 3 1\n3 2 0 1 1\n4 1 1 1 1\n4 2 1 3 1\n"
+    _cub(tmp_path / "CUB_200_2011", n_attr=2, labels_text=text)
+    train = read_cub(tmp_path / "CUB_200_2011", "train", ranking=True)
+    assert set(train.task_types.values()) == {"ranking"}
+    a1, a2 = (train.targets[n].tolist() for n in train.task_names)
+    assert a1 == [3.0, -2.0] and a2 == [1.0, 0.0]  # images 1 and 3 are the training split
+    bad = tmp_path / "bad" / "CUB_200_2011"
+    _cub(bad, n_attr=2, labels_text=text.replace("1 1 1 4 1", "1 1 1 7 1"))
+    with pytest.raises(VisionFormatError, match="certainty_id"):
+        read_cub(bad, "train", ranking=True)
+
+
+def test_load_vision_tasks_poses_named_tasks_as_ranking():
+    ds = load_vision_tasks("digits", "val", ranking_tasks=["digit_3"])
+    assert ds.task_types["digit_3"] == "ranking" and ds.targets["digit_3"].dtype == torch.float32
+    assert ds.task_types["digit_4"] == "binary"
+    with pytest.raises(ValueError, match="digit_x"):
+        load_vision_tasks("digits", "val", ranking_tasks=["digit_x"])

@@ -13,6 +13,7 @@ from mtl_med.metrics.multitask import (
     binary_predictions,
     delta_m,
     multitask_metrics,
+    ranking_metrics,
     regression_metrics,
     summarize_runs,
     write_summary_json,
@@ -77,3 +78,11 @@ def test_writers(tmp_path):
     assert summary["delta_m"]["mean"] == pytest.approx(0.09375)
     # atomic_write leaves its temporary as ".<name>.<random>.tmp<suffix>" (hidden): nothing but the two files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "tasks.csv"]
+
+
+def test_kendall_tau_on_a_hand_case():
+    # one discordant pair of six: tau = (5 - 1) / 6
+    assert ranking_metrics(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0]))["kendall_tau"] == pytest.approx(2 / 3)
+    assert ranking_metrics([1.0, 1.0, 1.0], [0.0, 1.0, 2.0])["kendall_tau"] == 0.0  # constant scores: undefined -> 0
+    m = multitask_metrics({"r": torch.tensor([[3.0], [2.0], [1.0]])}, {"r": torch.tensor([0.0, 1.0, 2.0])}, {"r": "ranking"})
+    assert m["r"]["kendall_tau"] == pytest.approx(-1.0)
