@@ -1,0 +1,135 @@
+"""Selective Sharing (Strezoski et al.) on the digits default of the vision bundle, against
+single-task, hard-sharing and cross-stitch networks under one protocol.
+
+Every run goes through the bundle's own configs (bundles/vision_multitask: ``train.json`` +
+``variants/selective_sharing.json``, then ``evaluate.json`` on the test split) with the paper's
+MNIST set-up for all methods (appendix A.1: the two-layer CNN, 28x28 input, SGD lr 0.02,
+momentum 0.5, batch 64, 30 epochs, no early stopping; the validation-best checkpoint is tested):
+
+- ``stl``: ten independent networks (``single_task`` columns of the MNIST CNN, pooled heads with a
+  100-unit hidden layer);
+- ``hard``: the MNIST CNN shared, per-task heads as ``stl`` (hard parameter sharing);
+- ``cross_stitch``: ten columns joined by cross-stitch units;
+- ``branches``: the paper's MTL baseline, the Selective Sharing network that never merges (shared
+  FC 640, ten branches FC 100 -> 50 -> 1);
+- ``similarity`` / ``dissimilarity`` / ``variance`` / ``random``: Selective Sharing under each
+  sharing condition of appendix A.2.
+
+Prints per method the mean test accuracy over the ten one-vs-all tasks (mean ± sample std over
+seeds), the groups formed and the lock epoch per seed, active parameters at the end, and the
+training CPU time relative to ``hard`` (CPU seconds of this process, so other load on the machine
+does not distort it). A benchmark prints; it never asserts.
+
+    python benchmarks/selective_digits.py                                   # 3 seeds, all methods
+    python benchmarks/selective_digits.py --seeds 0 --max_epochs 3 --methods hard similarity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vision_digits import run_bundle
+
+CONDITIONS = ("similarity", "dissimilarity", "variance", "random")
+METHODS = ("stl", "hard", "cross_stitch", "branches", *CONDITIONS)
+PLAIN = {"stl": "single_task", "hard": "hard_sharing", "cross_stitch": "cross_stitch"}
+
+
+def settings(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str], dict]:
+    """Configs and overrides of one run: the selective_sharing variant's protocol for every method."""
+    common = dict(seed=seed, max_epochs=args.max_epochs, batch_size=64, learning_rate=0.02, momentum=0.5,
+                  image_size=28, width=1.0, val_interval=1)
+    if method in PLAIN:
+        return ["train.json"], dict(
+            common, backbone="mnist_cnn", sharing=PLAIN[method], variant=method,
+            **{"network_def#head_hidden": 100,
+               "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
+                             "momentum": 0.5, "weight_decay": "@weight_decay"}})
+    condition = "similarity" if method == "branches" else method
+    start = 10**6 if method == "branches" else 1  # the paper's MTL baseline: branches that never merge
+    return ["train.json", "variants/selective_sharing.json"], dict(
+        common, variant=method, selective_condition=condition, selective_start_epoch=start)
+
+
+def plain_parameters(method: str) -> int:
+    """Parameters of a plain method's network on the ten digit tasks (all of them are active)."""
+    from mtl_med.networks import build_network
+
+    names = [f"digit_{d}" for d in range(10)]
+    net = build_network("mnist_cnn", PLAIN[method], names, {t: 2 for t in names}, in_channels=1, head_hidden=100)
+    return sum(p.numel() for p in net.parameters())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max_epochs", type=int, default=30, help="the paper trains 30 epochs")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU-time measurements)")
+    p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files and exit")
+    args = p.parse_args()
+    if args.merge:
+        results: dict[str, dict] = {}
+        for f in args.merge:
+            for m, by_seed in json.loads(Path(f).read_text())["results"].items():
+                results.setdefault(m, {}).update(by_seed)
+        print_table(results)
+        return
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.INFO)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="selective_digits_"))
+    results: dict[str, dict] = {m: {} for m in args.methods}
+    for seed in args.seeds:
+        for m in args.methods:
+            run_dir = root / f"{m}_seed{seed}"
+            configs, over = settings(m, seed, args)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            epochs = run_bundle(configs, run_dir, **over)
+            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+            run_bundle(configs + ["evaluate.json"], run_dir, **{k: v for k, v in over.items() if k != "max_epochs"})
+            summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+            r = {"accuracy": summary["mean_accuracy"], "cpu_s": cpu, "wall_s": wall, **epochs}
+            record = run_dir / "eval" / "selective_sharing.json"
+            if record.is_file():
+                rec = json.loads(record.read_text())["epochs"]
+                locked = [e["epoch"] for e in rec if e.get("locked")]
+                r.update(groups=rec[-1]["groups"], lock_epoch=locked[0] if locked else None,
+                         active_parameters=rec[-1]["active_parameters"], first_grouped=next(
+                             (e["epoch"] for e in rec if any(len(g) > 1 for g in e["groups"])), None))
+            else:
+                r.update(active_parameters=plain_parameters(m))
+            results[m][seed] = r
+            print(f"{m:13s} seed {seed}: accuracy {100 * r['accuracy']:.2f}%  groups {r.get('groups', '-')}  "
+                  f"lock epoch {r.get('lock_epoch', '-')}  {cpu:.0f} CPU-s ({wall:.0f} s wall)", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    print_table(results)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    """A Markdown table: one row per method, statistics over seeds."""
+    ref = np.mean([r["cpu_s"] for r in results["hard"].values()]) if results.get("hard") else float("nan")
+    print("\n| method | mean accuracy (mean ± std) | groups formed (per seed) | first grouped / lock epoch | active parameters | training CPU time vs hard |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for m, by_seed in results.items():
+        acc = np.array([r["accuracy"] for r in by_seed.values()])
+        sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        groups = "; ".join(str([g for g in r["groups"] if len(g) > 1]) for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
+        lock = "/".join(f"{r.get('first_grouped')}/{r.get('lock_epoch')}" for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
+        params = "/".join(str(r.get("active_parameters")) for r in by_seed.values())
+        cpu = np.mean([r["cpu_s"] for r in by_seed.values()])
+        print(f"| {m} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {groups} | {lock} | {params} | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
+
+
+if __name__ == "__main__":
+    main()
