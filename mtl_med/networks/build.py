@@ -15,6 +15,7 @@ from functools import partial
 from torch import nn
 
 from .blocks import Backbone
+from .dense_heads import DENSE_HEADS
 from .heads import HEADS
 from .highresnet import highresnet
 from .resnet import resnet18, resnet34
@@ -83,8 +84,10 @@ def build_network(
         spatial_dims: 2 or 3.
         head: ``"dense"`` (1x1 convolutions at full resolution) or ``"pooled"`` (global average
             pooling and fully connected layers); default: dense for backbones that keep the
-            input's resolution (HighResNet), pooled otherwise.
-        head_hidden, head_act: the pooled heads' hidden width (default: the backbone's) and activation.
+            input's resolution (HighResNet), pooled otherwise. ``"aspp"`` or ``"fcn"``: dense
+            prediction heads upsampled to the input's size (:mod:`~mtl_med.networks.dense_heads`).
+        head_hidden, head_act: the pooled heads' hidden width (default: the backbone's) and activation;
+            ``head_hidden`` is also the ASPP / FCN heads' width.
         kwargs: the backbone's arguments (e.g. ``in_channels``, ``width``, ``features``,
             ``conv1_t_size``) and the method's (e.g. ``sigma`` and ``seed`` for routing,
             ``grouping``/``shared_init``/``lambda1`` for SFG, ``tau``/``policy`` for AdaShare,
@@ -120,9 +123,13 @@ def build_network(
     elif head == "pooled":
         hidden = spec.head_hidden if head_hidden is None else int(head_hidden)
         heads = HEADS["pooled"](spatial_dims, spec.out_channels, outs, hidden=hidden, act=head_act)
+    elif head in DENSE_HEADS:  # upsampled to the input's size (dense_heads.py)
+        heads = DENSE_HEADS[head](spatial_dims, spec.out_channels, outs, **({} if head_hidden is None else {"hidden": int(head_hidden)}))
     else:
-        raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
+        raise ValueError(f"head must be one of {sorted(HEADS) + sorted(DENSE_HEADS)}, got {head!r}")
     net = method(spec, task_names, heads, **{k: v for k, v in kwargs.items() if k in method_keys})
+    if hasattr(heads, "attach"):
+        heads.attach(net)
     net.build_args = build_args
     return net
 
