@@ -11,6 +11,8 @@ sampling each copy of the input gets its own group assignment.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -19,11 +21,52 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.nn import functional as F
 
-from mtl_med.pelvis import NUM_LABELS, SCT_TASK, SEG_TASK
+from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK, SEG_TASK
 
-__all__ = ["PosteriorAggregator", "PosteriorSampler", "sample_posterior", "sampling_mode", "uses_batch_statistics"]
+from .compact import CompactSFG, compact_unsupported
+
+__all__ = [
+    "PosteriorAggregator",
+    "PosteriorSampler",
+    "sample_posterior",
+    "sampling_mode",
+    "uses_batch_statistics",
+    "native_bfloat16",
+    "compute_dtype",
+]
 
 MODES = ("sample", "argmax", "relaxed")
+ENGINES = ("auto", "compact", "dense")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# num_samples="auto": the stopping rule's defaults (see PosteriorSampler)
+AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES = 50, 10
+AUTO_REGRESSION_TOL = 20.0 / CT_SCALE  # 20 HU in the network's sCT units (A.3: HU = 1024 (x - 1))
+AUTO_LABEL_TOL = 0.01
+
+
+@functools.lru_cache(maxsize=1)
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX512-BF16), read from the CPU's flags;
+    elsewhere oneDNN emulates bfloat16 and it is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def compute_dtype(dtype: str | torch.dtype, device: torch.device, amp: bool = False) -> torch.dtype:
+    """The compute dtype of the posterior passes. ``"auto"``: float16 on CUDA with ``amp``, float32 otherwise
+    on CUDA; on a CPU float32 (bfloat16 costs more than the bounds docs/performance.md sets, or gains nothing
+    where :func:`native_bfloat16` is false). Nothing is measured at run time."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" and amp else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
 
 
 class PosteriorAggregator:
@@ -157,38 +200,58 @@ class PosteriorSampler:
     """All posterior samples of a batch of images (slices or patches), aggregated on the fly.
 
     For a batch ``x`` of ``B`` images it runs :attr:`num_samples` stochastic passes, ``k = max_batch // B``
-    copies of the batch per forward call, each copy with its own group assignment (``per_example``); a
-    network that normalises with test-batch statistics (:func:`uses_batch_statistics`) runs one pass per call
-    instead, one assignment for the whole batch. The passes feed one :class:`PosteriorAggregator`.
+    copies of the batch per step, each copy with its own group assignment (``per_example``); a network that
+    normalises with test-batch statistics (:func:`uses_batch_statistics`) runs one pass per call instead,
+    one assignment for the whole batch. The passes feed one :class:`PosteriorAggregator`.
+
+    The passes run compacted (:class:`~mtl_med.inference.compact.CompactSFG`: each group's kernels on its
+    own inputs, the same numbers as the dense forward to float32 rounding, about half its FLOPs at the
+    paper's initial ``p`` and a plain network's at hard sharing) wherever the network allows it, else dense.
 
     * :meth:`sample` (what :func:`sample_posterior` calls): the posterior summary of a batch, the keys of
       :meth:`PosteriorAggregator.result`.
-    * :meth:`run` with a MONAI inferer: the sampler is the inferer's network; for each batch of slices (or
-      patches) :meth:`__call__` returns the stitchable maps of :meth:`PosteriorAggregator.maps`
-      (``<reg>_mean``, ``<reg>_std``, ``<label>_votes``), so memory holds those maps, never S volumes.
+    * :meth:`run` with a MONAI inferer (``SliceInferer`` over slices, ``SlidingWindowInferer`` over 3D
+      patches alike): the sampler is the inferer's network; for each batch of slices (or patches)
+      :meth:`__call__` returns the stitchable maps of :meth:`PosteriorAggregator.maps` (``<reg>_mean``,
+      ``<reg>_std``, ``<label>_votes``), so memory holds those maps, never S volumes.
 
     Args:
         network: multi-task network returning ``{task: tensor}``.
-        num_samples: S posterior samples (section 5.2: 50); ``mode="argmax"`` is deterministic and makes one
-            pass whatever is given (:attr:`num_samples` is then 1).
-        max_batch: images per forward call (images x sample copies): the memory budget.
+        num_samples: S posterior samples (section 5.2: 50), or ``"auto"``: passes until the stopping rule
+            below holds, at most ``max_samples``; ``mode="argmax"`` is deterministic and makes one pass
+            whatever is given (:attr:`num_samples` is then 1).
+        max_batch: images per step (images x sample copies): the memory budget of the dense path; the
+            compacted path runs each distinct assignment alone, a few images a call.
         mode: ``"sample"`` (posterior draws), ``"argmax"`` (deterministic: one pass, std 0) or ``"relaxed"``.
         regression: regression outputs; labels: label output -> number of classes (default ``{"seg": 6}``,
             the pelvis labels of :mod:`mtl_med.pelvis`).
         generator: random generator of the group draws (same seed, same samples).
-        amp: autocast (CUDA only; ignored elsewhere).
+        amp: float16 autocast on CUDA (``dtype="auto"`` then means float16; ignored elsewhere).
         progress: a tqdm bar to advance by the number of image-passes done.
         margin: voxels of replicate padding around every spatial side of the input, cropped from the outputs.
             Training never puts a loss where a patch meets its zero padding (A.3), so the network's output near
             an image border is undefined; a margin of the receptive-field radius moves that border out of the
             image.
-        forward: ``forward(network, batch, generator)`` replaces ``network(batch, generator=generator)``.
+        forward: ``forward(network, batch, generator)`` replaces ``network(batch, generator=generator)`` (and
+            the compacted path).
+        engine: ``"auto"`` (compacted where :func:`~mtl_med.inference.compact.compact_unsupported` allows),
+            ``"compact"`` (an error where it does not) or ``"dense"`` (the network's own forward).
+        dtype: ``"auto"`` (:func:`compute_dtype`), ``"float32"``, ``"bfloat16"`` or ``"float16"``: the
+            compacted path computes in it; the dense path autocasts to it.
+        channels_last: activations channels-last (default: with a reduced dtype on a CPU, what oneDNN's
+            bfloat16 kernels want).
+        max_samples, min_samples: bounds of ``num_samples="auto"`` (50 and 10).
+        regression_tol: ``"auto"`` stops when the root-mean-square over the image of the expected change of
+            every regression mean, were the remaining passes up to ``max_samples`` made, is at most this
+            (network units; default 20 HU of the pelvis sCT) ...
+        label_tol: ... and the expected fraction of organ voxels (modal label not 0) whose modal label those
+            passes would change is at most this (default 1%). See docs/performance.md.
     """
 
     def __init__(
         self,
         network: nn.Module,
-        num_samples: int = 50,
+        num_samples: int | str = 50,
         *,
         max_batch: int = 64,
         mode: str = "sample",
@@ -199,13 +262,31 @@ class PosteriorSampler:
         progress: Any = None,
         margin: int = 0,
         forward: Callable | None = None,
+        engine: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        channels_last: bool | None = None,
+        max_samples: int = AUTO_MAX_SAMPLES,
+        min_samples: int = AUTO_MIN_SAMPLES,
+        regression_tol: float = AUTO_REGRESSION_TOL,
+        label_tol: float = AUTO_LABEL_TOL,
     ):
+        self.adaptive = num_samples == "auto"
+        if self.adaptive:
+            if not 1 <= int(min_samples) <= int(max_samples):
+                raise ValueError(f"num_samples='auto' needs 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
+            num_samples = int(max_samples)
+        elif isinstance(num_samples, str):
+            raise ValueError(f"num_samples must be a positive integer or 'auto', got {num_samples!r}")
         if int(num_samples) < 1 or int(max_batch) < 1:
             raise ValueError(f"num_samples and max_batch must be >= 1, got {num_samples}, {max_batch}")
         if mode not in MODES:
             raise ValueError(f"mode must be 'sample', 'argmax' or 'relaxed', got {mode!r}")
         if int(margin) < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if not (isinstance(dtype, torch.dtype) or dtype == "auto" or dtype in DTYPES):
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
         self.network = network
         self.requested_samples = int(num_samples)
         self.max_batch = int(max_batch)
@@ -217,11 +298,24 @@ class PosteriorSampler:
         self.progress = progress
         self.margin = int(margin)
         self.forward = forward
+        self.engine, self.dtype, self.channels_last = engine, dtype, channels_last
+        self.min_samples, self.regression_tol, self.label_tol = int(min_samples), float(regression_tol), float(label_tol)
+        self.passes: list[int] = []  # passes made for each batch since the last reset_passes()
 
     @property
     def num_samples(self) -> int:
-        """The number of passes actually made: ``requested_samples``, or 1 in argmax mode."""
+        """The most passes made per batch: ``requested_samples`` (``max_samples`` with ``"auto"``), or 1 in
+        argmax mode."""
         return 1 if self.mode == "argmax" else self.requested_samples
+
+    def passes_used(self) -> dict[str, float]:
+        """Passes made per batch since :meth:`reset_passes`: ``{"batches", "mean", "min", "max"}``."""
+        if not self.passes:
+            return {"batches": 0, "mean": 0.0, "min": 0, "max": 0}
+        return {"batches": len(self.passes), "mean": sum(self.passes) / len(self.passes), "min": min(self.passes), "max": max(self.passes)}
+
+    def reset_passes(self) -> None:
+        self.passes = []
 
     # ---- the S-pass loop
     def sampling(self):
@@ -238,10 +332,24 @@ class PosteriorSampler:
         finally:
             self.generator, self.progress = saved
 
-    def _autocast(self, device: torch.device):
-        if self.amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
+    def _autocast(self, device: torch.device, dtype: torch.dtype):
+        if dtype != torch.float32 and device.type in ("cuda", "cpu"):
+            return torch.autocast(device.type, dtype=dtype)
         return contextlib.nullcontext()
+
+    def _compact(self, device: torch.device, dtype: torch.dtype) -> CompactSFG | None:
+        """The compacted engine for this call, or ``None`` for the dense path."""
+        if self.engine == "dense" or self.forward is not None:
+            return None
+        reason = compact_unsupported(self.network)
+        if reason is None and self.mode == "relaxed":
+            reason = "relaxed mode draws soft assignments"
+        if reason is not None:
+            if self.engine == "compact":
+                raise ValueError(f"engine='compact' cannot run this network: {reason}")
+            return None
+        cl = self.channels_last if self.channels_last is not None else (dtype != torch.float32 and device.type == "cpu")
+        return CompactSFG(self.network, dtype=dtype, channels_last=cl)
 
     def _crop(self, out: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
         m = self.margin
@@ -259,19 +367,62 @@ class PosteriorSampler:
             x = F.pad(x, [self.margin] * 2 * (x.ndim - 2), mode="replicate")
         b = x.shape[0]
         k_max = 1 if uses_batch_statistics(self.network) else max(1, self.max_batch // b)
+        dtype = compute_dtype(self.dtype, x.device, self.amp)
+        engine = self._compact(x.device, dtype)
         agg = PosteriorAggregator(self.regression, self.labels)
-        with self._autocast(x.device):
+        with contextlib.nullcontext() if engine is not None else self._autocast(x.device, dtype):
             while agg.count < self.num_samples:
                 k = min(k_max, self.num_samples - agg.count)
-                batch = x.repeat(k, *([1] * (x.ndim - 1)))
-                if self.forward is not None:
-                    out = self.forward(self.network, batch, self.generator)
+                if self.adaptive and agg.count < self.min_samples:
+                    k = min(k, self.min_samples - agg.count)
+                if engine is not None:
+                    out = engine(x, self.generator, copies=k)
                 else:
-                    out = self.network(batch, generator=self.generator)
+                    batch = x.repeat(k, *([1] * (x.ndim - 1)))
+                    if self.forward is not None:
+                        out = self.forward(self.network, batch, self.generator)
+                    else:
+                        out = self.network(batch, generator=self.generator)
                 agg.update({n: v.reshape(k, b, *v.shape[1:]) for n, v in out.items() if n in agg.names})
                 if self.progress is not None:
                     self.progress.update(k * b)
+                if self.adaptive and agg.count >= self.min_samples and self.settled(agg):
+                    break
+        self.passes.append(agg.count)
         return agg
+
+    def settled(self, agg: PosteriorAggregator) -> bool:
+        """The stopping rule of ``num_samples="auto"``: what the remaining ``R = N - S`` passes up to the
+        maximum ``N`` would still change in what users read is within the tolerances.
+
+        * Regression means: the ``N``-pass mean differs from the ``S``-pass mean by a Monte-Carlo error of
+          variance ``sigma^2 R / (N S)`` per voxel; its root mean square over the image (``sigma^2`` the
+          samples' variance) must be at most ``regression_tol``.
+        * Modal labels: over the organ voxels (modal label not 0), a voxel whose leader has ``n1`` votes and
+          runner-up ``n2`` changes label if the runner-up gains ``n1 - n2`` votes on it in ``R`` passes; with
+          the vote frequencies ``p1, p2`` the gain is about normal, mean ``R (p2 - p1)``, variance
+          ``R (p1 + p2)``. The mean of that probability over the organ voxels must be at most ``label_tol``.
+        """
+        s, n = agg.count, self.num_samples
+        r = n - s
+        if r <= 0:
+            return True
+        for name in self.regression:
+            var = agg._m2[name] / s
+            if math.sqrt(float(var.mean()) * r / (n * s)) > self.regression_tol:
+                return False
+        for name, votes in agg.votes.items():
+            top = votes.topk(2, dim=1).values.float() if votes.shape[1] > 1 else torch.cat([votes, 0 * votes], 1).float()
+            organ = votes.argmax(1) != 0
+            if not organ.any():
+                continue
+            n1, n2 = top[:, 0][organ], top[:, 1][organ]
+            p1, p2 = n1 / s, n2 / s
+            z = (n1 - n2 + r * (p1 - p2)) / (r * (p1 + p2)).clamp_min(1e-12).sqrt()
+            flips = 0.5 * torch.erfc(z / math.sqrt(2.0))
+            if float(flips.mean()) > self.label_tol:
+                return False
+        return True
 
     # ---- the two uses
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -297,7 +448,7 @@ class PosteriorSampler:
 def sample_posterior(
     model: nn.Module,
     x: torch.Tensor,
-    num_samples: int = 50,
+    num_samples: int | str = 50,
     samples_per_batch: int = 10,
     regression: Iterable[str] = (SCT_TASK,),
     labels: Mapping[str, int] | None = None,
@@ -313,7 +464,7 @@ def sample_posterior(
     to :class:`PosteriorSampler` (``mode``, ``margin``, ``amp``, ``progress``). Returns ``<reg>`` (mean),
     ``<reg>_std``, ``<label>`` (mode), ``<label>_disagreement`` and ``<label>_entropy``.
     """
-    if num_samples < 1 or samples_per_batch < 1:
+    if (num_samples != "auto" and int(num_samples) < 1) or samples_per_batch < 1:
         raise ValueError(f"num_samples and samples_per_batch must be >= 1, got {num_samples}, {samples_per_batch}")
     sampler = PosteriorSampler(model, num_samples, max_batch=samples_per_batch * x.shape[0], regression=regression,
                                labels=labels, generator=generator, forward=forward, **options)
