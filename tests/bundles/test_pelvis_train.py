@@ -75,7 +75,8 @@ def test_train_writes_checkpoints_events_landmarks_and_resumes(tmp_path, phantom
 
 
 # branched.json trains the tree that configs/affinity.json searched: tests/bundles/test_pelvis_branched.py
-@pytest.mark.parametrize("variant", sorted(p.name for p in (CONFIGS / "variants").glob("*.json") if p.name != "branched.json"))
+# selective_sharing.json: test_selective_sharing_variant_merges_only_when_a_single_cluster_is_allowed
+@pytest.mark.parametrize("variant", sorted(p.name for p in (CONFIGS / "variants").glob("*.json") if p.name not in ("branched.json", "selective_sharing.json")))
 def test_each_variant_trains(tmp_path, phantoms, variant):
     root = tmp_path / "run"
     extra = {"samples_per_volume": 3} if variant == "adashare.json" else {}  # AdaShare splits the patches 80/20
@@ -84,6 +85,18 @@ def test_each_variant_trains(tmp_path, phantoms, variant):
     config = json.loads((CONFIGS / "variants" / variant).read_text())
     learned = any(k.endswith("groups.theta") for k in state["model"])
     assert learned == (config.get("sharing", "sfg") == "sfg" and config.get("grouping") == "sfg")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_selective_sharing_variant_merges_only_when_a_single_cluster_is_allowed(tmp_path, phantoms):
+    # two tasks: HDBSCAN never returns both branches as one cluster unless allowed to, so "merge or
+    # not" is this switch, not the data (docs/README.md, "The paper's baselines")
+    root = tmp_path / "run"
+    _train(root, phantoms, CONFIGS / "variants" / "selective_sharing.json", max_epochs=1, selective_allow_single_cluster=True)
+    record = json.loads((root / "models" / "selective_sharing.json").read_text())
+    assert [r["groups"] for r in record["epochs"]] == [[record["task_names"]]]
+    state = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu")
+    assert state["model"]["branch_of_task"].tolist() == [0, 0]
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
 
 
