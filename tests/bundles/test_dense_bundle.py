@@ -1,0 +1,106 @@
+"""The dense multi-task bundle (bundles/dense_multitask) on synthetic scenes: every variant trains a few iterations
+and writes a checkpoint; evaluation writes per-task metrics with delta-m; inference writes per-task predictions;
+TensorBoard holds the per-task losses, metrics and images. Workflows run in this process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.synthetic_scenes import generate
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "dense_multitask"
+VARIANTS = sorted(p.stem for p in (BUNDLE / "configs" / "variants").glob("*.json"))
+SIZE = 16
+# tiny and fast: 16x16 scenes, narrow networks, 2 iterations, 1 validation batch
+FAST = dict(batch_size=4, val_batch_size=4, max_epochs=1, epoch_length=2, val_epoch_length=1, warmup_epochs=1, policy_epochs=1,
+            width=0.0625, head_hidden=4)
+
+
+def run(configs, bundle_root, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / c) for c in configs], meta_file=str(BUNDLE / "configs" / "metadata.json"),
+                        logging_file=False, workflow_type=None, bundle_root=str(bundle_root), **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scenes")
+    generate(root, 8, 4, seed=0, height=SIZE, width=SIZE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, scenes):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread avoids contention on a busy machine
+    root = tmp_path_factory.mktemp("dense_bundle")
+    out = {v: (root / v, run(["train.json", f"variants/{v}.json"], root / v, data_root=str(scenes), **FAST)) for v in VARIANTS}
+    yield out
+    torch.set_num_threads(n)
+
+
+def test_variants_cover_the_sharing_methods():
+    assert set(VARIANTS) >= {"hard_sharing", "single_task", "cross_stitch", "sfg", "task_routing", "adashare", "branched"}
+
+
+def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained):
+    for variant, (root, wf) in trained.items():
+        trainer = wf.parser.get_parsed_content("train#trainer")
+        assert trainer.state.iteration == FAST["epoch_length"], variant
+        assert math.isfinite(float(trainer.state.output["loss"])), variant
+        # Task Routing trains one task per mini-batch (its algorithm 1), the others every task at once
+        assert len(set(trainer.state.output["terms"]) & {"seg", "depth", "normal"}) == (1 if variant == "task_routing" else 3), variant
+        for name in ("model.pt", "model_final.pt"):
+            state = torch.load(root / "models" / name, map_location="cpu", weights_only=True)
+            assert all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()), variant
+    assert trained["sfg"][1].parser.get_parsed_content("network_def").name == "sfg"
+    assert trained["branched"][1].parser.get_parsed_content("network_def").config[-1] == [0, 1, 2]
+
+
+def test_tensorboard_has_losses_metrics_and_images_per_task(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(trained["hard_sharing"][0] / "eval" / "tensorboard")).Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {"loss/seg", "loss/depth", "loss/normal", "seg/miou", "depth/abs_err", "normal/median_error", "val_score"} <= scalars
+    assert {"val/input"} | {f"val/{t}/{k}" for t in ("seg", "depth", "normal") for k in ("pred", "target")} <= images
+
+
+def test_evaluate_with_delta_m_and_inference_writes_per_task_predictions(trained, scenes):
+    base, root = trained["single_task"][0], trained["hard_sharing"][0]
+    run(["train.json", "variants/single_task.json", "evaluate.json"], base, data_root=str(scenes), **FAST)
+    run(["train.json", "variants/hard_sharing.json", "evaluate.json"], root, data_root=str(scenes),
+        baseline_file=str(base / "eval" / "metrics.json"), **FAST)
+    summary = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(summary["tasks"]) == {"seg", "depth", "normal"} and "miou" in summary["tasks"]["seg"]
+    assert summary["delta_m"] is None or math.isfinite(summary["delta_m"])
+    assert summary["parameters"] < json.loads((base / "eval" / "metrics.json").read_text())["parameters"]
+    run(["train.json", "variants/hard_sharing.json", "inference.json"], root, data_root=str(scenes), **FAST)
+    pred = root / "eval" / "predictions"
+    assert np.load(pred / "seg" / "3.npy").shape == (SIZE, SIZE)
+    normal = np.load(pred / "normal" / "0.npy")
+    assert normal.shape == (SIZE, SIZE, 3) and np.allclose(np.linalg.norm(normal, axis=-1), 1, atol=1e-4)
+    assert np.load(pred / "depth" / "0.npy").shape == (SIZE, SIZE) and (pred / "depth" / "0.png").is_file()
+
+
+def test_missing_synthetic_data_says_how_to_make_it(tmp_path):
+    from mtl_med.data.dense import DenseFileNotFoundError
+
+    with pytest.raises(Exception) as err:
+        run(["train.json"], tmp_path, data_root=str(tmp_path / "none"), **FAST)
+    e = err.value
+    while e is not None and not isinstance(e, DenseFileNotFoundError):
+        e = e.__cause__ or e.__context__
+    assert e is not None and "python -m data_prep.synthetic_scenes" in str(e)
