@@ -4,8 +4,11 @@ Sharing-ratio convention (the paper's, sections 3 and 4.2): ``sigma`` is the fra
 of a layer that are *shared by every task*; the other ``1 - sigma`` are task specific. ``sigma = 0``
 gives each task its own units (disjoint subnetworks when there are at least as many units as
 tasks), ``sigma = 1`` makes every unit shared (hard parameter sharing). The authors' public code
-uses the opposite convention (its ``sigma`` is the fraction of units *nullified* per task, drawn
-independently per task); convert with care when comparing.
+(``taskrouting.py`` and ``routed_vgg.py`` of gstrezoski/TaskRouting) does something else, offered as
+``convention="knockout"``: each task zeroes ``int(sigma * C)`` units of its own, drawn independently
+per task, so any subset of tasks can share a unit and a unit may be used by no task at all; there
+``sigma = 0`` is hard sharing and the units a task keeps are about ``1 - sigma``. The two are not
+a change of variable: compare them by name.
 
 With ``C`` units, ``T`` tasks and ``n_s = round(sigma * C)`` shared units, the ``C - n_s`` specific
 units are dealt out at random to the tasks in turn, so every unit is used by at least one task and
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CONVENTIONS",
     "routing_masks",
     "TaskRouting",
     "TaskSampler",
@@ -32,24 +36,38 @@ __all__ = [
 ]
 
 
+CONVENTIONS = ("paper", "knockout")
+
+
 def routing_masks(
     num_tasks: int,
     num_units: int,
     sigma: float,
     generator: torch.Generator | None = None,
+    convention: str = "paper",
 ) -> torch.Tensor:
     """Binary routing masks ``(num_tasks, num_units)`` (``bool``) for sharing ratio ``sigma``.
 
     Args:
         num_tasks: number of tasks ``T`` (>= 1).
         num_units: number of channels ``C`` of the routed layer (>= 1).
-        sigma: fraction of units shared by all tasks, in ``[0, 1]`` (see module docstring).
+        sigma: in ``[0, 1]``; ``"paper"``: the fraction of units shared by all tasks,
+            ``"knockout"``: the fraction each task zeroes (see module docstring).
         generator: source of randomness (CPU generator); ``None`` uses torch's global RNG.
+        convention: ``"paper"`` (sections 3 and 4.2) or ``"knockout"`` (the authors' code).
     """
     if num_tasks < 1 or num_units < 1:
         raise ValueError(f"need num_tasks >= 1 and num_units >= 1, got {num_tasks=}, {num_units=}")
     if not 0.0 <= float(sigma) <= 1.0:
         raise ValueError(f"sigma must be in [0, 1], got {sigma}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if convention == "knockout":
+        # taskrouting.py: unit_mapping[t, rand(T, C).argsort(1)[:, :int(C * sigma)]] = 0
+        order = torch.rand(num_tasks, num_units, generator=generator).argsort(1)
+        masks = torch.ones(num_tasks, num_units, dtype=torch.bool)
+        masks.scatter_(1, order[:, : int(num_units * float(sigma))], False)
+        return masks
     masks = torch.zeros(num_tasks, num_units, dtype=torch.bool)
     perm = torch.randperm(num_units, generator=generator)
     n_shared = int(round(float(sigma) * num_units))
@@ -103,11 +121,13 @@ class TaskRouting(nn.Module):
         num_units: number of channels ``C``.
         num_tasks: number of tasks ``T``.
         sigma: sharing ratio, the fraction of units shared by all tasks (paper convention,
-            0 = task-specific units only, 1 = hard sharing).
+            0 = task-specific units only, 1 = hard sharing), or with ``convention="knockout"``
+            the fraction of units each task zeroes (the authors' code; 0 = hard sharing).
         generator: a ``torch.Generator`` for the masks (takes precedence over ``seed``).
         seed: seed for a private generator when ``generator`` is not given; with neither, the
             global RNG is used.
         masks: explicit ``(num_tasks, num_units)`` masks instead of random ones.
+        convention: ``"paper"`` or ``"knockout"``, see :func:`routing_masks`.
 
     ``forward(x, task)``: ``x`` is ``(B, C, *spatial)`` (any number of spatial dims, or none);
     ``task`` is an ``int`` (one task for the whole batch, algorithm 1) or a ``LongTensor`` of
@@ -122,17 +142,18 @@ class TaskRouting(nn.Module):
         generator: torch.Generator | None = None,
         seed: int | None = None,
         masks: torch.Tensor | None = None,
+        convention: str = "paper",
     ):
         super().__init__()
-        self.num_units, self.num_tasks, self.sigma = int(num_units), int(num_tasks), float(sigma)
+        self.num_units, self.num_tasks, self.sigma, self.convention = int(num_units), int(num_tasks), float(sigma), convention
         if masks is None:
             if generator is None and seed is not None:
                 generator = torch.Generator().manual_seed(int(seed))
-            masks = routing_masks(self.num_tasks, self.num_units, self.sigma, generator)
+            masks = routing_masks(self.num_tasks, self.num_units, self.sigma, generator, convention)
         masks = torch.as_tensor(masks).bool()
         if masks.shape != (self.num_tasks, self.num_units):
             raise ValueError(f"masks must have shape ({num_tasks}, {num_units}), got {tuple(masks.shape)}")
-        if not bool(masks.any(0).all()):
+        if convention == "paper" and not bool(masks.any(0).all()):  # the knockout draw may leave a unit to no task
             raise ValueError("every unit must be used by at least one task")
         self.register_buffer("masks", masks)
 
@@ -152,7 +173,7 @@ class TaskRouting(nn.Module):
         return x * m
 
     def extra_repr(self) -> str:
-        return f"num_units={self.num_units}, num_tasks={self.num_tasks}, sigma={self.sigma}"
+        return f"num_units={self.num_units}, num_tasks={self.num_tasks}, sigma={self.sigma}, convention={self.convention!r}"
 
 
 class TaskSampler:

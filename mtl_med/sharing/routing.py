@@ -25,13 +25,14 @@ class RoutedNorm(nn.Module):
 
 
 class _RoutingFactory(LayerFactory):
-    def __init__(self, backbone: Backbone, num_tasks: int, sigma: float, generator: torch.Generator, context: TaskContext):
+    def __init__(self, backbone: Backbone, num_tasks: int, sigma: float, generator: torch.Generator, context: TaskContext, convention: str):
         super().__init__(backbone.spatial_dims, backbone.norm, backbone.act)
-        self.num_tasks, self.sigma, self.generator, self.context = num_tasks, sigma, generator, context
+        self.num_tasks, self.sigma, self.generator, self.context, self.convention = num_tasks, sigma, generator, context, convention
 
     def norm(self, channels):
         # after the batch-norm (section 3.2); after the convolution where there is none
-        return RoutedNorm(super().norm(channels), TaskRoutingLayer(channels, self.num_tasks, self.sigma, generator=self.generator), self.context)
+        route = TaskRoutingLayer(channels, self.num_tasks, self.sigma, generator=self.generator, convention=self.convention)
+        return RoutedNorm(super().norm(channels), route, self.context)
 
 
 class TaskRouting(MultiTaskNetwork):
@@ -42,15 +43,18 @@ class TaskRouting(MultiTaskNetwork):
         sigma: sharing ratio, the fraction of units shared by all tasks (paper convention: 1 is
             hard sharing, 0 one subnetwork per task; see :mod:`mtl_med.layers.task_routing`).
         seed: seed of the masks, drawn in construction order from one generator.
+        convention: ``"paper"`` (sigma = the fraction shared by all tasks) or ``"knockout"``
+            (the authors' code: sigma = the fraction each task zeroes, drawn per task).
     """
 
     name = "routing"
 
-    def __init__(self, backbone: Backbone, task_names, heads, sigma: float = 0.5, seed: int = 0, bn_inference: str = "population"):
+    def __init__(self, backbone: Backbone, task_names, heads, sigma: float = 0.5, seed: int = 0, convention: str = "paper",
+                 bn_inference: str = "population"):
         super().__init__(backbone, task_names, heads, bn_inference)
-        self.sigma = float(sigma)
+        self.sigma, self.convention = float(sigma), convention
         g = torch.Generator().manual_seed(int(seed))
-        self.trunk = Trunk(backbone, _RoutingFactory(backbone, self.num_tasks, self.sigma, g, self.context))
+        self.trunk = Trunk(backbone, _RoutingFactory(backbone, self.num_tasks, self.sigma, g, self.context, convention))
 
     def routing_layers(self) -> list[TaskRoutingLayer]:
         return [m for m in self.modules() if isinstance(m, TaskRoutingLayer)]

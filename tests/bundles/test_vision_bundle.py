@@ -147,7 +147,9 @@ def test_variants_configure_the_network_they_name(trained):
         assert (net.name, net.grouping) == ("sfg", v)
     # tasks take different paths through shared batch-norms: test with batch statistics (SFG A.4)
     bn = {v: trained[v][1].parser.get_parsed_content("validate#evaluator").bn_inference for v in VARIANTS}
-    assert {v for v, b in bn.items() if b == "batch"} == {"sfg", "adashare", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8"}
+    assert {v for v, b in bn.items() if b == "batch"} == {"sfg", "adashare", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "tr_knockout0.5"}
+    knockout = trained["tr_knockout0.5"][1].parser.get_parsed_content("network_def").routing_layers()
+    assert all(l.convention == "knockout" and (~l.masks).sum(1).tolist() == [l.num_units // 2] * 10 for l in knockout)
 
 
 def test_evaluate_writes_per_task_csv_and_summary_with_delta_m(trained):

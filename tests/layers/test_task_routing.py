@@ -82,3 +82,21 @@ def test_split_by_task_groups_targets_in_batch_order():
     targets = {"a": torch.arange(5), "b": torch.arange(5) * 10, "c": torch.arange(5) * 100}
     grouped = split_by_task(targets, ids, ["a", "b", "c"])
     assert grouped["c"].tolist() == [0, 200] and grouped["b"].tolist() == [30] and grouped["a"].tolist() == [1, 4]
+
+
+def test_knockout_convention_of_the_authors_code():
+    # each task zeroes int(sigma * C) units of its own, drawn independently: subsets of tasks share units
+    m = routing_masks(4, 30, 0.5, torch.Generator().manual_seed(0), convention="knockout")
+    assert (~m).sum(1).tolist() == [15] * 4
+    assert len({tuple(r.tolist()) for r in m}) == 4  # independent draws
+    users = m.sum(0)
+    assert set(users.tolist()) - {4, 0} and (users < 4).any()  # units shared by some tasks only
+    assert routing_masks(3, 7, 0.0, convention="knockout").all()  # sigma = 0: hard sharing
+    assert (~routing_masks(3, 7, 0.5, convention="knockout")).sum(1).tolist() == [3] * 3  # int(), as the code
+    same = routing_masks(4, 30, 0.5, torch.Generator().manual_seed(0), convention="knockout")
+    assert torch.equal(m, same)
+    m = routing_masks(10, 4, 0.75, torch.Generator().manual_seed(0), convention="knockout")
+    layer = TaskRouting(4, 10, masks=m, convention="knockout")  # a unit unused by every task is allowed here
+    assert layer.masks.sum(1).tolist() == [1] * 10
+    with pytest.raises(ValueError, match="convention"):
+        routing_masks(2, 4, 0.5, convention="code")
