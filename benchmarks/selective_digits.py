@@ -39,7 +39,7 @@ import torch
 from vision_digits import run_bundle
 
 CONDITIONS = ("similarity", "dissimilarity", "variance", "random")
-METHODS = ("stl", "hard", "cross_stitch", "branches", *CONDITIONS)
+METHODS = ("hard", *CONDITIONS, "cross_stitch", "stl", "branches")
 PLAIN = {"stl": "single_task", "hard": "hard_sharing", "cross_stitch": "cross_stitch"}
 
 
