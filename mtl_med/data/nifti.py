@@ -1,5 +1,8 @@
 """Checks on NIfTI inputs and datalists, shared by the data tools, the transforms and inference.
 
+The "mr" and "ct" entries of a datalist may also name a DICOM series folder (:data:`DICOM_ROLES`), checked by
+:func:`mtl_med.dicom.read_headers` and read by MONAI's ITK reader.
+
 Every check raises :class:`~mtl_med.errors.InputError` whose message names the file and the problem, before
 anything is written. The roles, the label table and the datalist image keys are the pelvis application's
 (:mod:`mtl_med.pelvis`).
@@ -34,7 +37,21 @@ __all__ = [
     "check_datalist",
     "source_name",
     "world_bounds",
+    "DICOM_ROLES",
 ]
+
+# datalist keys that may name a DICOM series folder instead of a NIfTI file, and the series' modality
+DICOM_ROLES = {"mr": "MR", "ct": "CT"}
+
+
+def _series_geometry(path: Any, role: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and RAS+ affine of a DICOM series folder, its voxels read and checked like a NIfTI volume's."""
+    from mtl_med.dicom import load_series, read_headers
+
+    hdr = read_headers(path, role=role, modality=DICOM_ROLES[role])
+    img = load_series(path, role=role, headers=hdr)
+    check_array(img, path, role=role, spatial_ndim=3)
+    return tuple(img.shape[1:]), np.asarray(img.affine, float)
 
 
 def source_name(obj: Any, default: str = "<in-memory volume>") -> str:
@@ -171,6 +188,9 @@ def check_case(item: Mapping[str, Any], *, min_overlap: float = 0.5, keys: Seque
     geoms = {}
     for key in keys:
         if key in item and item[key] is not None:
+            if key in DICOM_ROLES and Path(item[key]).is_dir():
+                geoms[key] = (item[key], *_series_geometry(item[key], key))
+                continue
             img = check_volume(item[key], role=key)
             geoms[key] = (item[key], img.shape, img.affine)
     check_overlap(geoms, min_overlap=min_overlap)
@@ -250,6 +270,13 @@ def check_datalist(
                 raise InputError(name, f'{sec}[{idx}] has neither "ct" nor "label"')
             for key in IMAGE_KEYS:
                 if key in item and item[key] is not None and not Path(item[key]).is_file():
+                    if key in DICOM_ROLES and Path(item[key]).is_dir():
+                        from mtl_med.dicom import is_series_folder
+
+                        if not is_series_folder(item[key]):
+                            raise InputError(item[key], f'folder listed as "{key}" in {sec}[{idx}] of {name} holds '
+                                                        "no DICOM files (a DICOM series folder was expected)")
+                        continue
                     raise InputError(item[key], f'file listed as "{key}" in {sec}[{idx}] of {name} does not exist')
             if check_volumes:
                 check_case(item, min_overlap=min_overlap)

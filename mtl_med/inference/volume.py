@@ -10,6 +10,10 @@ maps (``sct_mean``, ``sct_std``, ``seg_votes``) that the inferer stitches into 3
 volumes. The maps are converted to HU / labels / uncertainty and resampled back to the input grid (MONAI
 ``Invertd``, labels nearest), then written atomically as ``output_dir/<case>/<case>_<postfix>.nii.gz``.
 
+An input may be a DICOM MR series folder (:mod:`mtl_med.dicom`: read by MONAI's ITK reader, its slice geometry
+carried by the affine into the same orientation handling); ``dicom_outputs`` then adds the synthetic CT as a CT
+series and the organs as DICOM SEG and / or RTSTRUCT on the series' own grid, beside the NIfTI files.
+
 Every voxel sees S independent posterior draws; neighbouring slices of one draw do not share an assignment
 (each slice-copy has its own), which leaves the per-voxel statistics (mean, variance, votes) unchanged.
 """
@@ -38,7 +42,7 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
-from mtl_med.data.nifti import check_datalist
+from mtl_med.data.nifti import DICOM_ROLES, check_datalist
 from mtl_med.errors import CaseFailures, InputError, as_bool
 from mtl_med.inference.posterior import PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
@@ -59,6 +63,9 @@ __all__ = [
 logger = logging.getLogger("mtl_med.inference")
 
 OUTPUT_POSTFIXES = {"sct": "sct", "seg": "seg", "sct_std": "sct_std", "seg_uncertainty": "seg_uncertainty"}
+# dicom_outputs choice -> (output key, name after "<case>_"): a CT series folder, a SEG file, an RTSTRUCT file
+DICOM_OUTPUTS = {"ct": ("dicom_ct", "sct_dicom"), "seg": ("dicom_seg", "seg.dcm"),
+                 "rtstruct": ("dicom_rtstruct", "rtstruct.dcm")}
 
 
 # ----------------------------------------------------------------------------------------------- networks
@@ -144,6 +151,8 @@ def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
 
     def stem(p: Path) -> str:
         name = p.name
+        if p.is_dir():  # a DICOM series folder
+            return name
         for ext in (".nii.gz", ".nii", ".gz"):
             if name.endswith(ext):
                 return name[: -len(ext)]
@@ -166,7 +175,10 @@ def list_cases(
     pattern: str = "*.nii*",
 ) -> list[dict]:
     """Items ``{"name", "mr", ["ct", "label", "bone"]}`` from a datalist section (takes precedence) or from
-    the files matching ``pattern`` in ``input_dir`` (relative paths resolve against the current directory)."""
+    the files matching ``pattern`` in ``input_dir`` and its DICOM series folders (``input_dir`` itself when it
+    holds DICOM files; relative paths resolve against the current directory)."""
+    from mtl_med.dicom import is_series_folder, series_folders
+
     if datalist:
         if isinstance(datalist, (str, os.PathLike)):  # relative to the current directory
             datalist = Path(datalist).expanduser().resolve()
@@ -175,9 +187,13 @@ def list_cases(
         root = Path(input_dir).expanduser().resolve()
         if not root.is_dir():
             raise InputError(root, "input folder does not exist")
-        files = sorted(p for p in glob.glob(str(root / pattern), recursive=True) if Path(p).is_file())
+        if is_series_folder(root):
+            files = [str(root)]
+        else:
+            files = sorted(p for p in glob.glob(str(root / pattern), recursive=True) if Path(p).is_file())
+            files += [str(p) for p in series_folders(root)]
         if not files:
-            raise InputError(root, f"no files matching {pattern!r}")
+            raise InputError(root, f"no files matching {pattern!r} and no DICOM series folders")
         items = [{"mr": f} for f in files]
     else:
         raise ValueError("give input_dir or datalist")
@@ -185,6 +201,29 @@ def list_cases(
     for item, name in zip(items, case_names([x["mr"] for x in items])):
         item.setdefault("name", name)
     return items
+
+
+def check_dicom_outputs(value: Any) -> tuple[str, ...]:
+    """The ``dicom_outputs`` config value as a tuple of known choices; the writers' packages must import.
+
+    Raises:
+        ConfigError: naming ``dicom_outputs``, for an unknown choice or a missing ``dicom`` extra.
+    """
+    from mtl_med.errors import ConfigError
+
+    vals = (value,) if isinstance(value, str) else tuple(value or ())
+    bad = [v for v in vals if v not in DICOM_OUTPUTS]
+    if bad:
+        raise ConfigError("dicom_outputs", f"unknown DICOM outputs {bad}; choose from {list(DICOM_OUTPUTS)}")
+    needs = {"seg": "highdicom", "rtstruct": "contourpy"}
+    for v in vals:
+        if v in needs:
+            try:
+                __import__(needs[v])
+            except ImportError as err:
+                raise ConfigError("dicom_outputs", f'"{v}" needs {needs[v]}, which is not installed: '
+                                                   "pip install 'mtl_med[dicom]'") from err
+    return tuple(dict.fromkeys(vals))
 
 
 # ----------------------------------------------------------------------------------------------- predictor
@@ -215,6 +254,9 @@ class VolumePredictor:
         bone_threshold_hu: bone region of the metrics when the item has no "bone" mask.
         metrics_keys: item keys compared when present ("ct", "label", "bone").
         progress: show tqdm bars.
+        dicom_outputs: for a DICOM MR series input, also write any of ``"ct"`` (the synthetic CT as a CT series
+            folder ``<case>_sct_dicom``), ``"seg"`` (DICOM SEG ``<case>_seg.dcm``) and ``"rtstruct"``
+            (``<case>_rtstruct.dcm``), see :mod:`mtl_med.dicom`; needs the ``dicom`` extra.
 
     ``sampler`` (a :class:`~mtl_med.inference.posterior.PosteriorSampler` built here) holds the sampling settings:
     ``num_samples``, ``max_batch``, ``margin``, ``inference_mode`` and ``amp`` read them from it.
@@ -243,6 +285,7 @@ class VolumePredictor:
         ct_clip: Sequence[float] = CT_RANGE_HU,
         bone_threshold_hu: float = 250.0,
         progress: bool = True,
+        dicom_outputs: Sequence[str] = (),
     ):
         if uncertainty not in ("disagreement", "entropy"):
             raise ValueError(f"uncertainty must be 'disagreement' or 'entropy', got {uncertainty!r}")
@@ -270,6 +313,7 @@ class VolumePredictor:
         self.ct_clip = tuple(float(v) for v in ct_clip)
         self.bone_threshold_hu = float(bone_threshold_hu)
         self.progress = as_bool(progress, "progress")
+        self.dicom_outputs = check_dicom_outputs(dicom_outputs)
         self._loaded = False
         self._pre = None
 
@@ -316,6 +360,28 @@ class VolumePredictor:
         return torch.Generator(device=self.device).manual_seed(self.seed)
 
     # ---- one case, in memory
+    def read_dicom_inputs(self, item: Mapping[str, Any]) -> dict:
+        """The item with its DICOM series folders ("mr", "ct") read into MetaTensors (:func:`mtl_med.dicom.load_series`)
+        and the MR series' headers under ``"dicom_mr"`` (what the DICOM writers reference). An item that asks
+        for ``dicom_outputs`` without an MR series is refused here, before any work."""
+        from mtl_med.dicom import is_series_folder, load_series, read_headers
+
+        it = dict(item)
+        for key, modality in DICOM_ROLES.items():
+            v = it.get(key)
+            if isinstance(v, (str, os.PathLike)) and Path(v).is_dir():
+                if not is_series_folder(v):
+                    raise InputError(v, f"{key} folder holds no DICOM files")
+                hdr = read_headers(v, role=key, modality=modality)
+                it[key] = load_series(v, role=key, headers=hdr)
+                if key == "mr":
+                    it["dicom_mr"] = hdr
+        if self.dicom_outputs and "dicom_mr" not in it:
+            name = item.get("mr") if isinstance(item.get("mr"), (str, os.PathLike)) else "<in-memory MR>"
+            raise InputError(name, f"dicom_outputs {list(self.dicom_outputs)} need a DICOM MR series folder as "
+                                   "input (its patient, study and frame of reference); this input is not one")
+        return it
+
     def preprocess(self, item: Mapping[str, Any]) -> dict:
         data = self.preprocessing(dict(item))
         if isinstance(data, list):  # a Compose of random crops would return a list
@@ -411,14 +477,18 @@ class VolumePredictor:
             paths[key] = Path(layout.filename(subject=case))
         if self.save_png:
             paths["overview"] = root / case / f"{case}_overview.png"
+        for choice in self.dicom_outputs:
+            key, name = DICOM_OUTPUTS[choice]
+            paths[key] = root / case / f"{case}_{name}"
         return paths
 
     def write(self, case: str, item: Mapping[str, Any], out: Mapping[str, np.ndarray],
               output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None,
               reference: Any = None) -> dict[str, Path]:
         """Write a case's outputs with the input MR's geometry (its NIfTI header when it is a file, else
-        ``reference``: the input as a MetaTensor), whole or not at all: every file goes into a private
-        temporary folder beside the case folder, which replaces the case folder only when all are written
+        ``reference``: the input as a MetaTensor; DICOM outputs on the grid of the series ``item["dicom_mr"]``),
+        whole or not at all: every file goes into a private temporary folder beside the case folder, which
+        replaces the case folder only when all are written
         (:func:`publish_folder`). A killed run leaves only that temporary folder, which the next run removes."""
         paths = self.output_paths(case, output_dir)
         case_dir = paths[next(iter(self.postfixes))].parent
@@ -435,7 +505,7 @@ class VolumePredictor:
             shutil.rmtree(tmp, ignore_errors=True)  # a dead run's, when a restarted host reuses our pid
             tmp.mkdir(parents=True)
             for key, path in paths.items():
-                if key == "overview":
+                if key not in self.postfixes:
                     continue
                 arr = out[key]
                 if tuple(arr.shape) != shape:
@@ -453,20 +523,39 @@ class VolumePredictor:
                 save_overview(tmp / paths["overview"].name, mr_arr, out["sct"], out["seg"], out["seg_uncertainty"],
                               affine=affine, sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
                               title=case, metrics=metrics, uncertainty_name=self.uncertainty)
-            publish_folder(tmp, case_dir, [p.name for p in paths.values()])
+            if self.dicom_outputs:
+                self._write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()})
+            # DICOM outputs of an earlier run with other settings are ours too: never carried over stale
+            ours = [p.name for p in paths.values()] + [f"{case}_{name}" for _, name in DICOM_OUTPUTS.values()]
+            publish_folder(tmp, case_dir, ours)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return paths
 
+    def _write_dicom(self, item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path]) -> None:
+        from mtl_med import dicom
+
+        src = item.get("dicom_mr")
+        if src is None:
+            raise InputError(item.get("mr", "<MR>"), "DICOM outputs need a DICOM MR series as input")
+        seg = np.rint(out["seg"]).astype(np.uint8)
+        if "dicom_ct" in paths:
+            dicom.write_ct_series(out["sct"], src, paths["dicom_ct"])
+        if "dicom_seg" in paths:
+            dicom.write_seg(seg, src, paths["dicom_seg"])
+        if "dicom_rtstruct" in paths:
+            dicom.write_rtstruct(seg, src, paths["dicom_rtstruct"])
+
     # ---- runs
     def predict_case(self, mr: Any, affine: Any = None, output_dir: str | os.PathLike | None = None,
                      case: str | None = None, **item: Any) -> dict[str, Any]:
-        """Pipeline entry point. ``mr``: a NIfTI path, a numpy array or tensor (with ``affine``, RAS+ mm;
-        identity when None), a nibabel image, a MONAI MetaTensor (its affine) or a SimpleITK image; in-memory
+        """Pipeline entry point. ``mr``: a NIfTI path, a DICOM MR series folder, a numpy array or tensor (with
+        ``affine``, RAS+ mm; identity when None), a nibabel image, a MONAI MetaTensor (its affine) or a SimpleITK image; in-memory
         inputs stay in memory. Extra item keys (``ct=..., label=...``, same kinds) add metrics. Returns the
         outputs (``sct``, ``seg``, ``sct_std``, ``seg_uncertainty``) on the input's own grid and array layout
-        (a SimpleITK image's is (z, y, x): ``sitk.GetImageFromArray(out["seg"])`` + ``CopyInformation``),
+        (a SimpleITK image's is (z, y, x): ``sitk.GetImageFromArray(out["seg"])`` + ``CopyInformation``; a DICOM
+        series' is (column, row, slice), slices ascending along the normal as ITK reads them),
         ``metrics``, and with ``output_dir`` the written ``paths``."""
         sitk_layout = type(mr).__module__.startswith("SimpleITK")
         if output_dir is not None:
@@ -481,12 +570,13 @@ class VolumePredictor:
         it = {"name": name, "mr": mr_in,
               **{k: (str(v) if isinstance(v, (str, os.PathLike)) else as_metatensor(v, name=f"<in-memory {k}>"))
                  for k, v in item.items()}}
+        it = self.read_dicom_inputs(it)
         with tqdm(total=None, desc=f"{name} slice passes", unit="img", leave=False, disable=not self.progress) as bar:
             out, _, metrics, _ = self.predict_item(it, progress=bar)
         result: dict[str, Any] = dict(out)
         result["seg"] = np.rint(out["seg"]).astype(np.uint8)
         if output_dir is not None:
-            ref = None if isinstance(mr_in, str) else mr_in
+            ref = None if isinstance(it["mr"], str) else it["mr"]
             result["paths"] = {k: str(v) for k, v in self.write(name, it, out, output_dir, metrics, ref).items()}
         if sitk_layout:
             result = {k: np.ascontiguousarray(np.transpose(v, (2, 1, 0))) if isinstance(v, np.ndarray) else v
@@ -514,11 +604,12 @@ class VolumePredictor:
             case = item["name"]
             bar.set_postfix_str(case)
             try:
+                loaded = self.read_dicom_inputs(item)
                 passes = tqdm(total=None, desc=f"{case} slice passes", unit="img", leave=False,
                               disable=not self.progress)
                 with passes:
-                    out, maps, metrics, _ = self.predict_item(item, progress=passes)
-                paths = self.write(case, item, out, out_root, metrics) if save_outputs else {}
+                    out, maps, metrics, _ = self.predict_item(loaded, progress=passes)
+                paths = self.write(case, loaded, out, out_root, metrics) if save_outputs else {}
                 done[case] = {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics}
                 if metrics:
                     logger.info("%s: %s", case, format_metrics(metrics))
