@@ -1,0 +1,139 @@
+"""Every variant of the dense bundle to convergence (early stopping on the validation score), over seeds: per-task
+metrics of the best checkpoint, delta-m against the single-task networks of the same seed, parameters and training
+time relative to hard sharing. A benchmark, not a test.
+
+CPU, synthetic scenes (render them first: ``python -m data_prep.synthetic_scenes --out DIR --n 200 --val 50``)::
+
+    python bundles/dense_multitask/scripts/benchmark.py --data-root DIR --out runs/dense_bench --seeds 0 1 2
+
+GPU, AdaShare's NYU v2 3-task set-up (section 4 and appendix A: ResNet-34, 321 x 321 crops, 20,000 iterations,
+Table 7's weights and learning rate) on a local copy of AdaShare's ``nyu_v2_3task.json`` layout::
+
+    python bundles/dense_multitask/scripts/benchmark.py --gpu --data-root /data/nyu_v2 --out runs/nyu_bench
+
+Our ResNet has no atrous stages (DeepLab-ResNet's output stride 8), and the mtan-style metrics are used unless
+``--adashare-compat``; compare with AdaShare's Tables 1 and 3 with that in mind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BUNDLE = Path(__file__).resolve().parents[1]
+VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "adashare", "branched")
+
+
+def run(configs, root, **overrides):
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / c) for c in configs], meta_file=str(BUNDLE / "configs" / "metadata.json"),
+                        logging_file=False, workflow_type=None, bundle_root=str(root), **overrides)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    return wf
+
+
+def settings(args) -> dict:
+    if not args.gpu:
+        return dict(data_root=args.data_root, max_epochs=args.max_epochs, patience=args.patience, width=args.width,
+                    head_hidden=args.head_hidden, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
+                    policy_epochs=args.policy_epochs)
+    # AdaShare NYU v2 3-task: ResNet-34 (16 blocks), 321 x 321 crops, 20,000 iterations, lr 0.001, Table 7 weights
+    return dict(data_root=args.data_root, dataset="adashare_nyuv2", val_split="test", backbone="resnet34", width=1.0,
+                head_hidden=256, crop_size=[321, 321], batch_size=16, val_batch_size=8, epoch_length=1000, max_epochs=20,
+                patience=args.patience, search_iterations=20000, adashare_compat=args.adashare_compat,
+                **{"network_def#conv1_t_size": 7, "network_def#conv1_t_stride": 2, "network_def#no_max_pool": False})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max-epochs", type=int, default=40)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--head-hidden", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--warmup-epochs", type=int, default=5)
+    p.add_argument("--policy-epochs", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--gpu", action="store_true", help="AdaShare's NYU v2 3-task set-up on a local copy")
+    p.add_argument("--adashare-compat", action="store_true", help="AdaShare's metric variants")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = list(args.variants)
+    if "single_task" in variants:  # the delta-m baseline first
+        variants.remove("single_task")
+        variants.insert(0, "single_task")
+    base = settings(args)
+    results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
+    for seed in args.seeds:
+        for v in variants:
+            key = f"{v}/seed{seed}"
+            if key in results:
+                continue
+            root = args.out / v / f"seed{seed}"
+            t0 = time.perf_counter()
+            wf = run(["train.json", f"variants/{v}.json", "early_stopping.json"], root, seed=seed, **base)
+            train_s = time.perf_counter() - t0
+            epochs = int(wf.parser.get_parsed_content("train#trainer").state.epoch)
+            baseline = args.out / "single_task" / f"seed{seed}" / "eval" / "metrics.json"
+            run(["train.json", f"variants/{v}.json", "evaluate.json"], root, seed=seed,
+                baseline_file=str(baseline) if baseline.is_file() and v != "single_task" else None, **base)
+            m = json.loads((root / "eval" / "metrics.json").read_text())
+            results[key] = {"variant": v, "seed": seed, "train_s": train_s, "epochs": epochs, "parameters": m["parameters"],
+                            "tasks": m["tasks"], "delta_m": m["delta_m"], "score": m["score"]}
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            print(f"{key}: {train_s:.0f} s, {epochs} epochs, score {m['score']:.4f}, delta_m {m['delta_m']}", flush=True)
+    (args.out / "table.md").write_text(table(results) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    cols = [("seg", "miou"), ("seg", "pixel_acc"), ("depth", "abs_err"), ("depth", "rel_err"), ("depth", "delta1"),
+            ("normal", "mean_error"), ("normal", "median_error"), ("normal", "within_11.25"), ("normal", "within_22.5"), ("normal", "within_30")]
+    by = {}
+    for r in results.values():
+        by.setdefault(r["variant"], []).append(r)
+    hard = by.get("hard_sharing")
+    ref_p = hard[0]["parameters"] if hard else None
+    ref_t = float(np.mean([r["train_s"] for r in hard])) if hard else None
+    head = "| variant | seeds | params (x hard) | time (x hard) | epochs | " + " | ".join(f"{t} {m}" for t, m in cols) + " | delta-m % |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def ms(vals, scale=1.0, nd=2):
+        vals = [v * scale for v in vals if v is not None and math.isfinite(v)]
+        if not vals:
+            return "-"
+        return f"{np.mean(vals):.{nd}f} ± {np.std(vals, ddof=1):.{nd}f}" if len(vals) > 1 else f"{vals[0]:.{nd}f}"
+
+    for v in VARIANTS:
+        rs = by.get(v)
+        if not rs:
+            continue
+        row = [v, str(len(rs)), f"{rs[0]['parameters'] / ref_p:.2f}" if ref_p else "-",
+               f"{np.mean([r['train_s'] for r in rs]) / ref_t:.2f}" if ref_t else "-", ms([r["epochs"] for r in rs], nd=1)]
+        for t, m in cols:
+            scale = 100.0 if m in ("miou", "pixel_acc", "delta1", "within_11.25", "within_22.5", "within_30") else 1.0
+            row.append(ms([r["tasks"].get(t, {}).get(m) for r in rs], scale, 3 if m in ("abs_err", "rel_err") else 2))
+        row.append(ms([r["delta_m"] for r in rs], 100.0))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
