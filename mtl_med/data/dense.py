@@ -209,9 +209,11 @@ class DenseRandomCropFlip(Randomizable):
     all tasks alike; a flip negates the normals' x component (mtan's ``RandomScaleCrop`` and AdaShare's
     ``__mirror__`` do the same for camera-frame normals)."""
 
-    def __init__(self, size: Sequence[int] | None = None, flip: bool = True):
+    def __init__(self, size: Sequence[int] | None = None, flip: bool = True, seed: int | None = None):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.flip = bool(flip)
+        if seed is not None:  # MONAI's shared default stream is not reseeded by set_determinism
+            self.set_random_state(int(seed))
 
     def randomize(self, hw) -> None:
         h, w = hw

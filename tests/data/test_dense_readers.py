@@ -184,3 +184,5 @@ def test_crop_flip_pads_with_ignore_and_mirrors_normals_x():
         assert set(x.unique().tolist()) <= {0.0, 1.0, -1.0}
         flips += bool((x == -1).any())
     assert 0 < flips < 8
+    a, b = DenseRandomCropFlip(size=(6, 6), seed=3), DenseRandomCropFlip(size=(6, 6), seed=3)
+    assert all(torch.equal(a(item)["image"], b(item)["image"]) for _ in range(4))  # a seed fixes the draws
