@@ -64,6 +64,8 @@ def compact_unsupported(network: nn.Module) -> str | None:
         return "not an SFG network"
     if net.training:
         return "the network is training (relaxed, straight-through samples)"
+    if net._forward_pre_hooks or net._forward_hooks:
+        return "the network has forward hooks (e.g. upsampled heads recording the input size) the compacted pass would skip"
     if getattr(net, "bn_inference", "population") == "batch":
         return "batch-norm uses test-batch statistics (A.4): copies with different assignments would mix"
     for name, layer in net.sfg_layers():

@@ -238,8 +238,8 @@ class PosteriorSampler:
             ``"compact"`` (an error where it does not) or ``"dense"`` (the network's own forward).
         dtype: ``"auto"`` (:func:`compute_dtype`), ``"float32"``, ``"bfloat16"`` or ``"float16"``: the
             compacted path computes in it; the dense path autocasts to it.
-        channels_last: activations channels-last (default: with a reduced dtype on a CPU, what oneDNN's
-            bfloat16 kernels want).
+        channels_last: activations of the compacted path channels-last (default: on a CPU, and on CUDA in a
+            reduced dtype).
         max_samples, min_samples: bounds of ``num_samples="auto"`` (50 and 10).
         regression_tol: ``"auto"`` stops when the root-mean-square over the image of the expected change of
             every regression mean, were the remaining passes up to ``max_samples`` made, is at most this
@@ -348,7 +348,9 @@ class PosteriorSampler:
             if self.engine == "compact":
                 raise ValueError(f"engine='compact' cannot run this network: {reason}")
             return None
-        cl = self.channels_last if self.channels_last is not None else (dtype != torch.float32 and device.type == "cpu")
+        # channels-last: faster for oneDNN on a CPU in every dtype (measured, docs/performance.md), for CUDA's
+        # tensor cores in reduced precision
+        cl = self.channels_last if self.channels_last is not None else (device.type == "cpu" or dtype != torch.float32)
         return CompactSFG(self.network, dtype=dtype, channels_last=cl)
 
     def _crop(self, out: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
