@@ -18,8 +18,9 @@ synthetic CT and automatic contours from this package are not a clinical device.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,9 @@ MANUFACTURER = "mtl_med"
 MODEL_NAME = "SFG-HighResNet pelvis sCT and organs"
 # display colours (RTSTRUCT) and SNOMED CT codes (SEG) of the label table's organs
 ORGAN_COLOURS = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 255, 0), 5: (180, 90, 40)}
-ORGAN_CODES = {1: ("2812003", "Femoral head", "7771000", "Left"), 2: ("2812003", "Femoral head", "24028007", "Right"),
-               3: ("41216001", "Prostate", None, None), 4: ("89837001", "Bladder", None, None),
-               5: ("34402009", "Rectum", None, None)}
+# (the segment label says left / right: SNOMED CT has one concept for both femoral heads)
+ORGAN_CODES = {1: ("2812003", "Femoral head"), 2: ("2812003", "Femoral head"), 3: ("41216001", "Prostate"),
+               4: ("89837001", "Bladder"), 5: ("34402009", "Rectum")}
 # attributes copied from the source series so a planning system files the outputs with the MR
 PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "IssuerOfPatientID",
                  "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription",
@@ -347,10 +348,6 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
     return paths
 
 
-def _source_images(src: SeriesHeaders) -> list[Any]:
-    return list(src.datasets)
-
-
 def _label_slices(labels: np.ndarray, src: SeriesHeaders) -> np.ndarray:
     """(k, rows, columns) label frames, frame k on ``src.datasets[k]``."""
     labels = _check_grid(labels, src, "label map")
@@ -367,28 +364,27 @@ def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *
 
     from mtl_med import __version__
 
+    logging.getLogger("highdicom").setLevel(max(logging.getLogger("highdicom").level, logging.WARNING))  # a line per module
     frames = _label_slices(labels, src)
     organs = [lab for lab in sorted(label_table) if lab > 0]
     algo = hd.AlgorithmIdentificationSequence(name=MODEL_NAME, version=__version__,
                                               family=codes.cid7162.ArtificialIntelligence)
     descs = []
     for n, lab in enumerate(organs, start=1):
-        value, meaning, lat_value, lat_meaning = ORGAN_CODES.get(lab, ("91723000", "Anatomical Structure", None, None))
-        code = hd.sr.CodedConcept(value, "SCT", meaning)
+        value, meaning = ORGAN_CODES.get(lab, ("91723000", "Anatomical Structure"))
         descs.append(hd.seg.SegmentDescription(
-            segment_number=n, segment_label=label_table[lab][:64], segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=code, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algo,
-            anatomic_regions=None,
-        ))
-    # segment n is label organs[n - 1]; frames of other values (none in the table) would be refused by highdicom
+            segment_number=n, segment_label=label_table[lab][:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=hd.sr.CodedConcept(value, "SCT", meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algo))
+    # segment n is label organs[n - 1]
     remap = np.zeros(256, np.uint8)
     for n, lab in enumerate(organs, start=1):
         remap[lab] = n
     first = src.datasets[0]
     number = series_number if series_number is not None else int(getattr(first, "SeriesNumber", 0) or 0) + 2000
     seg = hd.seg.Segmentation(
-        source_images=_source_images(src), pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        source_images=list(src.datasets), pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=number,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         manufacturer_model_name=MODEL_NAME, software_versions=__version__, device_serial_number="none",

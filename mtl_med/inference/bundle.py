@@ -3,6 +3,7 @@
     from mtl_med.inference import Predictor, predict_case
     predictor = Predictor("bundles/sfg_highresnet_pelvis", num_samples=20)   # config ids as overrides
     out = predictor.predict_case("case/mr.nii.gz")                          # {"sct", "seg", "sct_std", ...}
+    out = predictor.predict_case("case/t2_series/", output_dir="out")       # a DICOM MR series folder
     out = predict_case(mr_array, affine=aff, bundle="bundles/sfg_highresnet_pelvis", output_dir="out")
 """
 
@@ -69,7 +70,9 @@ def Predictor(bundle: str | os.PathLike | None = None, config_file: Any = None, 
 
 def predict_case(mr: Any, affine: Any = None, *, bundle: str | os.PathLike | None = None, output_dir: Any = None,
                  config_file: Any = None, predictor: VolumePredictor | None = None, **overrides: Any) -> dict:
-    """One volume through the bundle's inference: ``mr`` a NIfTI path, nibabel image or array (+ ``affine``).
+    """One volume through the bundle's inference: ``mr`` a NIfTI path, a DICOM MR series folder, a nibabel image
+    or an array (+ ``affine``); ``dicom_outputs=["ct", "seg", "rtstruct"]`` with a series and ``output_dir`` adds
+    the DICOM outputs (:mod:`mtl_med.dicom`).
 
     Returns ``{"sct", "seg", "sct_std", "seg_uncertainty"}`` (numpy, on the input grid; HU / uint8 labels),
     ``"metrics"`` (Table 2, when ``ct=`` and / or ``label=`` file paths are given) and, with ``output_dir``,
