@@ -175,14 +175,18 @@ def test_mixed_incomplete_and_wrong_series_are_named(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no images")
     with pytest.raises(InputError, match="no DICOM files"):
         dicom.read_headers(tmp_path / "empty")
-    # a datalist may name series folders for "mr"; a folder without DICOM files is refused by name
-    dl = {"test": [{"mr": "gap"}, {"mr": "empty"}]}
+    # a datalist may name series folders for "mr"; a folder without DICOM files is refused by name, and the
+    # volume checks read the series
+    write_mr_series(tmp_path / "good", mr, aff)
+    dl = {"test": [{"mr": "good"}, {"mr": "empty"}]}
     (tmp_path / "dl.json").write_text(json.dumps(dl))
     with pytest.raises(InputError, match=r"empty: folder listed as \"mr\" in test\[1\].*holds no DICOM files"):
         check_datalist(tmp_path / "dl.json")
-    dl["test"] = dl["test"][:1]
+    dl["test"] = [{"mr": "good"}, {"mr": "gap"}]
     (tmp_path / "dl.json").write_text(json.dumps(dl))
-    assert list_cases(datalist=tmp_path / "dl.json")[0] == {"mr": str(tmp_path / "gap"), "name": "gap"}
+    assert list_cases(datalist=tmp_path / "dl.json")[0] == {"mr": str(tmp_path / "good"), "name": "good"}
+    with pytest.raises(InputError, match="gap: incomplete series"):
+        check_datalist(tmp_path / "dl.json", check_volumes=True)
 
 
 def test_folder_of_series_folders_runs_each_case_once(env):
@@ -302,3 +306,16 @@ def test_dicom_outputs_need_a_dicom_input_and_known_choices(env, tmp_path):
     with pytest.raises(ConfigError, match=r"dicom_outputs: unknown DICOM outputs \['nifti'\]"):
         check_dicom_outputs(["ct", "nifti"])
     assert check_dicom_outputs("seg") == ("seg",)
+
+
+def test_a_ct_series_is_read_as_the_reference_ct(env, tmp_path):
+    """Evaluation items may name a CT series for "ct" too; an MR series there is refused by its modality."""
+    mr, _ = _phantom_mr()
+    hu = np.linspace(-1000, 1500, mr.size).reshape(mr.shape)
+    write_mr_series(tmp_path / "ct", hu, STORAGES["oblique"], modality="CT")
+    item = env["pred"].read_dicom_inputs({"mr": str(env["root"] / "in" / "oblique"), "ct": str(tmp_path / "ct")})
+    np.testing.assert_allclose(np.asarray(item["ct"].affine), np.asarray(item["mr"].affine), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(item["ct"][0]), np.rint(hu))
+    assert item["dicom_mr"].folder == env["root"] / "in" / "oblique"
+    with pytest.raises(InputError, match="ct series has modality MR, expected CT"):
+        env["pred"].read_dicom_inputs({"mr": str(env["root"] / "in" / "oblique"), "ct": str(env["root"] / "in" / "oblique")})
