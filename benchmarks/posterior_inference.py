@@ -1,39 +1,58 @@
-"""Time of 50-sample posterior inference of SFG-HighResNet over a whole volume, three ways, in one run.
+"""Time of 50-sample posterior inference of SFG-HighResNet over a whole volume, in one run, and the accuracy cost
+of a reduced compute dtype.
+
+Timed methods (random-init weights at ``--features``: the time does not depend on them):
 
 1. naive: S sequential single-pass runs of MONAI's SliceInferer over the volume, each aggregated into running
-   statistics (what the original tool did). Only ``--naive-passes`` passes are timed and the time is scaled
-   to S (said in the output).
-2. vectorised: the bundle's sampler (``mtl_med.inference.PosteriorSampler`` inside one SliceInferer run):
-   every slice batch runs all S samples, ``max_batch // slices`` copies per forward call, each copy with its
-   own group assignment; once per ``--max-batch`` value (the first is the reference of the ratios).
-3. one deterministic pass (argmax groups).
+   statistics (what the original tool did).
+2. dense: the sampler on the network's own forward (``engine="dense"``): every slice batch runs all S
+   samples, ``max_batch // slices`` copies per forward call, each copy with its own group assignment.
+3. compact fp32: the sampler's compacted pass (:mod:`mtl_med.inference.compact`), float32, channels-last.
+4. compact bf16: the same in bfloat16 (native only where the CPU has AMX-BF16 / AVX512-BF16; on CUDA float16).
+5. one deterministic pass (argmax groups).
 
+Each method makes ``--timed-passes`` passes (default: S on CUDA) and its time is scaled to S (linear: every
+pass costs the same); the output says so. Every slice gets the bundle's replicate margin (``--margin``, 33).
 Prints seconds, peak memory (CUDA: ``max_memory_allocated``; CPU: peak resident memory above the level before
-the method, sampled from /proc every 2 ms), the ratios, the FLOP count of one pass
-(``torch.utils.flop_counter.FlopCounterMode``) and the achieved FLOP/s next to this machine's measured matmul
-and convolution rates. The input is a phantom MR (z-scored; N4 / histogram standardisation happen once per case
-in the bundle and are not part of this comparison). Random-init weights: the time does not depend on them.
+the method, sampled every 2 ms), FLOPs actually computed per pass (``FlopCounterMode``), achieved GFLOP/s next
+to this machine's measured 3x3 convolution rate, and the ratios.
 
+``--paper-slices N`` times N single-slice posterior passes at the paper's job (288 x 288 slices + margin,
+features 16/32/64) with the compacted sampler and scales to 62 slices x 50 passes.
+
+``--accuracy`` runs the demo weights on a phantom through the bundle's preprocessing, S passes of every slice,
+float32 against the reduced dtype with the same draws: mean / max |sCT difference| (HU), the fraction of voxels
+whose modal label changes and the change of the Table 2 metrics; then ``num_samples="auto"``: passes per slice
+batch and the same differences against the fixed-S run.
+
+    OMP_NUM_THREADS=1 python benchmarks/posterior_inference.py --size 48 48 4 --timed-passes 4 --accuracy
     python benchmarks/posterior_inference.py --size 288 288 62 --device cuda      # the paper's volume (A.3)
-    python benchmarks/posterior_inference.py --size 64 64 16 --threads 2         # a reduced size on a CPU
-    python benchmarks/posterior_inference.py --size 96 96 32 --features 8 16 16 --max-batch 4 16 64 --threads 2
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import threading
-import time
+import os
 
-import numpy as np
-import torch
-from monai.inferers import SliceInferer
-from torch.utils.flop_counter import FlopCounterMode
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgomp: no spin-waits on a shared CPU
 
-from mtl_med.data.phantoms import generate_phantom
-from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode
-from mtl_med.networks import build_network
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.inferers import SliceInferer  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from mtl_med.data.phantoms import generate_phantom  # noqa: E402
+from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode  # noqa: E402
+from mtl_med.inference.posterior import native_bfloat16  # noqa: E402
+from mtl_med.networks import build_network  # noqa: E402
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis"
 
 
 def _rss() -> int:
@@ -77,123 +96,194 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def machine_rates(device: torch.device, n: int) -> tuple[float, float]:
-    """Measured FLOP/s of a float32 matmul (n x n) and of a 3x3 convolution like the network's (64 channels)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    x = torch.randn(16, 64, 64, 64, device=device)
-    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+def conv_rate(device: torch.device, dtype=torch.float32, channels_last: bool = False) -> float:
+    """Measured FLOP/s of a 3x3 convolution like the network's widest (64 channels, 128 x 128)."""
+    x = torch.randn(1, 64, 128, 128, device=device, dtype=dtype)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, bias=False).to(device, dtype)
+    if channels_last:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    flops = 2 * 64 * 64 * 9 * 128 * 128
+    with torch.no_grad():
         conv(x)
-    conv_flops = fc.get_total_flops()
-    rates = []
-    for fn, flops in ((lambda: a @ b, 2 * n**3), (lambda: conv(x), conv_flops)):
-        with torch.no_grad():
-            fn()
-            _sync(device)
-            reps, t0 = 0, time.perf_counter()
-            while reps < 3 or time.perf_counter() - t0 < 0.5:
-                fn()
-                reps += 1
-            _sync(device)
-        rates.append(flops * reps / (time.perf_counter() - t0))
-    return rates[0], rates[1]
+        _sync(device)
+        reps, t0 = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t0 < 0.5:
+            conv(x)
+            reps += 1
+        _sync(device)
+    return flops * reps / (time.perf_counter() - t0)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, nargs=3, default=None, help="volume X Y Z (default 288 288 62 on CUDA, 64 64 16 on CPU)")
-    p.add_argument("--num-samples", type=int, default=50, help="S (section 5.2: 50)")
-    p.add_argument("--naive-passes", type=int, default=None, help="naive passes timed, scaled to S (default: S on CUDA, 3 on CPU)")
-    p.add_argument("--features", type=int, nargs=3, default=[16, 32, 64])
-    p.add_argument("--sw-batch-size", type=int, default=4, help="slices per forward call (inference.json sw_batch_size)")
-    p.add_argument("--max-batch", type=int, nargs="+", default=[64], help="images per forward call of the sampler (inference.json max_batch); several values: one timing each")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    size = tuple(args.size) if args.size else ((288, 288, 62) if device.type == "cuda" else (64, 64, 16))
-    S = args.num_samples
-    naive_passes = min(S, args.naive_passes or (S if device.type == "cuda" else 3))
+def _timed(device, fn) -> tuple[float, int]:
+    mem: dict = {}
+    with peak_memory(device, mem):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        t = time.perf_counter() - t0
+    return t, mem["peak"]
 
+
+def _sampler(net, passes, margin, **kw):
+    return PosteriorSampler(net, passes, regression=("sct",), labels={"seg": 6}, margin=margin, **kw)
+
+
+def _flops_per_pass(fn, passes: int) -> float:
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        fn()
+    return fc.get_total_flops() / passes
+
+
+def timing(args, device, reduced):
+    size = tuple(args.size)
+    S, n = args.num_samples, args.timed_passes or (args.num_samples if device.type == "cuda" else 4)
     ph = generate_phantom(0, shape=size)
     mr = torch.as_tensor(ph.mr, dtype=torch.float32)
     x = ((mr - mr.mean()) / mr.std())[None, None].to(device)
     net = build_network("highresnet", "sfg", ("sct", "seg"), (1, 6), features=tuple(args.features)).to(device).eval()
     inferer = SliceInferer(spatial_dim=2, roi_size=(-1, -1), sw_batch_size=args.sw_batch_size, overlap=0.0, progress=False)
-    amp = torch.autocast("cuda", dtype=torch.float16) if args.amp and device.type == "cuda" else contextlib.nullcontext()
+    m = args.margin
+    pad = lambda b: torch.nn.functional.pad(b, [m] * 4, mode="replicate")  # noqa: E731
+    crop = lambda o: {k: v[..., m:-m, m:-m] if m else v for k, v in o.items()}  # noqa: E731
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"volume {size}, S = {S}, features {args.features}, sw_batch_size {args.sw_batch_size}, max_batch {args.max_batch}")
+          f"volume {size}, margin {m}, S = {S} (each method timed on {n} passes, scaled to S), features {args.features}, "
+          f"sw_batch_size {args.sw_batch_size}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    with torch.no_grad(), sampling_mode(net, "argmax", per_example=False):  # warm-up
+        inferer(x[..., :1], lambda b: net(pad(b)))
 
-    # warm-up (allocator, kernels)
-    with torch.no_grad(), sampling_mode(net, "argmax", per_example=False), amp:
-        inferer(x[..., :2], lambda b: net(b))
+    res, flops = {}, {}
 
-    results = {}
-
-    # 1. naive: S sequential runs of the slice inferer, aggregated volume by volume
-    g = torch.Generator(device=device).manual_seed(0)
-    mem: dict = {}
-    with peak_memory(device, mem), torch.no_grad(), sampling_mode(net, "sample", per_example=False), amp:
-        agg = PosteriorAggregator(("sct",), {"seg": 6})
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(naive_passes):
-            out = inferer(x, lambda b: net(b, generator=g))
-            agg.update({k: v.float() for k, v in out.items()}, stacked=False)
-        agg.result()
-        _sync(device)
-        t = time.perf_counter() - t0
-    results["naive"] = (t * S / naive_passes, mem["peak"])
-    naive_note = f" (timed {naive_passes} passes, scaled to {S})" if naive_passes < S else ""
-
-    # 2. the bundle's vectorised sampler, per max_batch
-    for mb in args.max_batch:
+    def naive():
         g = torch.Generator(device=device).manual_seed(0)
-        mem = {}
-        sampler = PosteriorSampler(net, num_samples=S, max_batch=mb, mode="sample", regression=("sct",),
-                                   labels={"seg": 6}, amp=args.amp)
-        with peak_memory(device, mem):
-            _sync(device)
+        with torch.no_grad(), sampling_mode(net, "sample", per_example=False):
+            agg = PosteriorAggregator(("sct",), {"seg": 6})
+            for _ in range(n):
+                out = inferer(x, lambda b: crop(net(pad(b), generator=g)))
+                agg.update({k: v.float() for k, v in out.items()}, stacked=False)
+            agg.result()
+
+    res["naive"] = _timed(device, naive)
+    flops["naive"] = flops["dense"] = _flops_per_pass(lambda: _sampler(net, 1, m, engine="dense").run(inferer, x), 1)
+    for mb in args.max_batch:
+        res[f"dense{mb}"] = _timed(device, lambda: _sampler(net, n, m, max_batch=mb, engine="dense").run(inferer, x, generator=torch.Generator(device=device).manual_seed(0)))
+    variants = {"compact fp32": torch.float32, f"compact {str(reduced).split('.')[-1]}": reduced}
+    for name, dt in variants.items():
+        res[name] = _timed(device, lambda: _sampler(net, n, m, max_batch=args.max_batch[0], engine="compact", dtype=dt).run(inferer, x, generator=torch.Generator(device=device).manual_seed(0)))
+    flops["compact"] = _flops_per_pass(lambda: _sampler(net, 2, m, engine="compact").run(inferer, x, generator=torch.Generator().manual_seed(0)), 2)
+    res["deterministic"] = _timed(device, lambda: _sampler(net, 1, m, mode="argmax", engine="compact").run(inferer, x))
+
+    rate32 = conv_rate(device, torch.float32, channels_last=device.type == "cpu")
+    rate_red = conv_rate(device, reduced, channels_last=True)
+    rows = [(f"naive: {S} sequential SliceInferer runs (dense forward)", res["naive"], S / n, flops["dense"], rate32)]
+    rows += [(f"dense vectorised: max_batch {mb} ({max(1, mb // args.sw_batch_size)} copies per call)", res[f"dense{mb}"], S / n, flops["dense"], rate32)
+             for mb in args.max_batch]
+    rows += [(f"{name}, channels-last, one distinct assignment per call", res[name], S / n, flops["compact"], rate32 if dt == torch.float32 else rate_red)
+             for name, dt in variants.items()]
+    rows.append(("deterministic: 1 pass (argmax), compact fp32", res["deterministic"], 1, flops["compact"], rate32))
+    ref = res[f"dense{args.max_batch[0]}"][0] * S / n
+    print(f"\n{'method':78s} {'seconds':>9s} {'peak MB':>8s} {'vs dense':>9s} {'GFLOP/pass':>10s} {'GFLOP/s':>8s} {'of conv rate':>12s}")
+    for name, (sec, peak), scale, fl, rate in rows:
+        total = sec * scale
+        passes = 1 if name.startswith("deterministic") else S
+        achieved = fl * passes / total
+        print(f"{name:78s} {total:9.2f} {peak / 2**20:8.1f} {ref / total:8.2f}x {fl / 1e9:10.2f} {achieved / 1e9:8.2f} {achieved / rate:11.0%}")
+    print(f"\nmachine: 3x3 conv (64 ch) {rate32 / 1e9:.1f} GFLOP/s float32{' channels-last' if device.type == 'cpu' else ''}, "
+          f"{rate_red / 1e9:.1f} GFLOP/s {str(reduced).split('.')[-1]} channels-last (measured now); native bfloat16: {native_bfloat16()}")
+    print(f"naive / compact fp32: {res['naive'][0] / res['compact fp32'][0]:.2f}x; dense FLOPs / compact FLOPs per pass: {flops['dense'] / flops['compact']:.2f}")
+
+
+def paper_job(args, device, reduced):
+    """Single-slice posterior passes at the paper's size (288 x 288 + margin, 16/32/64), scaled to 62 x 50."""
+    net = build_network("highresnet", "sfg", ("sct", "seg"), (1, 6), features=(16, 32, 64)).to(device).eval()
+    x = torch.randn(1, 1, 288, 288, device=device)
+    for name, dt in (("compact fp32", torch.float32), (f"compact {str(reduced).split('.')[-1]}", reduced)):
+        if dt != torch.float32 and device.type == "cpu" and not native_bfloat16():
+            print(f"paper job, {name}: skipped (no native bfloat16 on this CPU)")
+            continue
+        s = _sampler(net, 1, args.margin, engine="compact", dtype=dt)
+        s.sample(x)  # warm-up
+        t, peak = _timed(device, lambda: _sampler(net, args.paper_slices, args.margin, engine="compact", dtype=dt).sample(x))
+        per = t / args.paper_slices
+        print(f"paper job, {name}: {per:.2f} s per slice-pass ({args.paper_slices} passes of one 354 x 354 slice timed), "
+              f"x 62 slices x 50 passes = {per * 3100:.0f} s ({per * 3100 / 60:.1f} min); peak {peak / 2**20:.0f} MB")
+
+
+def accuracy(args, device, reduced):
+    """Demo weights on a phantom (the bundle's preprocessing): float32 against ``reduced`` with the same draws,
+    then ``num_samples='auto'`` against the fixed count."""
+    from mtl_med.data.phantoms import write_phantom
+    from mtl_med.inference import Predictor
+
+    S = args.accuracy_samples
+    with tempfile.TemporaryDirectory() as root:
+        paths = write_phantom(generate_phantom(3, shape=tuple(args.accuracy_size)), Path(root))
+        demo = BUNDLE / "models" / "demo"
+        pred = Predictor(BUNDLE, ckpt_path=str(demo / "model.pt"), landmarks_path=str(demo / "landmarks.json"), features=[8, 16, 16],
+                         device=str(device), n4=False, progress=False, save_png=False, num_samples=S, seed=0)
+        item = {"mr": paths["mr"], "ct": paths["ct"], "label": paths["label"]}
+        data = pred.preprocess(item)
+
+        def run(dtype, num_samples=S):
+            pred.sampler.dtype, pred.sampler.adaptive = dtype, num_samples == "auto"
+            pred.sampler.reset_passes()
             t0 = time.perf_counter()
-            sampler.run(inferer, x, generator=g)
-            _sync(device)
-            t = time.perf_counter() - t0
-        results[f"vectorised{mb}"] = (t, mem["peak"])
+            maps = pred.sample(data)
+            return maps, pred.metrics(data, maps, item), time.perf_counter() - t0, pred.sampler.passes_used()
 
-    # 3. one deterministic pass
-    mem = {}
-    with peak_memory(device, mem), torch.no_grad(), sampling_mode(net, "argmax", per_example=False), amp:
-        _sync(device)
-        t0 = time.perf_counter()
-        inferer(x, lambda b: net(b))
-        _sync(device)
-        t = time.perf_counter() - t0
-    results["deterministic"] = (t, mem["peak"])
+        ref, m_ref, t_ref, _ = run(torch.float32)
+        shape = tuple(data["mr"].shape[1:])
+        print(f"\naccuracy on the demo weights: phantom {tuple(args.accuracy_size)} -> {shape} after preprocessing, {S} passes per slice, "
+              f"float32 {t_ref:.1f} s")
 
-    # FLOPs of one pass over the volume
-    with FlopCounterMode(display=False) as fc, torch.no_grad(), sampling_mode(net, "argmax", per_example=False):
-        inferer(x, lambda b: net(b))
-    flops = fc.get_total_flops()
-    mm_rate, conv_rate = machine_rates(device, 4096 if device.type == "cuda" else 1024)
+        def compare(name, maps, m, secs, extra=""):
+            d = (maps["sct"] - ref["sct"]).abs()
+            flips = float((maps["seg"] != ref["seg"]).float().mean())
+            keys = [k for k in m_ref if isinstance(m_ref[k], float) and ("dice" in k.lower() or "psnr" in k.lower() or "mae" in k.lower())]
+            delta = ", ".join(f"{k} {m[k] - m_ref[k]:+.4f}" for k in keys[:8])
+            print(f"{name}: {secs:.1f} s{extra}; |sCT - float32 sCT| mean {float(d.mean()):.2f} HU, max {float(d.max()):.1f} HU; "
+                  f"modal label changed at {flips:.3%} of voxels; metric changes: {delta}")
 
-    print(f"\n{'method':70s} {'seconds':>9s} {'peak MB':>9s} {f'vs max_batch {args.max_batch[0]}':>16s} {'achieved GFLOP/s':>17s}")
-    rows = [
-        (f"naive: {S} sequential SliceInferer runs{naive_note}", *results["naive"], S * flops),
-        *[(f"vectorised: {S} samples, max_batch {mb} ({max(1, mb // args.sw_batch_size)} copies per call)", *results[f"vectorised{mb}"], S * flops)
-          for mb in args.max_batch],
-        ("deterministic: 1 pass (argmax)", *results["deterministic"], flops),
-    ]
-    tv = results[f"vectorised{args.max_batch[0]}"][0]
-    for name, sec, peak, fl in rows:
-        print(f"{name:70s} {sec:9.2f} {peak / 2**20:9.1f} {sec / tv:15.2f}x {fl / sec / 1e9:17.2f}")
-    print(f"\nspeed-up of the vectorised sampler (max_batch {args.max_batch[0]}) over the naive loop: {results['naive'][0] / tv:.2f}x; "
-          f"{S} samples cost {tv / results['deterministic'][0]:.1f}x one deterministic pass")
-    print(f"FLOPs of one pass over the volume: {flops / 1e9:.2f} GFLOP ({flops / np.prod(size) / 1e3:.1f} kFLOP per voxel)")
-    print(f"machine: matmul {mm_rate / 1e9:.1f} GFLOP/s, 3x3 conv (64 ch) {conv_rate / 1e9:.1f} GFLOP/s (float32, measured now)")
-    print(f"vectorised sampler reaches {S * flops / tv / conv_rate:.0%} of the measured conv rate")
+        if device.type == "cpu" and reduced == torch.bfloat16 and not native_bfloat16():
+            print("(no native bfloat16 on this CPU: the reduced-dtype run is emulated and slow; its numbers are what a native CPU computes)")
+        compare(str(reduced).split(".")[-1], *run(reduced)[:3])
+        pred.sampler.requested_samples = args.num_samples  # "auto" runs up to the maximum
+        maps, m, secs, used = run(torch.float32, "auto")
+        compare(f"auto (max {args.num_samples}) float32", maps, m, secs,
+                f", passes per slice batch mean {used['mean']:.1f} (min {used['min']}, max {used['max']}, {used['batches']} batches)")
+        print(f"Monte-Carlo noise for scale: float32 {S} passes with another seed: ", end="")
+        pred.seed = 1
+        compare(f"seed 1, {S} passes", *run(torch.float32)[:3])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, nargs=3, default=None, help="volume X Y Z (default 288 288 62 on CUDA, 48 48 4 on CPU)")
+    p.add_argument("--num-samples", type=int, default=50, help="S (section 5.2: 50)")
+    p.add_argument("--timed-passes", type=int, default=None, help="passes timed per method, scaled to S (default: S on CUDA, 4 on CPU)")
+    p.add_argument("--features", type=int, nargs=3, default=[16, 32, 64])
+    p.add_argument("--margin", type=int, default=33, help="replicate margin per slice side (inference.json margin)")
+    p.add_argument("--sw-batch-size", type=int, default=4, help="slices per inferer batch (inference.json sw_batch_size)")
+    p.add_argument("--max-batch", type=int, nargs="+", default=[64], help="images per forward call of the dense sampler")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--paper-slices", type=int, default=0, help="time this many slice-passes of the paper job and scale")
+    p.add_argument("--accuracy", action="store_true", help="demo weights on a phantom: reduced dtype and auto pass count")
+    p.add_argument("--accuracy-size", type=int, nargs=3, default=[48, 48, 6])
+    p.add_argument("--accuracy-samples", type=int, default=50)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    args.size = args.size or ([288, 288, 62] if device.type == "cuda" else [48, 48, 4])
+    reduced = torch.float16 if device.type == "cuda" else torch.bfloat16
+    if not args.no_timing:
+        timing(args, device, reduced)
+    if args.paper_slices:
+        paper_job(args, device, reduced)
+    if args.accuracy:
+        accuracy(args, device, reduced)
 
 
 if __name__ == "__main__":
