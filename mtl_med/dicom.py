@@ -55,10 +55,13 @@ ORGAN_COLOURS = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 25
 # (the segment label says left / right: SNOMED CT has one concept for both femoral heads)
 ORGAN_CODES = {1: ("2812003", "Femoral head"), 2: ("2812003", "Femoral head"), 3: ("41216001", "Prostate"),
                4: ("89837001", "Bladder"), 5: ("34402009", "Rectum")}
-# attributes copied from the source series so a planning system files the outputs with the MR
-PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "IssuerOfPatientID",
-                 "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "StudyDescription",
-                 "ReferringPhysicianName")
+# attributes copied from the source series so a planning system files the outputs with the MR; those of type 2
+# in the Patient and General Study modules are written empty when the source lacks them
+PATIENT_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                 "IssuerOfPatientID", "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                 "StudyDescription", "ReferringPhysicianName")
+TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
+          "AccessionNumber", "ReferringPhysicianName")
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -274,6 +277,9 @@ def _check_grid(arr: np.ndarray, src: SeriesHeaders, what: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.shape != src.shape:
         raise ValueError(f"{what} has shape {arr.shape}, the source series {src.folder} has {src.shape}")
+    if not getattr(src.datasets[0], "FrameOfReferenceUID", ""):
+        raise InputError(src.files[0], "no FrameOfReferenceUID: DICOM outputs would have no frame of reference "
+                                       "shared with the MR")
     return arr
 
 
@@ -281,6 +287,8 @@ def _copy_source(ds: Any, src: Any) -> None:
     for key in PATIENT_STUDY:
         if key in src:
             setattr(ds, key, getattr(src, key))
+        elif key in TYPE_2:
+            setattr(ds, key, "")
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID
 
 
@@ -447,6 +455,7 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     ds.StructureSetDate = ds.SeriesDate = date
     ds.StructureSetTime = ds.SeriesTime = time
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
+    ds.OperatorsName = ""
     ds.ApprovalStatus = "UNAPPROVED"
 
     def image_ref(mr):
