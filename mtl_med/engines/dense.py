@@ -119,14 +119,17 @@ class DenseScore(Metric):
 
     def reset(self) -> None:
         self.meters.reset()
+        self.reduced = False
 
     def update(self, output) -> None:
         pred, label = output
         self.meters.update({t: v.detach().float() for t, v in pred.items()}, label)
 
     def compute(self) -> float:
-        for m in self.meters.meters.values():
-            _all_reduce(m)
+        if not self.reduced:  # once per run: a second sum over ranks would count every pixel twice
+            for m in self.meters.meters.values():
+                _all_reduce(m)
+            self.reduced = True
         self.results = self.meters.compute()
         return dense_primary(self.results, self.kinds)
 
