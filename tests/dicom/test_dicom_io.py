@@ -319,3 +319,15 @@ def test_a_ct_series_is_read_as_the_reference_ct(env, tmp_path):
     assert item["dicom_mr"].folder == env["root"] / "in" / "oblique"
     with pytest.raises(InputError, match="ct series has modality MR, expected CT"):
         env["pred"].read_dicom_inputs({"mr": str(env["root"] / "in" / "oblique"), "ct": str(env["root"] / "in" / "oblique")})
+
+
+def test_a_failing_dicom_writer_leaves_no_outputs(env, tmp_path, monkeypatch):
+    """The DICOM files are part of the case's output set: all of it appears, or none (no NIfTI without them)."""
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dicom, "write_rtstruct", broken)
+    res = env["pred"].run(input_dir=str(env["root"] / "in" / "oblique"), output_dir=str(tmp_path),
+                          raise_on_failure=False)
+    assert "disk full" in res["failed"]["oblique"]
+    assert list(tmp_path.iterdir()) == []
