@@ -1,8 +1,9 @@
 """DICOM in and out for the pelvis inference: an MR series read through MONAI's ITK reader, and the outputs
 written back as a CT series (synthetic CT), a DICOM SEG and an RT Structure Set that reference it.
 
-Reading (pydicom headers first, then ``LoadImage(reader="ITKReader")``) needs only the package's own
-dependencies; the writers need the ``dicom`` extra (``pip install mtl_med[dicom]``: highdicom, contourpy).
+Reading (pydicom headers first, then ``LoadImage(reader="ITKReader")``) and the series writers (pydicom) need
+only the package's own dependencies; SEG and RTSTRUCT need the ``dicom`` extra (``pip install mtl_med[dicom]``:
+highdicom, contourpy).
 
     folders = series_folders("in/")                  # one series folder, or a folder of series folders
     mr = load_series(folders[0])                     # channel-first MetaTensor, RAS+ affine from the headers
