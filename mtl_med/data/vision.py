@@ -50,6 +50,9 @@ __all__ = [
     "as_ranking",
 ]
 
+#: in-memory data sets keep their transformed images when they fit in this many bytes
+CACHE_BYTES = 1 << 30
+
 FASHION_MNIST_CLASSES = (
     "t_shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot",
 )  # fmt: skip
@@ -101,6 +104,8 @@ class MultiTaskImageDataset(Dataset):
         transform: optional callable applied to each image tensor.
         image_mode: Pillow mode for files (``"RGB"`` or ``"L"``).
         image_size: ``(H, W)`` to resize files to (``None``: as stored).
+        cache_bytes: in-memory images under a deterministic transform are transformed once, here,
+            when the result fits in this many bytes (0: transform every time an item is read).
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class MultiTaskImageDataset(Dataset):
         transform: Callable | None = None,
         image_mode: str = "RGB",
         image_size: Sequence[int] | None = None,
+        cache_bytes: int = CACHE_BYTES,
     ):
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
@@ -125,6 +131,16 @@ class MultiTaskImageDataset(Dataset):
                 raise ValueError(f"task {t!r} has {v.shape[0]} targets for {n} images")
             self.targets[t] = v.long() if self.task_types[t] == "binary" else v.float()
         self.transform, self.image_mode, self.image_size = transform, image_mode, image_size
+        self.cache_bytes, self.cached = int(cache_bytes), None
+        if self.cache_bytes > 0 and isinstance(self.images, torch.Tensor) and n and _deterministic(transform):
+            first = self._load(0)
+            if first.numel() * first.element_size() * n <= self.cache_bytes:
+                # in-memory images under a deterministic transform: transform each image once, not every epoch
+                self.cached = torch.stack([first, *(self._load(i) for i in range(1, n))])
+
+    def _load(self, i: int) -> torch.Tensor:
+        x = self.image(i)
+        return x if self.transform is None else self.transform(x)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -136,18 +152,30 @@ class MultiTaskImageDataset(Dataset):
         return _read_image(self.images[i], self.image_mode, self.image_size)
 
     def __getitem__(self, i: int) -> dict:
-        x = self.image(i)
-        if self.transform is not None:
-            x = self.transform(x)
+        x = self.cached[i] if self.cached is not None else self._load(i)
         return {"image": x, "targets": {t: v[i] for t, v in self.targets.items()}, "index": int(i)}
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> MultiTaskImageDataset:
         """A new data set holding ``indices`` (keeps tensors in memory, paths lazy)."""
         idx = np.asarray(indices, dtype=np.int64)
         imgs = self.images[torch.from_numpy(idx)] if isinstance(self.images, torch.Tensor) else [self.images[i] for i in idx]
-        return MultiTaskImageDataset(
-            imgs, {t: v[torch.from_numpy(idx)] for t, v in self.targets.items()}, self.task_types, self.transform, self.image_mode, self.image_size
+        out = MultiTaskImageDataset(
+            imgs, {t: v[torch.from_numpy(idx)] for t, v in self.targets.items()}, self.task_types, self.transform, self.image_mode,
+            self.image_size, 0 if self.cached is not None else self.cache_bytes,
         )
+        if self.cached is not None:  # the transformed images are already at hand
+            out.cache_bytes, out.cached = self.cache_bytes, self.cached[torch.from_numpy(idx)]
+        return out
+
+
+def _deterministic(transform: Callable | None) -> bool:
+    """True when ``transform`` draws nothing at random (no MONAI ``Randomizable`` inside)."""
+    from monai.transforms import Compose, Randomizable
+
+    if transform is None:
+        return True
+    parts = transform.flatten().transforms if isinstance(transform, Compose) else (transform,)
+    return not any(isinstance(t, Randomizable) for t in parts)
 
 
 def seeded_split(n: int, fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0) -> dict[str, np.ndarray]:

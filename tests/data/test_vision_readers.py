@@ -274,3 +274,29 @@ def test_load_vision_tasks_poses_named_tasks_as_ranking():
     assert ds.task_types["digit_4"] == "binary"
     with pytest.raises(ValueError, match="digit_x"):
         load_vision_tasks("digits", "val", ranking_tasks=["digit_x"])
+
+
+def test_in_memory_images_are_transformed_once_under_a_deterministic_transform():
+    from monai.transforms import Compose, RandFlip, Resize
+
+    calls = []
+
+    def counted(x):
+        calls.append(1)
+        return x * 2
+
+    ds = load_digits_tasks("val", transform=Compose([Resize((12, 12)), counted]))
+    n = len(ds)
+    assert len(calls) == n and ds.cached is not None
+    item = ds[5]
+    assert len(calls) == n  # read from the cache
+    assert torch.equal(item["image"], Compose([Resize((12, 12))])(ds.image(5)) * 2)
+    sub = ds.subset([5, 7])
+    assert torch.equal(sub[0]["image"], item["image"]) and len(calls) == n
+    assert load_digits_tasks("val", transform=Compose([RandFlip(prob=0.5)])).cached is None  # random: every read draws
+    small = load_digits_tasks("val", transform=counted)
+    assert small.cached is not None
+    from mtl_med.data.vision import MultiTaskImageDataset
+
+    off = MultiTaskImageDataset(small.images, small.targets, small.task_types, counted, cache_bytes=0)
+    assert off.cached is None and torch.equal(off[3]["image"], small[3]["image"])
