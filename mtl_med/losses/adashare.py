@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ADASHARE_HPARAMS", "adashare_sparsity_loss", "adashare_sharing_loss", "AdaShareRegularizer"]
+__all__ = ["ADASHARE_HPARAMS", "adashare_sparsity_loss", "adashare_sharing_loss", "policy_loss_scales", "AdaShareRegularizer"]
 
 #: Table 7 of the paper: learning rates and loss weights per benchmark.
 ADASHARE_HPARAMS = {
@@ -67,20 +67,50 @@ def adashare_sharing_loss(alpha: torch.Tensor) -> torch.Tensor:
     return (diff * w).sum()
 
 
+def policy_loss_scales(num_tasks: int, num_blocks: int) -> tuple[float, float]:
+    """The factors ``(s_sp, s_sh)`` that make eq. 5-6 independent of the task and block counts.
+
+    Table 7's weights were tuned in the authors' code, which takes each task's sparsity term as
+    the *mean* over its blocks and the sharing term over the one unordered pair of a 2-task
+    network. Written as the paper's sums (eq. 5 over ``K x L`` entries, eq. 6 over ordered pairs),
+    the same weights grow with the set-up: each logit's sharing gradient grows with ``K - 1``
+    (it is pulled towards every other task, twice), and the loss value with ``K L``. The rule:
+
+    - ``s_sp = 1 / L``: each task's sparsity is the mean of ``log alpha`` over its blocks;
+    - ``s_sh = 1 / (2 (K - 1))``: each task is pulled towards the *mean* of the other tasks.
+
+    For ``K = 2`` this is the authors' normalisation, so Table 7's values keep their meaning, and
+    a 10-task, 8-block network feels the same per-task pressure as a 2-task one.
+    """
+    k, l = int(num_tasks), int(num_blocks)
+    return 1.0 / l, (1.0 / (2 * (k - 1)) if k > 1 else 0.0)
+
+
 class AdaShareRegularizer(nn.Module):
     """``lambda_sp * L_sparsity + lambda_sh * L_sharing`` of eq. 7.
 
     Args:
         lambda_sparsity: weight of eq. 5 (Table 7; default 0.05, NYU v2 2-task).
         lambda_sharing: weight of eq. 6 (Table 7; default 0.05, NYU v2 2-task).
+        normalize: scale both terms by :func:`policy_loss_scales` of ``alpha``'s shape (default),
+            so the weights mean the same for any number of tasks and blocks; ``False``: the sums
+            exactly as eq. 5-6 write them.
     """
 
-    def __init__(self, lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY, lambda_sharing: float = DEFAULT_LAMBDA_SHARING):
+    def __init__(
+        self,
+        lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY,
+        lambda_sharing: float = DEFAULT_LAMBDA_SHARING,
+        normalize: bool = True,
+    ):
         super().__init__()
         self.lambda_sparsity, self.lambda_sharing = float(lambda_sparsity), float(lambda_sharing)
+        self.normalize = bool(normalize)
 
     def forward(self, alpha: torch.Tensor) -> torch.Tensor:
-        return self.lambda_sparsity * adashare_sparsity_loss(alpha) + self.lambda_sharing * adashare_sharing_loss(alpha)
+        _check(alpha)
+        s_sp, s_sh = policy_loss_scales(*alpha.shape) if self.normalize else (1.0, 1.0)
+        return s_sp * self.lambda_sparsity * adashare_sparsity_loss(alpha) + s_sh * self.lambda_sharing * adashare_sharing_loss(alpha)
 
     def extra_repr(self) -> str:
-        return f"lambda_sparsity={self.lambda_sparsity}, lambda_sharing={self.lambda_sharing}"
+        return f"lambda_sparsity={self.lambda_sparsity}, lambda_sharing={self.lambda_sharing}, normalize={self.normalize}"
