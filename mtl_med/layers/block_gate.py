@@ -126,6 +126,10 @@ class BlockPolicy(nn.Module):
             v = gumbel_softmax(self.logits, float(self.tau), hard=False, dim=-1, generator=generator)[..., 1]
         else:
             v = (self.logits[..., 1] > self.logits[..., 0]).to(self.logits.dtype)
+        # Curriculum-frozen blocks run. The paper does not say; the authors' code pads their
+        # decisions with "select" (MTL2.forward). They keep the warm-up's hard sharing their
+        # weights were trained for, and as their logits get no gradient, sampling them would only
+        # train the weights on coin flips that no policy update could correct.
         frozen = self.frozen()
         if bool(frozen.any()):
             v = torch.where(frozen[None, :], torch.ones_like(v), v)

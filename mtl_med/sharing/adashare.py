@@ -91,6 +91,9 @@ class AdaShare(MultiTaskNetwork):
         tau: initial Gumbel-Softmax temperature (section 3.2: 5).
         lambda_sparsity, lambda_sharing: eq. 7 weights of :meth:`regularizer` while the policy is
             learned (Table 7 defaults).
+        normalize_policy_losses: scale eq. 5-6 to the number of tasks and blocks
+            (:func:`mtl_med.losses.adashare.policy_loss_scales`), so Table 7's weights keep their
+            meaning on any set-up; ``False``: the raw sums of eq. 5-6.
         policy: a discrete ``(num_tasks, num_blocks)`` policy for re-training / inference.
 
     In the ``"warmup"`` mode every block runs and the trunk is computed once for all tasks.
@@ -107,6 +110,7 @@ class AdaShare(MultiTaskNetwork):
         tau: float = 5.0,
         lambda_sparsity: float = DEFAULT_LAMBDA_SPARSITY,
         lambda_sharing: float = DEFAULT_LAMBDA_SHARING,
+        normalize_policy_losses: bool = True,
         policy: torch.Tensor | Sequence | None = None,
         bn_inference: str = "population",
     ):
@@ -117,7 +121,7 @@ class AdaShare(MultiTaskNetwork):
         stage = [sum(b < i for b in backbone.branch_points) for i in res]
         self.block_names = [f"stage{s}.{stage[:j].count(s)}" for j, s in enumerate(stage)]
         self.policy = BlockPolicy(self.num_tasks, len(res), tau=tau, policy=policy)
-        self.policy_loss = AdaShareRegularizer(lambda_sparsity, lambda_sharing)
+        self.policy_loss = AdaShareRegularizer(lambda_sparsity, lambda_sharing, normalize_policy_losses)
 
     @classmethod
     def refuse(cls, backbone: Backbone) -> str | None:
@@ -182,16 +186,21 @@ def set_policy_mode(model: nn.Module, mode: str) -> None:
     policy_module(model).set_mode(mode)
 
 
-def curriculum_num_blocks(epoch: int, num_blocks: int) -> int:
-    """Blocks whose policy is learned in policy-learning epoch ``epoch`` (1-based): ``min(epoch, L)``."""
-    return max(0, min(int(epoch), int(num_blocks)))
+def curriculum_num_blocks(epoch: int, num_blocks: int, speed: int = 1) -> int:
+    """Blocks whose policy is learned in policy-learning epoch ``epoch`` (1-based):
+    ``min(ceil(epoch / speed), L)``, one more block every ``speed`` epochs (section 3.3: one per
+    epoch; the authors' code: one every ``curriculum_speed`` = 3 alternations)."""
+    if int(speed) < 1:
+        raise ValueError(f"curriculum speed must be >= 1 epochs per block, got {speed}")
+    return max(0, min(-(-int(epoch) // int(speed)), int(num_blocks)))
 
 
-def apply_curriculum(model: nn.Module, epoch: int) -> int:
-    """Section 3.3 curriculum: in epoch ``l`` learn the last ``l`` blocks; the first ``L - l`` are
-    executed by every task and their logits get zero gradient. Returns the learned block count."""
+def apply_curriculum(model: nn.Module, epoch: int, speed: int = 1) -> int:
+    """Section 3.3 curriculum: in epoch ``l`` learn the last ``l`` blocks (``ceil(l / speed)``);
+    the first ones are executed by every task and their logits get zero gradient. Returns the
+    learned block count."""
     policy = policy_module(model)
-    n = curriculum_num_blocks(epoch, policy.num_blocks)
+    n = curriculum_num_blocks(epoch, policy.num_blocks, speed)
     policy.set_num_learnable(n)
     return n
 
