@@ -246,7 +246,8 @@ def accuracy(args, device, reduced):
 
         if device.type == "cpu" and reduced == torch.bfloat16 and not native_bfloat16():
             print("(no native bfloat16 on this CPU: the reduced-dtype run is emulated and slow; its numbers are what a native CPU computes)")
-        compare(str(reduced).split(".")[-1], *run(reduced)[:3])
+        if not args.skip_reduced:
+            compare(str(reduced).split(".")[-1], *run(reduced)[:3])
         pred.sampler.requested_samples = args.num_samples  # "auto" runs up to the maximum
         maps, m, secs, used = run(torch.float32, "auto")
         compare(f"auto (max {args.num_samples}) float32", maps, m, secs,
@@ -272,6 +273,7 @@ def main():
     p.add_argument("--accuracy", action="store_true", help="demo weights on a phantom: reduced dtype and auto pass count")
     p.add_argument("--accuracy-size", type=int, nargs=3, default=[48, 48, 6])
     p.add_argument("--accuracy-samples", type=int, default=50)
+    p.add_argument("--skip-reduced", action="store_true", help="accuracy without the reduced-dtype run")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

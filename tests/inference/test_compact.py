@@ -91,7 +91,7 @@ def test_sampler_compact_and_dense_engines_agree_and_empty_groups_skip_their_tow
     net = _randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
     x = torch.randn(3, 1, 12, 12)
     run = lambda engine: sample_posterior(net, x, num_samples=5, samples_per_batch=2, labels={"seg": 3},  # noqa: E731
-                                          generator=torch.Generator().manual_seed(2), engine=engine, margin=2)
+                                          generator=torch.Generator().manual_seed(2), engine=engine, margin=2, dtype="float32")
     dense, compact = run("dense"), run("compact")
     torch.testing.assert_close(compact["sct"], dense["sct"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(compact["sct_std"], dense["sct_std"], rtol=1e-4, atol=1e-5)
@@ -109,7 +109,7 @@ def test_sliding_window_3d_patches_run_compacted_unchanged():
     net = _randomise_statistics(_highresnet(["sct", "seg"], 3, "sfg"))
     vol = torch.randn(1, 1, 10, 8, 6)
     inferer = SlidingWindowInferer(roi_size=(6, 6, 6), sw_batch_size=2, overlap=0.25, progress=False)
-    maps = {e: PosteriorSampler(net, 3, max_batch=4, labels={"seg": 3}, engine=e).run(inferer, vol, generator=torch.Generator().manual_seed(0))
+    maps = {e: PosteriorSampler(net, 3, max_batch=4, labels={"seg": 3}, engine=e, dtype="float32").run(inferer, vol, generator=torch.Generator().manual_seed(0))
             for e in ("dense", "compact")}
     assert maps["compact"]["sct_mean"].shape == (1, 1, 10, 8, 6)
     torch.testing.assert_close(maps["compact"]["sct_mean"], maps["dense"]["sct_mean"], rtol=1e-5, atol=1e-5)
