@@ -308,8 +308,10 @@ def test_sparsity_loss_on_a_hand_case():
     alpha = torch.tensor([[0.5, 0.25], [1.0, 0.125]])
     expected = math.log(0.5) + math.log(0.25) + 0.0 + math.log(0.125)
     assert math.isclose(float(adashare_sparsity_loss(alpha)), expected, rel_tol=1e-6)
-    reg = AdaShareRegularizer(lambda_sparsity=0.1, lambda_sharing=0.0)
+    reg = AdaShareRegularizer(lambda_sparsity=0.1, lambda_sharing=0.0, normalize=False)
     assert math.isclose(float(reg(alpha)), 0.1 * expected, rel_tol=1e-6)
+    reg = AdaShareRegularizer(lambda_sparsity=0.1, lambda_sharing=0.0)  # each task's mean over its 2 blocks
+    assert math.isclose(float(reg(alpha)), 0.1 * expected / 2, rel_tol=1e-6)
 
 
 def test_defaults_are_table7():
@@ -327,8 +329,12 @@ def test_network_regulariser_is_eq7_policy_terms():
         net.policy.logits.normal_()
     set_policy_mode(net, "learn")
     alpha = net.policy.select_probability()
-    expected = 0.2 * adashare_sparsity_loss(alpha) + 0.3 * adashare_sharing_loss(alpha)
+    K, L = alpha.shape  # normalised: sparsity / L, sharing / (2 (K - 1))
+    expected = 0.2 / L * adashare_sparsity_loss(alpha) + 0.3 / (2 * (K - 1)) * adashare_sharing_loss(alpha)
     assert torch.allclose(net.regularizer(), expected)
+    raw = _net(lambda_sparsity=0.2, lambda_sharing=0.3, normalize_policy_losses=False)
+    raw.load_state_dict(net.state_dict())
+    assert torch.allclose(raw.regularizer(), 0.2 * adashare_sparsity_loss(alpha) + 0.3 * adashare_sharing_loss(alpha))
     set_policy_mode(net, "warmup")
     assert float(net.regularizer()) == 0.0
 
@@ -337,6 +343,7 @@ def test_curriculum_freezes_the_logits_of_the_first_blocks():
     net = _net()
     L = net.num_blocks
     assert L == 8 and [curriculum_num_blocks(e, L) for e in (0, 1, 2, 5, 9)] == [0, 1, 2, 5, 8]
+    assert [curriculum_num_blocks(e, L, speed=3) for e in (1, 3, 4, 22, 24, 99)] == [1, 1, 2, 8, 8, 8]
     set_policy_mode(net, "learn")
     assert apply_curriculum(net, 2) == 2
     _, opt = make_optimizers(net)
