@@ -47,7 +47,7 @@ from mtl_med.errors import CaseFailures, InputError, as_bool
 from mtl_med.inference.posterior import PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
 from mtl_med.transforms.intensity import network_to_hu
-from mtl_med.transforms.io import as_metatensor
+from mtl_med.transforms.io import as_metatensor, unwrap_input_error
 from mtl_med.transforms.spatial import invert_to_input
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "list_cases",
     "case_names",
     "evaluate_cases",
+    "read_case_csv",
     "check_output_dir",
 ]
 
@@ -452,11 +453,14 @@ class VolumePredictor:
             m["resampled_to_mr"] = "+".join(data["resampled_to_mr"])
         return m
 
-    def predict_item(self, item: Mapping[str, Any], progress: Any = None) -> tuple[dict, dict, dict, dict]:
-        """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item."""
+    def predict_item(self, item: Mapping[str, Any], progress: Any = None,
+                     data: Mapping[str, Any] | None = None) -> tuple[dict, dict, dict, dict]:
+        """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item
+        (``data``: its preprocessing done already, e.g. in a DataLoader worker)."""
         t0 = time.perf_counter()
-        logger.info("%s: preprocessing (orientation, N4, histogram standardisation, resampling)", item.get("name"))
-        data = self.preprocess(item)
+        if data is None:
+            logger.info("%s: preprocessing (orientation, N4, histogram standardisation, resampling)", item.get("name"))
+            data = self.preprocess(item)
         t1 = time.perf_counter()
         logger.info("%s: %d posterior samples of every axial slice", item.get("name"), self.num_samples)
         maps = self.sample(data, progress)
@@ -584,33 +588,93 @@ class VolumePredictor:
         result["metrics"] = metrics
         return result
 
+    def complete(self, case: str, output_dir: str | os.PathLike | None = None) -> bool:
+        """Whether ``case`` has its complete output set in ``output_dir`` (every file this configuration writes;
+        a case folder appears only whole, :meth:`write`)."""
+        return all(p.exists() for p in self.output_paths(case, output_dir).values())
+
+    def _prepared(self, items: Sequence[Mapping[str, Any]], num_workers: int):
+        """``(item, loaded item, preprocessed data or None, error or None)`` per case, in order. With
+        ``num_workers > 0`` DICOM reading and preprocessing (N4: seconds per case) run in DataLoader worker
+        processes while this process runs the network; at most ``2 * num_workers`` cases wait in memory."""
+        if num_workers <= 0:
+            for item in items:
+                yield (item, *_load_and_preprocess(self, item, portable=False))
+            return
+        loader = torch.utils.data.DataLoader(_PreprocessedCases(self, items), batch_size=None, shuffle=False,
+                                             num_workers=int(num_workers), collate_fn=_identity, prefetch_factor=2,
+                                             persistent_workers=False)
+        for item, res in zip(items, loader):
+            yield (item, *res)
+
     def run(self, input_dir: str | os.PathLike | None = None, datalist: Any = None, section: str = "test",
             pattern: str = "*.nii*", output_dir: str | os.PathLike | None = None, save_outputs: bool = True,
-            raise_on_failure: bool = True) -> dict[str, Any]:
+            raise_on_failure: bool = True, skip_existing: bool = False, num_workers: int = 0,
+            summary_path: str | os.PathLike | None = None, done_cases: Sequence[str] | None = None,
+            on_case: Any = None) -> dict[str, Any]:
         """Every case of ``datalist[section]`` or ``input_dir``: predict, write, report. Failed cases are logged
         with their message and skipped; at the end :class:`CaseFailures` is raised if any failed (non-zero exit
-        of ``python -m monai.bundle run``). Returns ``{"cases": {name: {"paths", "metrics"}}, "failed": {...}}``."""
+        of ``python -m monai.bundle run``).
+
+        Under ``torch.distributed`` (torchrun, ``multi_gpu_inference.json``) the cases are dealt to the ranks in
+        turn (``cases[rank::world_size]``: each case runs exactly once) and every rank's results and failures
+        are gathered: each rank returns the whole run's result and only rank 0 writes ``summary_path`` and
+        raises :class:`CaseFailures`.
+
+        Args:
+            skip_existing: skip (and report) a case whose complete output set is in ``output_dir`` already, or
+                that is in ``done_cases`` (evaluation: a row in its CSV); resumes an interrupted cohort.
+            num_workers: DataLoader worker processes for reading and preprocessing (0: in this process).
+            summary_path: a JSON of done, skipped and failed cases (and which rank ran each), written atomically.
+            on_case: called as ``on_case(case, {"paths", "metrics"})`` after each finished case (the evaluation
+                writes its CSV as it goes).
+
+        Returns ``{"cases": {name: {"paths", "metrics"}}, "failed": {name: message}, "skipped": [names],
+        "ranks": {rank: [names it ran]}}``.
+        """
+        from mtl_med.errors import ConfigError
+
         items = list_cases(input_dir, datalist, section, pattern)
         out_root = Path(output_dir if output_dir is not None else self.output_dir).expanduser().resolve()
+        skip_existing, num_workers = as_bool(skip_existing, "skip_existing"), int(num_workers)
+        if num_workers < 0:
+            raise ConfigError("num_workers", f"must be 0 or more, got {num_workers}")
+        rank, world = _dist_rank_world()
         if save_outputs:
             check_output_dir(out_root)  # before the checkpoint is read or anything runs
-        logger.info("%d case(s) from %s; %d posterior samples (%s mode) on %s; outputs in %s", len(items),
-                    datalist or input_dir, self.num_samples, self.inference_mode, self.device, out_root)
+        mine = items[rank::world]
+        skipped: list[str] = []
+        if skip_existing:  # this rank's share only: other ranks may be writing theirs already
+            def finished(name: str) -> bool:
+                if done_cases is not None and name not in done_cases:
+                    return False
+                return self.complete(name, out_root) if save_outputs else done_cases is not None
+
+            skipped = [x["name"] for x in mine if finished(x["name"])]
+            mine = [x for x in mine if x["name"] not in skipped]
+        where = f" (rank {rank} of {world}: {len(mine)} case(s))" if world > 1 else ""
+        logger.info("%d case(s) from %s%s; %d posterior samples (%s mode) on %s; outputs in %s", len(items),
+                    datalist or input_dir, where, self.num_samples, self.inference_mode, self.device, out_root)
+        for case in skipped:
+            logger.info("case %s skipped: its outputs exist (skip_existing)", case)
         self.setup()
         done: dict[str, Any] = {}
         failed: dict[str, str] = {}
-        bar = tqdm(items, desc="cases", unit="case", disable=not self.progress)
-        for item in bar:
+        bar = tqdm(total=len(mine), desc="cases", unit="case", disable=not self.progress)
+        for item, loaded, data, error in self._prepared(mine, num_workers):
             case = item["name"]
             bar.set_postfix_str(case)
             try:
-                loaded = self.read_dicom_inputs(item)
+                if error is not None:
+                    raise error
                 passes = tqdm(total=None, desc=f"{case} slice passes", unit="img", leave=False,
                               disable=not self.progress)
                 with passes:
-                    out, maps, metrics, _ = self.predict_item(loaded, progress=passes)
+                    out, maps, metrics, _ = self.predict_item(loaded, progress=passes, data=data)
                 paths = self.write(case, loaded, out, out_root, metrics) if save_outputs else {}
                 done[case] = {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics}
+                if on_case is not None:
+                    on_case(case, done[case])
                 if metrics:
                     logger.info("%s: %s", case, format_metrics(metrics))
                     tqdm.write(f"{case}: {format_metrics(metrics)}")
@@ -621,10 +685,77 @@ class VolumePredictor:
                 failed[case] = msg
                 logger.error("case %s failed: %s", case, msg)
                 logger.debug("traceback of %s", case, exc_info=True)
-        logger.info("%d case(s) done, %d failed", len(done), len(failed))
-        if failed and raise_on_failure:
-            raise CaseFailures(failed, len(items))
-        return {"cases": done, "failed": failed}
+            bar.update(1)
+        bar.close()
+        logger.info("%d case(s) done, %d skipped, %d failed%s", len(done), len(skipped), len(failed),
+                    f" on rank {rank}" if world > 1 else "")
+        res = {"cases": done, "failed": failed, "skipped": skipped, "ranks": {rank: list(done) + list(failed)}}
+        if world > 1:  # every rank's results, so that one summary and one failure report cover the run
+            res = _gather_results(res, items)
+        if summary_path and rank == 0:
+            from mtl_med.io import atomic_write_json
+
+            atomic_write_json({"num_cases": len(items), "world_size": world, "done": list(res["cases"]),
+                               "skipped": res["skipped"], "failed": res["failed"],
+                               "ranks": {str(r): v for r, v in res["ranks"].items()}}, summary_path)
+        if res["failed"] and raise_on_failure and rank == 0:
+            raise CaseFailures(res["failed"], len(items))
+        return res
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _load_and_preprocess(predictor: "VolumePredictor", item: Mapping[str, Any],
+                         portable: bool = True) -> tuple[Any, Any, Any]:
+    """(loaded item, preprocessed data, None) or (item, None, the error): a worker hands its error back."""
+    try:
+        loaded = predictor.read_dicom_inputs(item)
+        return loaded, predictor.preprocess(loaded), None
+    except Exception as err:
+        if not portable:
+            return dict(item), None, err
+        user = unwrap_input_error(err)
+        if user is None:  # keep it picklable and readable across the worker boundary
+            user = RuntimeError(f"{type(err).__name__}: {err}")
+        return dict(item), None, user
+
+
+class _PreprocessedCases(torch.utils.data.Dataset):
+    """Cases read and preprocessed in DataLoader workers (the predictor's preprocessing, forked with it)."""
+
+    def __init__(self, predictor: "VolumePredictor", items: Sequence[Mapping[str, Any]]):
+        self.predictor, self.items = predictor, list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[Any, Any, Any]:
+        return _load_and_preprocess(self.predictor, self.items[i])
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_results(res: dict[str, Any], items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Every rank's ``run`` result merged (in case order) on every rank."""
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, res)
+    order = {x["name"]: i for i, x in enumerate(items)}
+    merged: dict[str, Any] = {"cases": {}, "failed": {}, "skipped": [], "ranks": {}}
+    for part in parts:
+        merged["cases"].update(part["cases"])
+        merged["failed"].update(part["failed"])
+        merged["skipped"] += part["skipped"]
+        merged["ranks"].update(part["ranks"])
+    for key in ("cases", "failed"):
+        merged[key] = dict(sorted(merged[key].items(), key=lambda kv: order.get(kv[0], len(order))))
+    merged["skipped"].sort(key=lambda c: order.get(c, len(order)))
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------- output files
@@ -728,6 +859,26 @@ def _truth_on_input_grid(item: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 
 
+def read_case_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a per-case metrics CSV (:func:`~mtl_med.metrics.medical.write_case_csv`), numbers as floats and
+    empty cells left out; ``[]`` when the file does not exist."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+
+    def value(v: str) -> Any:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: (v if k == "case" else value(v)) for k, v in r.items() if v != "" and k is not None}
+                for r in csv.DictReader(f)]
+
+
 def evaluate_cases(
     predictor: VolumePredictor,
     datalist: Any,
@@ -737,32 +888,69 @@ def evaluate_cases(
     save_outputs: bool = False,
     csv_name: str = "metrics.csv",
     summary_name: str = "metrics_summary.json",
+    skip_existing: bool = False,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Table 2 evaluation over ``datalist[section]`` (items with "ct" and / or "label"; "bone" optional):
     per-case CSV and a summary JSON (mean and standard deviation over cases) in ``metrics_dir``. Metrics are
     computed on the preprocessed grid (A.3: MR, CT and labels resampled to 1.46 mm). Failed cases are reported,
-    the others evaluated, then :class:`CaseFailures` is raised."""
+    the others evaluated, then :class:`CaseFailures` is raised.
+
+    The CSV is rewritten (atomically) after every case, so an interrupted run keeps its finished rows; with
+    ``skip_existing`` the cases that have a row (and, with ``save_outputs``, their outputs) are not run again.
+    The summary is computed from the CSV, earlier rows included. Under ``torch.distributed`` each rank writes
+    ``<csv>.rank<r>.csv`` as it goes; rank 0 merges them into the CSV (in datalist order) and writes the summary.
+    """
     from mtl_med.metrics.medical import write_case_csv, write_metrics_summary
 
     items = list_cases(datalist=datalist, section=section)
     missing = [x["name"] for x in items if "ct" not in x and "label" not in x]
     if missing:
         raise InputError(datalist, f'items without "ct" or "label" cannot be evaluated: {missing}')
-    res = predictor.run(datalist=datalist, section=section, output_dir=output_dir, save_outputs=save_outputs,
-                        raise_on_failure=False)
-    rows = [{"case": case, **r["metrics"]} for case, r in res["cases"].items()]
+    skip_existing = as_bool(skip_existing, "skip_existing")
+    rank, world = _dist_rank_world()
     mdir = Path(metrics_dir if metrics_dir is not None else (output_dir or predictor.output_dir)).expanduser().resolve()
-    if rows:
-        write_case_csv(rows, mdir / csv_name)
+    check_output_dir(mdir)
+    csv_path = mdir / csv_name
+    parts = lambda: sorted(mdir.glob(f"{csv_path.stem}.rank*{csv_path.suffix}"))  # noqa: E731
+    order = {x["name"]: i for i, x in enumerate(items)}
+    earlier: dict[str, dict] = {}  # rows of an interrupted run (its CSV and any ranks' parts), kept on resume
+    if skip_existing:
+        for f in [csv_path, *parts()]:
+            earlier.update({r["case"]: r for r in read_case_csv(f) if r.get("case") in order})
+        if earlier:
+            logger.info("%d case(s) have rows in %s already (skip_existing)", len(earlier), csv_path)
+    if world > 1:
+        torch.distributed.barrier()  # every rank has read the earlier rows before any rank rewrites a part
+    mine_path = csv_path if world == 1 else mdir / f"{csv_path.stem}.rank{rank}{csv_path.suffix}"
+    rows = {c: r for c, r in earlier.items() if world == 1 or order[c] % world == rank}
+
+    def add_row(case: str, result: Mapping[str, Any]) -> None:
+        rows[case] = {"case": case, **result["metrics"]}
+        write_case_csv(sorted(rows.values(), key=lambda r: order[r["case"]]), mine_path)
+
+    res = predictor.run(datalist=datalist, section=section, output_dir=output_dir, save_outputs=save_outputs,
+                        raise_on_failure=False, skip_existing=skip_existing, num_workers=num_workers,
+                        done_cases=set(earlier) if skip_existing else None, on_case=add_row)
+    if rank != 0:
+        return {"rows": [], "failed": res["failed"], "skipped": res["skipped"]}
+    merged = dict(earlier)
+    merged.update({c: {"case": c, **r["metrics"]} for c, r in res["cases"].items()})
+    if world > 1 or merged:
+        write_case_csv(sorted(merged.values(), key=lambda r: order[r["case"]]), csv_path)
+        for f in parts():
+            f.unlink(missing_ok=True)
+    rows_all = read_case_csv(csv_path) if merged else []  # the summary is the CSV's
+    if rows_all:
         summary = write_metrics_summary(
-            rows, mdir / summary_name, section=section, num_samples=predictor.num_samples,
-            inference_mode=predictor.inference_mode, failed=res["failed"],
+            rows_all, mdir / summary_name, section=section, num_samples=predictor.num_samples,
+            inference_mode=predictor.inference_mode, failed=res["failed"], skipped=res["skipped"],
         )
-        logger.info("metrics of %d case(s) written to %s", len(rows), mdir)
+        logger.info("metrics of %d case(s) written to %s", len(rows_all), mdir)
         for name in ("psnr_overall", "psnr_bones", "psnr_organs", "mae_overall", "dice_mean"):
             if name in summary["metrics"]:
                 s = summary["metrics"][name]
                 tqdm.write(f"{name}: {s['mean']:.4g} ({s['std']:.3g}) over {s['n']} case(s)")
     if res["failed"]:
         raise CaseFailures(res["failed"], len(items))
-    return {"rows": rows, "failed": res["failed"]}
+    return {"rows": rows_all, "failed": res["failed"], "skipped": res["skipped"]}
