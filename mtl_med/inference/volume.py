@@ -28,6 +28,7 @@ import pickle
 import shutil
 import socket
 import time
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,6 +53,8 @@ from mtl_med.transforms.spatial import invert_to_input
 
 __all__ = [
     "ConcatTaskOutputs",
+    "ExportNetwork",
+    "export_onnx",
     "load_checkpoint",
     "VolumePredictor",
     "list_cases",
@@ -97,6 +100,89 @@ class ConcatTaskOutputs(nn.Module):
         if state_dict and not any(str(k).startswith("network.") for k in state_dict):
             return self.network.load_state_dict(state_dict, strict=strict, assign=assign)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class _EachExample(nn.Module):
+    """Runs a network traced on one example over every example of a batch (a TorchScript loop)."""
+
+    def __init__(self, single: nn.Module):
+        super().__init__()
+        self.single = single
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.single(x[i : i + 1]) for i in range(x.shape[0])]
+        return torch.cat(outs, 0)
+
+
+class ExportNetwork(nn.Module):
+    """What ``ckpt_export`` (TorchScript, traced or scripted) and ``onnx_export`` export: the network's task
+    outputs concatenated channel-wise (:class:`ConcatTaskOutputs`, group assignments by ``mode``), at ANY batch
+    size and input size.
+
+    A trace of a multi-task network holds the traced batch size (the SFG layers run their streams as one batch
+    and split it by the batch size), and the network as a whole cannot be scripted. So the network is traced
+    on one example of ``example_shape`` (the trace keeps the input size free) and a scripted loop runs it over
+    the batch; tracing or scripting this module keeps that loop (an ONNX ``Loop`` with the TorchScript-based
+    exporter). The eager network is held outside the module tree, so that scripting does not reach it;
+    ``load_state_dict`` takes the training state dict (``models/model.pt``) and traces again.
+    """
+
+    __jit_unused_properties__ = ["network"]
+
+    def __init__(self, network: nn.Module, task_names: Sequence[str] | None = None, mode: str | None = "argmax",
+                 example_shape: Sequence[int] = (1, 1, 32, 32)):
+        super().__init__()
+        self._eager = (ConcatTaskOutputs(network, task_names, mode).eval(),)  # a tuple: not a submodule
+        self.example_shape = (1, *[int(s) for s in example_shape][1:])
+        self.each = self._build()
+
+    @property
+    def network(self) -> nn.Module:
+        return self._eager[0].network
+
+    def _build(self) -> torch.jit.ScriptModule:
+        eager = self._eager[0].eval()
+        param = next(eager.parameters(), None)
+        example = torch.zeros(self.example_shape, device=param.device if param is not None else "cpu")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation and int-conversion notes
+            return torch.jit.script(_EachExample(torch.jit.trace(eager, example, check_trace=False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.each(x)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        keys = [str(k) for k in state_dict]
+        if keys and all(k.startswith("each.") for k in keys):  # this module's own state dict
+            prefix = "each.single.network."
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if str(k).startswith(prefix)}
+        res = self._eager[0].load_state_dict(state_dict, strict=strict, assign=assign)
+        self.each = self._build()
+        return res
+
+
+def export_onnx(network: ExportNetwork, path: str | os.PathLike, ckpt_path: str | os.PathLike | None = None,
+                opset_version: int = 17) -> Path:
+    """Write ``network`` (an :class:`ExportNetwork`, weights from ``ckpt_path`` when given) as ONNX with the batch
+    and every spatial size dynamic: input ``image`` ``(B, C, *spatial)``, output ``pred``; atomically.
+
+    The module is scripted and exported by the TorchScript-based exporter, which keeps the loop over the batch
+    (an ONNX ``Loop``). MONAI's ``onnx_export`` hands the module to ``torch.export`` on PyTorch >= 2.9, which
+    specialises the batch size at the SFG layers' split of their stacked streams. Needs the ``onnx`` extra.
+    """
+    from mtl_med.io import atomic_write
+
+    if ckpt_path:
+        load_checkpoint(network, ckpt_path)
+    scripted = torch.jit.script(network.eval())
+    example = torch.zeros(network.example_shape, device=next(network.network.parameters()).device)
+    axes = {0: "batch", **{d: f"size{d - 1}" for d in range(2, example.ndim)}}
+    with atomic_write(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation note
+        torch.onnx.export(scripted, (example,), str(tmp), dynamo=False, input_names=["image"], output_names=["pred"],
+                          dynamic_axes={"image": axes, "pred": axes}, opset_version=int(opset_version))
+    logger.info("ONNX network written to %s", path)
+    return Path(path)
 
 
 def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
