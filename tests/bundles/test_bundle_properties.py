@@ -1,0 +1,80 @@
+"""MONAI model-zoo conformance of the pelvis bundle: the standard bundle properties that MONAI's
+``ConfigWorkflow.check_properties`` (and MONAI Label / Deploy, which read them) expect, evaluate.json over
+train.json as well as over inference.json, eval_metrics, and large_files.yml."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigWorkflow
+
+from mtl_med.data.phantoms import generate_phantom, write_phantom
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "sfg_highresnet_pelvis"
+CONFIGS = BUNDLE / "configs"
+TINY = [4, 8, 8]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("props")
+    c = write_phantom(generate_phantom(3, shape=(16, 16, 4)), root / "case_0")
+    item = {"mr": c["mr"], "ct": c["ct"], "label": c["label"]}
+    (root / "datalist.json").write_text(json.dumps({"training": [item], "validation": [item], "test": [item]}))
+    return root
+
+
+def _workflow(files, kind, data, **overrides):
+    n = torch.get_num_threads()
+    wf = ConfigWorkflow(config_file=[str(CONFIGS / f) for f in files], workflow_type=kind, logging_file=False,
+                        meta_file=str(CONFIGS / "metadata.json"), bundle_root=str(BUNDLE), features=TINY,
+                        datalist=str(data / "datalist.json"), **overrides)
+    wf.initialize()
+    torch.set_num_threads(n)
+    return wf
+
+
+@pytest.mark.parametrize("files", [["inference.json"], ["train.json", "evaluate.json"],
+                                   ["inference.json", "evaluate.json"]])
+def test_inference_workflow_properties(files, data):
+    wf = _workflow(files, "infer", data)
+    assert wf.check_properties() == []
+    assert len(wf.dataset) == 1 and wf.dataset.data[0]["name"] == "case_0"
+    assert wf.evaluator is wf.parser.get_parsed_content("predictor")
+    assert wf.evaluator.num_samples == 50  # the inference settings, also over train.json
+    assert type(wf.inferer).__name__ == "SliceInferer"
+
+
+def test_evaluate_json_agrees_with_inference_json():
+    """evaluate.json repeats the inference ids it needs so that it also runs over train.json: the same values."""
+    inf = json.loads((CONFIGS / "inference.json").read_text())
+    ev = json.loads((CONFIGS / "evaluate.json").read_text())
+    own = {"datalist", "datalist_section", "output_dir", "save_png", "run", "finalize", "dataset"}
+    shared = [k for k in ev if k in inf and k not in own]
+    assert len(shared) > 20
+    for key in shared:
+        assert ev[key] == inf[key], key
+
+
+def test_train_workflow_properties(data, tmp_path):
+    """The train workflow's properties, with the two ids that train.json does not define yet given here."""
+    wf = _workflow(["train.json"], "train", data, n4=False, cache=None, ckpt_dir=str(tmp_path / "models"),
+                   output_dir=str(tmp_path / "runs"), dataset_dir=str(data),
+                   **{"train#inferer": {"_target_": "SimpleInferer"}})
+    assert wf.check_properties() == []
+    assert wf.max_epochs == 200
+
+
+def test_eval_metrics_and_large_files():
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert {"psnr_overall", "mae_overall", "dice_mean"} <= set(meta["eval_metrics"])
+    files = yaml.safe_load((BUNDLE / "large_files.yml").read_text())["large_files"]
+    assert {f["path"] for f in files} == set(meta["demo_weights"]["files"])
+    for f in files:  # the hashes MONAI checks are those of the files in the bundle
+        assert hashlib.md5((BUNDLE / f["path"]).read_bytes()).hexdigest() == f["hash_val"], f["path"]
