@@ -1,0 +1,250 @@
+"""``mtl-med``: the common jobs of the pelvis bundle in one command, each a thin layer over the bundle's configs.
+
+    mtl-med predict INPUT -o OUT [--dicom-outputs ct seg rtstruct] [--nproc 2]   # configs/inference.json
+    mtl-med evaluate DATALIST -o OUT [--skip-existing]                          # + configs/evaluate.json
+    mtl-med train DATALIST [--variant cross_stitch] [--demo]                    # configs/train.json
+    mtl-med prepare phantoms --out demo_data --cases 8                          # python -m data_prep.phantoms
+
+Every option sets one config id (``--help`` names it); ``--set ID=VALUE`` sets any other (VALUE as JSON, else
+text), exactly as ``python -m monai.bundle run ... --ID VALUE`` would. ``--print-command`` shows that command.
+With ``--nproc N`` (N > 1) predict and evaluate run under torchrun with the ``multi_gpu_*.json`` config merged
+in: the cases are dealt to the N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "bundle_command"]
+
+PREPARE_TOOLS = {
+    "phantoms": "synthetic pelvic MR / CT / label phantoms and their datalist",
+    "goldatlas": "convert the Gold Atlas pelvis data set to a datalist",
+    "synthrad": "convert the SynthRAD2023 pelvis data set to a datalist",
+    "landmarks": "learn the histogram-standardisation landmarks of a datalist",
+    "synthetic_scenes": "synthetic dense scenes for the dense vision bundle",
+}
+
+# option -> (config id, help); the option's destination is the id
+PREDICT_IDS = {
+    "num_samples": ("--num-samples", int, "posterior samples per slice (section 5.2: 50)"),
+    "inference_mode": ("--inference-mode", str, "sample | argmax | relaxed"),
+    "dicom_outputs": ("--dicom-outputs", None, "for a DICOM MR series: any of ct seg rtstruct"),
+    "save_png": ("--save-png", "bool", "write the overview figure (true / false)"),
+    "skip_existing": ("--skip-existing", "flag", "skip cases whose complete output set exists (resume)"),
+    "num_workers": ("--num-workers", int, "DataLoader processes that read and preprocess the next cases"),
+    "n4": ("--n4", "bool", "N4 bias-field correction (true / false)"),
+    "seed": ("--seed", int, "seed of the group draws"),
+}
+COMMON_IDS = {
+    "ckpt_path": ("--ckpt", str, "network weights (state dict)"),
+    "landmarks_path": ("--landmarks", str, "histogram landmarks JSON"),
+    "device": ("--device", str, "cpu, cuda, cuda:1, ..."),
+}
+TRAIN_IDS = {
+    "max_epochs": ("--max-epochs", int, "epochs"),
+    "ckpt_dir": ("--ckpt-dir", str, "where model.pt, landmarks.json and checkpoints go"),
+    "resume_ckpt": ("--resume", str, "checkpoint_final.pt of an earlier run to continue"),
+    "num_workers": ("--num-workers", int, "DataLoader processes"),
+    "n4": ("--n4", "bool", "N4 bias-field correction (true / false)"),
+    "seed": ("--seed", int, "seed"),
+    "device": ("--device", str, "cpu, cuda, ..."),
+}
+
+
+def default_bundle() -> Path:
+    from mtl_med.inference.bundle import default_bundle as found
+
+    return found()
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_ids(p: argparse.ArgumentParser, ids: dict) -> None:
+    for cid, (opt, kind, text) in ids.items():
+        help_ = f"{text} [config id: {cid}]"
+        if kind == "flag":
+            p.add_argument(opt, dest=cid, action="store_const", const=True, default=None, help=help_)
+        elif kind == "bool":
+            p.add_argument(opt, dest=cid, type=_bool, default=None, metavar="BOOL", help=help_)
+        elif kind is None:
+            p.add_argument(opt, dest=cid, nargs="+", default=None, help=help_)
+        else:
+            p.add_argument(opt, dest=cid, type=kind, default=None, help=help_)
+
+
+def _add_common(p: argparse.ArgumentParser, ids: dict | None = None) -> None:
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="bundle folder (default: $MTL_MED_BUNDLE or the checkout's bundles/sfg_highresnet_pelvis) "
+                        "[config id: bundle_root]")
+    p.add_argument("--config", action="append", default=[], metavar="JSON",
+                   help="another config merged last (e.g. a variant file); repeatable")
+    p.add_argument("--set", action="append", default=[], metavar="ID=VALUE",
+                   help="any other config id (VALUE as JSON, else text); repeatable")
+    p.add_argument("--print-command", action="store_true",
+                   help="print the equivalent python -m monai.bundle command and exit")
+    _add_ids(p, ids if ids is not None else COMMON_IDS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl-med", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="job", required=True, metavar="{predict,evaluate,train,prepare}")
+
+    p = sub.add_parser("predict", help="synthetic CT, labels and uncertainty for MR volumes (configs/inference.json)",
+                       description="Posterior inference of the bundle on a NIfTI file, a folder of NIfTI files "
+                                   "and / or DICOM series folders, a DICOM MR series folder, or a datalist JSON.")
+    p.add_argument("input", type=Path, help="NIfTI file, folder, DICOM series folder or datalist .json "
+                                            "[config ids: input_dir / input_pattern, or datalist]")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder [config id: output_dir]")
+    p.add_argument("--section", default=None, help="datalist section (default test) [config id: datalist_section]")
+    p.add_argument("--nproc", type=int, default=1, help="processes under torchrun, one per GPU "
+                                                        "(configs/multi_gpu_inference.json)")
+    _add_ids(p, PREDICT_IDS)
+    _add_common(p)
+
+    e = sub.add_parser("evaluate", help="Table 2 metrics over a datalist section (configs/evaluate.json)",
+                       description="Per-case metrics CSV (written as it goes) and a summary JSON.")
+    e.add_argument("datalist", type=Path, help="datalist .json with ct and / or label [config id: datalist]")
+    e.add_argument("-o", "--output", type=Path, required=True, help="output folder [config id: output_dir]")
+    e.add_argument("--section", default=None, help="datalist section (default test) [config id: datalist_section]")
+    e.add_argument("--save-outputs", dest="save_outputs", action="store_const", const=True, default=None,
+                   help="also write the volumes [config id: save_outputs]")
+    e.add_argument("--nproc", type=int, default=1, help="processes under torchrun (configs/multi_gpu_evaluate.json)")
+    _add_ids(e, {k: v for k, v in PREDICT_IDS.items() if k not in ("dicom_outputs",)})
+    _add_common(e)
+
+    t = sub.add_parser("train", help="train the network (configs/train.json)",
+                       description="Training with the bundle's train.json; a variant adds configs/variants/<name>.json.")
+    t.add_argument("datalist", type=Path, help="datalist .json with training and validation [config id: datalist]")
+    t.add_argument("-o", "--output", type=Path, default=None, help="logs and caches [config id: output_dir]")
+    t.add_argument("--variant", default=None, help="sharing variant: a file name in configs/variants without .json")
+    t.add_argument("--demo", action="store_true", help="the demonstration settings (configs/demo.json)")
+    t.add_argument("--nproc", type=int, default=1, help="processes under torchrun (configs/multi_gpu_train.json)")
+    _add_common(t, TRAIN_IDS)
+
+    pr = sub.add_parser("prepare", help="data tools: phantoms, converters, landmarks (python -m data_prep.<tool>)",
+                        description="Runs python -m data_prep.<tool> with the remaining arguments; "
+                                    "`mtl-med prepare <tool> --help` shows the tool's own options.\n\n" +
+                                    "\n".join(f"  {k:17s} {v}" for k, v in PREPARE_TOOLS.items()),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("tool", choices=sorted(PREPARE_TOOLS), help="the data tool")
+    pr.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    return parser
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def overrides_of(args: argparse.Namespace, ids: Sequence[str]) -> dict[str, Any]:
+    out = {cid: getattr(args, cid) for cid in ids if getattr(args, cid, None) is not None}
+    if out.get("device") is not None:
+        out["device"] = f"$torch.device({str(out['device'])!r})"
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"mtl-med: error: --set needs ID=VALUE, got {item!r}")
+        key, _, value = item.partition("=")
+        out[key.strip()] = _value(value)
+    return out
+
+
+def job_configs(args: argparse.Namespace, root: Path) -> tuple[list[str], dict[str, Any]]:
+    """(config files, config id overrides) of a predict / evaluate / train command line."""
+    cfg = root / "configs"
+    job, nproc = args.job, int(getattr(args, "nproc", 1) or 1)
+    if job == "predict":
+        files = ["inference.json"] + (["multi_gpu_inference.json"] if nproc > 1 else [])
+        ov = overrides_of(args, [*PREDICT_IDS, *COMMON_IDS])
+        src = args.input.expanduser().resolve()
+        if src.suffix == ".json" and src.is_file():
+            ov["datalist"] = str(src)
+            if args.section:
+                ov["datalist_section"] = args.section
+        elif src.is_file():  # one NIfTI file: its folder, this file only
+            ov["input_dir"], ov["input_pattern"] = str(src.parent), src.name
+        else:
+            ov["input_dir"] = str(src)
+        ov["output_dir"] = str(args.output.expanduser().resolve())
+    elif job == "evaluate":
+        files = ["inference.json", "evaluate.json"] + (["multi_gpu_evaluate.json"] if nproc > 1 else [])
+        ov = overrides_of(args, [*PREDICT_IDS, *COMMON_IDS, "save_outputs"])
+        ov["datalist"] = str(args.datalist.expanduser().resolve())
+        ov["output_dir"] = str(args.output.expanduser().resolve())
+        if args.section:
+            ov["datalist_section"] = args.section
+    else:
+        files = ["train.json"] + (["demo.json"] if args.demo else []) + (["multi_gpu_train.json"] if nproc > 1 else [])
+        if args.variant:
+            files.append(f"variants/{args.variant}.json")
+        ov = overrides_of(args, list(TRAIN_IDS))
+        ov["datalist"] = str(args.datalist.expanduser().resolve())
+        if args.output is not None:
+            ov["output_dir"] = str(args.output.expanduser().resolve())
+    paths = [str(cfg / f) for f in files] + [str(Path(c).expanduser().resolve()) for c in args.config]
+    for f in paths:
+        if not Path(f).is_file():
+            raise SystemExit(f"mtl-med: error: {f}: config file does not exist")
+    return paths, ov
+
+
+def bundle_command(files: Sequence[str], root: Path, overrides: dict[str, Any], nproc: int = 1) -> list[str]:
+    """The ``python -m monai.bundle run`` command line (under torchrun when ``nproc > 1``)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else [sys.executable]
+    cmd = head + ["-m", "monai.bundle", "run", "--config_file", json.dumps(list(files)),
+                  "--meta_file", str(root / "configs" / "metadata.json"),
+                  "--logging_file", str(root / "configs" / "logging.conf"), "--bundle_root", str(root)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return cmd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.job == "prepare":
+        rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
+        return subprocess.call([sys.executable, "-m", f"data_prep.{args.tool}", *rest])
+    root = (args.bundle.expanduser().resolve() if args.bundle is not None else default_bundle())
+    files, overrides = job_configs(args, root)
+    nproc = int(getattr(args, "nproc", 1) or 1)
+    cmd = bundle_command(files, root, overrides, nproc)
+    if args.print_command:
+        print(shlex.join(cmd))
+        return 0
+    if nproc > 1:
+        return subprocess.call(cmd)
+    from monai.bundle import run
+
+    from mtl_med.errors import user_error
+
+    log = root / "configs" / "logging.conf"
+    try:
+        run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=str(log) if log.is_file() else False, bundle_root=str(root), **overrides)
+    except Exception as err:  # a user error in one line, as the bundle commands report it
+        found = user_error(err)
+        if found is None:
+            raise
+        sys.stderr.write(f"error: {found}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
