@@ -52,9 +52,11 @@ def random_policy(like: np.ndarray, per_task: bool, rng: np.random.Generator) ->
 def retrain(run_dir: Path, policy: np.ndarray, seed: int, common: dict, train: dict) -> dict:
     """Train the network of a fixed policy from scratch (early stopping), then test it under both
     batch-norm protocols; returns the test accuracies and the epochs."""
-    fixed = {"network_def#policy": policy.astype(int).tolist(), "run": ["$@train#trainer.run()"]}
-    epochs = run_bundle(VARIANT + ["early_stopping.json"], run_dir, seed=seed, **fixed, **train)
-    out = dict(epochs)
+    fixed = {"network_def#policy": policy.astype(int).tolist()}
+    done = run_dir / "models" / "model_final.pt"
+    out = {"epochs": None, "best_epoch": None}
+    if not done.is_file():  # a finished re-training in --workdir is reused
+        out = run_bundle(VARIANT + ["early_stopping.json"], run_dir, seed=seed, run=["$@train#trainer.run()"], **fixed, **train)
     for bn in ("batch", "population"):
         run_bundle(VARIANT + ["evaluate.json"], run_dir, seed=seed, bn_inference=bn, **fixed, **common)
         out[f"accuracy_{bn}"] = json.loads((run_dir / "eval" / "summary.json").read_text())["mean_accuracy"]
@@ -131,8 +133,13 @@ def main() -> None:
 
 
 def run_search(run_dir: Path, seed: int, common: dict, search: dict) -> dict:
-    """The variant's search alone (no re-training); returns its best epoch and history."""
+    """The variant's search alone (no re-training); returns its best epoch and history (a finished
+    search in ``run_dir`` is reused)."""
     from monai.bundle import ConfigWorkflow
+
+    saved = run_dir / "search.json"
+    if saved.is_file() or (run_dir / "models" / "policy.json").is_file():
+        return json.loads(saved.read_text()) if saved.is_file() else {"best": None, "history": []}
 
     from vision_digits import BUNDLE
 
@@ -143,7 +150,9 @@ def run_search(run_dir: Path, seed: int, common: dict, search: dict) -> dict:
     try:
         wf.run()
         s = wf.parser.get_parsed_content("adashare#search")
-        return {"best": s.best, "history": s.history}
+        out = {"best": s.best, "history": s.history}
+        saved.write_text(json.dumps(out))
+        return out
     finally:
         wf.finalize()
 
