@@ -100,8 +100,8 @@ def _add_common(p: argparse.ArgumentParser, ids: dict | None = None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtl-med", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="mtl-med", description="The common jobs of the pelvis bundle, each a thin "
+                                     "layer over its configs; `mtl-med <job> --help` names the config ids an option sets.")
     sub = parser.add_subparsers(dest="job", required=True, metavar="{predict,evaluate,train,prepare}")
 
     p = sub.add_parser("predict", help="synthetic CT, labels and uncertainty for MR volumes (configs/inference.json)",
