@@ -547,17 +547,19 @@ class VolumePredictor:
         """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item
         (``data``: its preprocessing done already, e.g. in a DataLoader worker)."""
         t0 = time.perf_counter()
+        pre = "done before"
         if data is None:
             logger.info("%s: preprocessing (orientation, N4, histogram standardisation, resampling)", item.get("name"))
             data = self.preprocess(item)
+            pre = f"{time.perf_counter() - t0:.1f} s"
         t1 = time.perf_counter()
         logger.info("%s: %d posterior samples of every axial slice", item.get("name"), self.num_samples)
         maps = self.sample(data, progress)
         t2 = time.perf_counter()
         out = self.to_input_grid(data, maps)
         metrics = self.metrics(data, maps, item)
-        logger.info("%s: preprocessing %.1f s, %d-sample inference %.1f s, resampling back %.1f s",
-                    item.get("name", item["mr"]), t1 - t0, self.num_samples, t2 - t1, time.perf_counter() - t2)
+        logger.info("%s: preprocessing %s, %d-sample inference %.1f s, resampling back %.1f s",
+                    item.get("name", item["mr"]), pre, self.num_samples, t2 - t1, time.perf_counter() - t2)
         return out, maps, metrics, data
 
     # ---- writing
@@ -800,8 +802,12 @@ def _load_and_preprocess(predictor: "VolumePredictor", item: Mapping[str, Any],
                          portable: bool = True) -> tuple[Any, Any, Any]:
     """(loaded item, preprocessed data, None) or (item, None, the error): a worker hands its error back."""
     try:
+        t0 = time.perf_counter()
         loaded = predictor.read_dicom_inputs(item)
-        return loaded, predictor.preprocess(loaded), None
+        data = predictor.preprocess(loaded)
+        logger.info("%s: read and preprocessed in %.1f s%s", item.get("name"), time.perf_counter() - t0,
+                    " (DataLoader worker)" if portable else "")
+        return loaded, data, None
     except Exception as err:
         if not portable:
             return dict(item), None, err
