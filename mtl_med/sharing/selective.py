@@ -485,6 +485,11 @@ class SelectiveSharing(MultiTaskNetwork):
         seed: int = 0,
         bn_inference: str = "population",
     ):
+        from mtl_med.networks.dense_heads import UpsampledHeads
+
+        if isinstance(heads, UpsampledHeads):  # the branches end in their own per-task output layers
+            raise ValueError("Selective Sharing ends its branches in per-task output layers (section 3): it takes the default heads, "
+                             "not head='aspp' or 'fcn'")
         super().__init__(backbone, task_names, heads, bn_inference)
         widths = [int(w) for w in branch_widths]
         if int(shared_width) < 1 or not widths or min(widths) < 1:
