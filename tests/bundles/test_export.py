@@ -97,7 +97,7 @@ def test_export_network_follows_the_weights_it_loads(trained):
         assert not torch.allclose(fresh(x), ref(x))
         fresh.load_state_dict(ref.network.state_dict())
         np.testing.assert_allclose(fresh(x).numpy(), ref(x).numpy(), rtol=1e-4, atol=1e-5)
-        own = fresh.state_dict()  # keys under each.single.network.: loads back as well
+        own = {k: v.clone() for k, v in fresh.state_dict().items()}  # keys under each.single.network.: loads back
         fresh.load_state_dict({k: torch.zeros_like(v) if k.endswith("heads.0.bias") else v for k, v in own.items()})
         assert not torch.allclose(fresh(x), ref(x))
         fresh.load_state_dict(own)
