@@ -3,7 +3,14 @@
 Trains every method to convergence through the bundle's own configs (bundles/vision_multitask:
 train.json + the variant + early_stopping.json, then evaluate.json on the test split) for several
 seeds. Training stops when the validation mean accuracy has not improved for ``--patience`` epochs
-(or at ``--max_epochs``) and the best validation checkpoint is tested. Prints, per method, the mean
+(or at ``--max_epochs``) and the best validation checkpoint is tested. Every method runs under each
+test-time batch-norm protocol of ``--bn_protocols`` (``population``: running averages, ``batch``:
+the test batch's statistics, as the SFG, Task Routing and AdaShare code bases test), the protocol
+used for validation too, so one protocol holds for all methods in a table. Two single-task
+baselines: ``single_task`` (the SFG paper's: one network whose kernels are split among the tasks,
+equal total width) and ``single_task_full`` (the Task Routing and AdaShare papers': one full
+network per task). AdaShare needs residual blocks, so it runs on ResNet-18 and
+``hard_sharing_resnet18`` is its same-backbone reference. Prints, per method, the mean
 test accuracy over the ten one-vs-all tasks (mean and sample std over seeds), delta-m against the
 single-task baseline of the same seed (Vandenhende et al., eq. 1), the epochs run and the epoch of
 the best validation score, and the training time (CPU seconds of this process, so other load on
@@ -27,7 +34,10 @@ import numpy as np
 import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "vision_multitask"
-METHODS = ("single_task", "hard_sharing", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "sfg", "adashare")
+METHODS = ("single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8",
+           "tr_knockout0.5", "sfg", "adashare", "hard_sharing_resnet18")
+#: methods that are a plain sharing method on a backbone rather than a variant file: (backbone, sharing)
+PLAIN = {"single_task_full": ("vgg11_bn", "single_task"), "hard_sharing_resnet18": ("resnet18", "hard_sharing")}
 
 
 def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) -> dict:
@@ -61,12 +71,14 @@ def main() -> None:
     p.add_argument("--max_epochs", type=int, default=300, help="cap on the epochs of the all-task methods (and of AdaShare's re-training)")
     p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation mean accuracy")
     p.add_argument("--tr_epoch_factor", type=int, default=5, help="TR trains one task per mini-batch (alg. 1): cap and patience are this many times larger")
-    p.add_argument("--warmup_epochs", type=int, default=4, help="AdaShare warm-up epochs")
-    p.add_argument("--policy_epochs", type=int, default=8, help="AdaShare policy epochs (ResNet-18: 8 blocks, one more per epoch)")
+    p.add_argument("--warmup_epochs", type=int, default=None, help="AdaShare warm-up epochs (default: the variant's)")
+    p.add_argument("--policy_epochs", type=int, default=None, help="AdaShare policy epochs (default: the variant's)")
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--width", type=float, default=0.15625, help="VGG width multiplier (10 first-layer kernels: one per task for single-task)")
     p.add_argument("--adashare_width", type=float, default=0.125)
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--bn_protocols", nargs="+", default=["population", "batch"], choices=["population", "batch"],
+                   help="test-time batch-norm statistics, each a full set of runs (validation uses it too)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU-time measurements)")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the raw results here")
@@ -87,38 +99,47 @@ def main() -> None:
     if "single_task" not in methods:
         methods.insert(0, "single_task")  # delta-m needs the baseline
 
-    results: dict[str, dict[int, dict]] = {m: {} for m in methods}
-    for seed in args.seeds:
-        for m in methods:
-            run_dir = root / f"{m}_seed{seed}"
-            configs = ["train.json", f"variants/{m}.json"]
-            common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size)
-            common["width"] = args.adashare_width if m == "adashare" else args.width
-            factor = args.tr_epoch_factor if m.startswith("tr_") else 1
-            train = dict(common, max_epochs=args.max_epochs * factor, patience=args.patience * factor)
-            if m == "adashare":
-                train.update(warmup_epochs=args.warmup_epochs, policy_epochs=args.policy_epochs)
-            cpu0, wall0 = time.process_time(), time.perf_counter()
-            epochs = run_bundle(configs + ["early_stopping.json"], run_dir, **train)
-            cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-            baseline = root / f"single_task_seed{seed}" / "eval" / "summary.json"
-            run_bundle(configs + ["evaluate.json"], run_dir, baseline_file=str(baseline) if m != "single_task" else None, **common)
-            summary = json.loads((run_dir / "eval" / "summary.json").read_text())
-            dm = (summary.get("delta_m") or {}).get("of_mean", 0.0) if m != "single_task" else 0.0
-            results[m][seed] = {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall, **epochs}
-            print(f"{m:14s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  delta_m {100 * dm:+.2f}%  "
-                  f"{epochs['epochs']} epochs (best {epochs['best_epoch']})  {cpu:.1f} CPU-s ({wall:.1f} s wall)", flush=True)
+    results: dict[str, dict] = {}
+    for bn in args.bn_protocols:
+        for seed in args.seeds:
+            for m in methods:
+                results.setdefault(f"{m} [{bn}]", {})[seed] = train_and_test(m, seed, bn, root / bn, args)
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
+def train_and_test(m: str, seed: int, bn: str, root: Path, args: argparse.Namespace) -> dict:
+    """One method and seed under one batch-norm protocol: train with early stopping, test the best checkpoint."""
+    run_dir = root / f"{m}_seed{seed}"
+    configs = ["train.json"] if m in PLAIN else ["train.json", f"variants/{m}.json"]
+    common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size, bn_inference=bn)
+    if m in PLAIN:
+        common.update(backbone=PLAIN[m][0], sharing=PLAIN[m][1], variant=m)
+    common["width"] = args.adashare_width if m in ("adashare", "hard_sharing_resnet18") else args.width
+    factor = args.tr_epoch_factor if m.startswith("tr_") else 1
+    train = dict(common, max_epochs=args.max_epochs * factor, patience=args.patience * factor)
+    if m == "adashare":
+        train.update({k: v for k, v in (("warmup_epochs", args.warmup_epochs), ("policy_epochs", args.policy_epochs)) if v is not None})
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    epochs = run_bundle(configs + ["early_stopping.json"], run_dir, **train)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    baseline = root / f"single_task_seed{seed}" / "eval" / "summary.json"
+    run_bundle(configs + ["evaluate.json"], run_dir, baseline_file=str(baseline) if m != "single_task" else None, **common)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    dm = (summary.get("delta_m") or {}).get("of_mean", 0.0) if m != "single_task" else 0.0
+    print(f"{m:14s} [{bn}] seed {seed}: accuracy {summary['mean_accuracy']:.4f}  delta_m {100 * dm:+.2f}%  "
+          f"{epochs['epochs']} epochs (best {epochs['best_epoch']})  {cpu:.1f} CPU-s ({wall:.1f} s wall)", flush=True)
+    return {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall, **epochs}
+
+
 def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
     """The Markdown table of the bundle README: one row per method, statistics over seeds."""
-    ref = np.mean([r["cpu_s"] for r in results["hard_sharing"].values()]) if results.get("hard_sharing") else float("nan")
+    refs = [r["cpu_s"] for k, v in results.items() if k.startswith("hard_sharing [") for r in v.values()]
+    ref = np.mean(refs) if refs else float("nan")
     print(f"\nDigits, 10 one-vs-all tasks; {len(args.seeds)} seeds; image {args.image_size}x{args.image_size}; VGG-11 width x{args.width}, "
           f"ResNet-18 width x{args.adashare_width}; early stopping: patience {args.patience} epochs, cap {args.max_epochs} "
-          f"(TR x{args.tr_epoch_factor}; AdaShare {args.warmup_epochs} warm-up + {args.policy_epochs} policy epochs before re-training); {args.threads} thread(s)")
+          f"(TR x{args.tr_epoch_factor}; AdaShare {args.warmup_epochs or 'default'} warm-up + {args.policy_epochs or 'default'} policy epochs before re-training); {args.threads} thread(s)")
     print(f"| {'method':14s} | mean accuracy (mean ± std) | delta-m vs single-task | epochs run (best) | training CPU time vs hard sharing |")
     print(f"| {'-' * 14} | --- | --- | --- | --- |")
     for m in results:
