@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from mtl_med.data.nifti import DICOM_ROLES, check_datalist
 from mtl_med.errors import CaseFailures, InputError, as_bool
-from mtl_med.inference.posterior import PosteriorSampler
+from mtl_med.inference.posterior import AUTO_LABEL_TOL, AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES, AUTO_REGRESSION_TOL, PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
 from mtl_med.transforms.intensity import network_to_hu
 from mtl_med.transforms.io import as_metatensor, unwrap_input_error
@@ -327,8 +327,11 @@ class VolumePredictor:
         inferer: MONAI ``SliceInferer`` (2D network) or ``SlidingWindowInferer`` (3D network).
         ckpt_path: state dict to load (None: keep the network's weights, e.g. in tests).
         device: compute device; the checkpoint is mapped onto it.
-        num_samples: S posterior samples (section 5.2: 50); in argmax mode one pass is made and
-            :attr:`num_samples` (logs, metrics summary) is 1.
+        num_samples: S posterior samples (section 5.2: 50), or ``"auto"``: at most ``max_samples``,
+            stopping once the remaining passes would change the mean sCT and the organ labels less than
+            ``regression_tol`` / ``label_tol`` (see :class:`~mtl_med.inference.posterior.PosteriorSampler`;
+            the passes made are logged and put in the metrics as ``passes``); in argmax mode one pass
+            is made and :attr:`num_samples` (logs, metrics summary) is 1.
         max_batch: images per forward call (slices x sample copies).
         margin: replicate padding around each slice (or patch) before the network, see
             :class:`~mtl_med.inference.posterior.PosteriorSampler`.
@@ -336,6 +339,11 @@ class VolumePredictor:
         seed: seed of the group draws; the generator is re-seeded for every case, so a case's outputs do not
             depend on the other cases.
         amp: mixed precision (used on CUDA only).
+        engine: ``"auto"`` (the exact compacted SFG pass where the network allows it, else dense),
+            ``"compact"`` or ``"dense"`` (docs/performance.md).
+        dtype: compute dtype: ``"auto"`` (bfloat16 autocast on CPUs that compute it natively, float16
+            with ``amp`` on CUDA, else float32), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        max_samples, min_samples, regression_tol, label_tol: the ``num_samples="auto"`` rule.
         sct_key, seg_key, num_classes: names of the regression and label outputs.
         uncertainty: ``"disagreement"`` (1 - votes(mode) / S) or ``"entropy"`` (of the vote frequencies, nats).
         output_dir: where ``<case>/<case>_<postfix>.nii.gz`` go; postfixes: output -> file postfix.
@@ -359,12 +367,18 @@ class VolumePredictor:
         inferer: Inferer,
         ckpt_path: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
-        num_samples: int = 50,
+        num_samples: int | str = 50,
         max_batch: int = 64,
         margin: int = 0,
         inference_mode: str = "sample",
         seed: int = 0,
         amp: bool = False,
+        engine: str = "auto",
+        dtype: str = "auto",
+        max_samples: int = AUTO_MAX_SAMPLES,
+        min_samples: int = AUTO_MIN_SAMPLES,
+        regression_tol: float = AUTO_REGRESSION_TOL,
+        label_tol: float = AUTO_LABEL_TOL,
         sct_key: str = SCT_TASK,
         seg_key: str = SEG_TASK,
         num_classes: int = NUM_LABELS,
@@ -388,13 +402,19 @@ class VolumePredictor:
         self.sct_key, self.seg_key, self.num_classes = sct_key, seg_key, int(num_classes)
         self.sampler = PosteriorSampler(
             self.network,
-            num_samples=int(num_samples),
+            num_samples=num_samples if num_samples == "auto" else int(num_samples),
             max_batch=int(max_batch),
             mode=inference_mode,
             regression=(self.sct_key,),
             labels={self.seg_key: self.num_classes},
             amp=as_bool(amp, "amp") and self.device.type == "cuda",
             margin=int(margin),
+            engine=engine,
+            dtype=dtype,
+            max_samples=int(max_samples),
+            min_samples=int(min_samples),
+            regression_tol=float(regression_tol),
+            label_tol=float(label_tol),
         )
         self.uncertainty = uncertainty
         self.output_dir = output_dir
@@ -553,13 +573,20 @@ class VolumePredictor:
             data = self.preprocess(item)
             pre = f"{time.perf_counter() - t0:.1f} s"
         t1 = time.perf_counter()
-        logger.info("%s: %d posterior samples of every axial slice", item.get("name"), self.num_samples)
+        adaptive = self.sampler.adaptive and self.inference_mode == "sample"
+        logger.info("%s: %s posterior samples of every axial slice", item.get("name"),
+                    f"up to {self.num_samples}" if adaptive else self.num_samples)
+        self.sampler.reset_passes()
         maps = self.sample(data, progress)
         t2 = time.perf_counter()
         out = self.to_input_grid(data, maps)
         metrics = self.metrics(data, maps, item)
-        logger.info("%s: preprocessing %s, %d-sample inference %.1f s, resampling back %.1f s",
-                    item.get("name", item["mr"]), pre, self.num_samples, t2 - t1, time.perf_counter() - t2)
+        if adaptive:
+            used = self.sampler.passes_used()
+            metrics = {**metrics, "passes": used["mean"]}
+            logger.info("%s: %.1f passes per slice batch on average (%d-%d)", item.get("name"), used["mean"], used["min"], used["max"])
+        logger.info("%s: preprocessing %s, %s-sample inference %.1f s, resampling back %.1f s",
+                    item.get("name", item["mr"]), pre, "adaptive" if adaptive else self.num_samples, t2 - t1, time.perf_counter() - t2)
         return out, maps, metrics, data
 
     # ---- writing

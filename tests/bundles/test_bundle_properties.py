@@ -78,3 +78,13 @@ def test_eval_metrics_and_large_files():
     assert {f["path"] for f in files} == set(meta["demo_weights"]["files"])
     for f in files:  # the hashes MONAI checks are those of the files in the bundle
         assert hashlib.md5((BUNDLE / f["path"]).read_bytes()).hexdigest() == f["hash_val"], f["path"]
+
+
+@pytest.mark.parametrize("files", [["inference.json"], ["train.json", "evaluate.json"]])
+def test_sampler_settings_reach_the_posterior_sampler(data, files):
+    wf = _workflow(files, "infer", data, num_samples="auto", max_samples=20, min_samples=5, regression_tol_hu=10.24,
+                   label_tol=0.05, engine="dense", compute_dtype="float32")
+    s = wf.parser.get_parsed_content("predictor").sampler
+    assert s.adaptive and s.num_samples == 20 and s.min_samples == 5
+    assert s.regression_tol == pytest.approx(0.01) and s.label_tol == 0.05  # HU over the network's CT scale
+    assert (s.engine, s.dtype) == ("dense", "float32")
