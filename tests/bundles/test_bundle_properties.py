@@ -63,11 +63,11 @@ def test_evaluate_json_agrees_with_inference_json():
 
 
 def test_train_workflow_properties(data, tmp_path):
-    """The train workflow's properties, with the two ids that train.json does not define yet given here."""
+    """The train workflow's properties, as train.json defines them."""
     wf = _workflow(["train.json"], "train", data, n4=False, cache=None, ckpt_dir=str(tmp_path / "models"),
-                   output_dir=str(tmp_path / "runs"), dataset_dir=str(data),
-                   **{"train#inferer": {"_target_": "SimpleInferer"}})
+                   output_dir=str(tmp_path / "runs"))
     assert wf.check_properties() == []
+    assert wf.parser.get_parsed_content("dataset_dir") == str(data)
     assert wf.max_epochs == 200
 
 
