@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -99,7 +100,9 @@ class CheckedCompose(Compose):
 class LoadVolumesd(MapTransform):
     """``LoadImaged`` (NiBabel reader, channel first) that checks each file with
     :func:`mtl_med.data.nifti.check_volume` first, so unreadable, truncated, non-3D, empty or non-finite
-    volumes and out-of-table labels raise ``InputError`` naming the file.
+    volumes and out-of-table labels raise ``InputError`` naming the file. An "mr" or "ct" that is a DICOM
+    series folder is read by :func:`mtl_med.dicom.load_series` (headers checked, MONAI's ``ITKReader``), so
+    training and evaluation take DICOM wherever inference does.
 
     Args:
         keys: keys holding file paths ("mr", "ct", "label", ...).
@@ -114,9 +117,17 @@ class LoadVolumesd(MapTransform):
         self.check = check
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from mtl_med.data.nifti import check_volume
+        from mtl_med.data.nifti import DICOM_ROLES, check_volume
 
         d = dict(data)
+        for key in self.key_iterator(d):  # a DICOM series folder (mr, ct): checked headers, then MONAI's ITK reader
+            v = d[key]
+            if isinstance(v, (str, os.PathLike)) and os.path.isdir(v):
+                if key not in DICOM_ROLES:
+                    raise InputError(v, f"{key} is a folder: only {sorted(DICOM_ROLES)} may be DICOM series; give {key} as a NIfTI file")
+                from mtl_med.dicom import load_series
+
+                d[key] = load_series(v, role=str(key), modality=DICOM_ROLES[key])
         files = [k for k in self.key_iterator(d) if isinstance(d[k], str) or hasattr(d[k], "__fspath__")]
         for key in self.key_iterator(d):  # volumes given in memory (see as_metatensor) are used as they are
             if key not in files and not isinstance(d[key], MetaTensor):

@@ -331,3 +331,20 @@ def test_a_failing_dicom_writer_leaves_no_outputs(env, tmp_path, monkeypatch):
                           raise_on_failure=False)
     assert "disk full" in res["failed"]["oblique"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_loader_reads_series_folders_as_inference_does(env, tmp_path):
+    """LoadVolumesd (training and evaluation preprocessing) takes a DICOM MR series where a NIfTI is accepted."""
+    from mtl_med.transforms import LoadVolumesd
+
+    folder = env["root"] / "in" / "oblique"
+    ref = dicom.load_series(folder)
+    mr, label = _phantom_mr()
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), np.asarray(ref.affine, float)), tmp_path / "label.nii.gz")
+    d = LoadVolumesd(("mr", "label"))({"mr": str(folder), "label": str(tmp_path / "label.nii.gz")})
+    assert torch.equal(d["mr"].as_tensor(), ref.as_tensor()) and np.allclose(d["mr"].affine, ref.affine)
+    assert d["label"].shape == d["mr"].shape
+    with pytest.raises(InputError, match="label is a folder"):
+        LoadVolumesd(("mr", "label"))({"mr": str(folder), "label": str(folder)})
+    with pytest.raises(InputError, match="gap"):
+        LoadVolumesd(("mr",))({"mr": str(env["root"] / "in" / "gap")})
