@@ -116,6 +116,12 @@ def main() -> None:
     print_table(results)
 
 
+def _groups(groups: list[list[str]]) -> str:
+    """``{0,3} {1,2,4}`` for the groups of two or more tasks (digit numbers when the tasks are digits)."""
+    short = [sorted(t.removeprefix("digit_") for t in g) for g in groups if len(g) > 1]
+    return " ".join("{" + ",".join(g) + "}" for g in short) or "none"
+
+
 def print_table(results: dict[str, dict]) -> None:
     """A Markdown table: one row per method, statistics over seeds."""
     ref = np.mean([r["cpu_s"] for r in results["hard"].values()]) if results.get("hard") else float("nan")
@@ -124,8 +130,8 @@ def print_table(results: dict[str, dict]) -> None:
     for m, by_seed in results.items():
         acc = np.array([r["accuracy"] for r in by_seed.values()])
         sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        groups = "; ".join(str([g for g in r["groups"] if len(g) > 1]) for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
-        lock = "/".join(f"{r.get('first_grouped')}/{r.get('lock_epoch')}" for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
+        groups = "; ".join(_groups(r["groups"]) for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
+        lock = "; ".join(f"{r.get('first_grouped')}/{r.get('lock_epoch')}" for r in by_seed.values()) if all("groups" in r for r in by_seed.values()) else "-"
         params = "/".join(str(r.get("active_parameters")) for r in by_seed.values())
         cpu = np.mean([r["cpu_s"] for r in by_seed.values()])
         print(f"| {m} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {groups} | {lock} | {params} | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
