@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,17 @@ METHODS = ("single_task", "single_task_full", "hard_sharing", "cross_stitch", "t
            "tr_knockout0.5", "sfg", "adashare", "hard_sharing_resnet18")
 #: methods that are a plain sharing method on a backbone rather than a variant file: (backbone, sharing)
 PLAIN = {"single_task_full": ("vgg11_bn", "single_task"), "hard_sharing_resnet18": ("resnet18", "hard_sharing")}
+#: any sharing ratio of Task Routing: ``tr_sigma<s>`` (the paper's text: a fraction ``s`` of the units shared)
+#: and ``tr_knockout<s>`` (the authors' code: each task knocks out a fraction ``s`` of its own draw)
+TR_SWEEP = re.compile(r"^tr_(sigma|knockout)(\d*\.?\d+)$")
+
+
+def method(name: str) -> str:
+    if name in METHODS or TR_SWEEP.match(name):
+        if TR_SWEEP.match(name) and not 0 <= float(TR_SWEEP.match(name).group(2)) <= 1:
+            raise argparse.ArgumentTypeError(f"{name}: sigma must be in [0, 1]")
+        return name
+    raise argparse.ArgumentTypeError(f"unknown method {name!r}; expected one of {METHODS} or tr_sigma<s> / tr_knockout<s> with s in [0, 1]")
 
 
 def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) -> dict:
@@ -66,7 +78,7 @@ def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), type=method, help=f"of {METHODS}, or any tr_sigma<s> / tr_knockout<s> (the sigma curve)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_epochs", type=int, default=300, help="cap on the epochs of the all-task methods (and of AdaShare's re-training)")
     p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation mean accuracy")
@@ -114,6 +126,10 @@ def train_and_test(m: str, seed: int, bn: str, root: Path, args: argparse.Namesp
     run_dir = root / f"{m}_seed{seed}"
     configs = ["train.json"] if m in PLAIN else ["train.json", f"variants/{m}.json"]
     common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size, bn_inference=bn)
+    sweep = TR_SWEEP.match(m)
+    if sweep:  # the shipped variant of the convention, at this sigma
+        configs[1] = "variants/" + ("tr_sigma0.4.json" if sweep.group(1) == "sigma" else "tr_knockout0.5.json")
+        common.update(sigma=float(sweep.group(2)), variant=m)
     if m in PLAIN:
         common.update(backbone=PLAIN[m][0], sharing=PLAIN[m][1], variant=m)
     common["width"] = args.adashare_width if m in ("adashare", "hard_sharing_resnet18") else args.width

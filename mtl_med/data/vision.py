@@ -7,6 +7,7 @@ readers at local copies. A missing file raises :class:`VisionFileNotFoundError`,
 :class:`VisionFormatError`; both name the file and the problem.
 
 * :func:`load_digits_tasks`: scikit-learn's bundled 8x8 digits as ten one-vs-all tasks (the default).
+* :func:`load_placed_digits`: the digits pasted at random places; a heterogeneous (or duplicate) task pair.
 * :func:`read_utkface`: age (divided by 100, SFG appendix A.2) and gender from the file names.
 * :func:`read_celeba`: 40 binary attributes, official partition.
 * :func:`read_cifar10`: python pickled batches, ten one-vs-all tasks.
@@ -37,6 +38,7 @@ __all__ = [
     "MultiTaskImageDataset",
     "seeded_split",
     "load_digits_tasks",
+    "load_placed_digits",
     "read_utkface",
     "parse_utkface_name",
     "read_celeba",
@@ -252,6 +254,52 @@ def load_digits_tasks(
     images = torch.from_numpy(d.images[idx].astype(np.float32) / 16.0).unsqueeze(1)
     targets = {f"digit_{k}": (d.target[idx] == k).astype(np.int64) for k in digits}
     return MultiTaskImageDataset(images, targets, dict.fromkeys(targets, "binary"), transform)
+
+
+#: tasks of :func:`load_placed_digits`: name -> (type, target from (digit, column offset, row offset, free offsets))
+PLACED_TASKS = {
+    "column": ("regression", lambda d, c, r, m: c / m),
+    "row": ("regression", lambda d, c, r, m: r / m),
+    "odd": ("binary", lambda d, c, r, m: d % 2),
+    "large": ("binary", lambda d, c, r, m: (d >= 5).astype(np.int64)),
+}
+
+
+def load_placed_digits(
+    split: str = "train",
+    seed: int = 0,
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    transform: Callable | None = None,
+    tasks: Sequence[str] = ("column", "odd"),
+    canvas: int = 16,
+) -> MultiTaskImageDataset:
+    """scikit-learn's digits pasted at a random place of a ``canvas`` x ``canvas`` image: a pair of
+    heterogeneous tasks like the SFG paper's age + gender (a regression and a classification that
+    share strokes and edges but need different deep features: where the digit is is translation
+    equivariant, what it is translation invariant).
+
+    ``tasks`` picks from :data:`PLACED_TASKS` (``column``/``row``: the offset divided by the largest
+    offset, in [0, 1]; ``odd``, ``large``: binary); ``"name_k"`` is a duplicate of ``name`` (SFG
+    appendix E trains two copies of one task). Offsets are drawn once per image (seed 1234 +
+    ``seed``), so the splits agree."""
+    from sklearn.datasets import load_digits
+
+    _check_split(split)
+    kinds = [t.split("_")[0] for t in tasks]
+    if len(set(tasks)) != len(tasks) or not tasks or any(k not in PLACED_TASKS for k in kinds):
+        raise ValueError(f"tasks must be distinct names of {sorted(PLACED_TASKS)} (a '_k' suffix duplicates one), got {list(tasks)}")
+    if canvas < 9:
+        raise ValueError(f"canvas must be at least 9 pixels (the digits are 8x8), got {canvas}")
+    d, free = load_digits(), canvas - 8
+    offsets = np.random.default_rng(1234 + seed).integers(0, free + 1, size=(len(d.target), 2))
+    idx = np.sort(seeded_split(len(d.target), fractions, seed)[split])
+    images = np.zeros((len(idx), 1, canvas, canvas), np.float32)
+    for j, i in enumerate(idx):
+        r, c = offsets[i]
+        images[j, 0, r : r + 8, c : c + 8] = d.images[i] / 16.0
+    digit, col, row = d.target[idx], offsets[idx, 1].astype(np.float32), offsets[idx, 0].astype(np.float32)
+    targets = {t: PLACED_TASKS[k][1](digit, col, row, free) for t, k in zip(tasks, kinds)}
+    return MultiTaskImageDataset(torch.from_numpy(images), targets, {t: PLACED_TASKS[k][0] for t, k in zip(tasks, kinds)}, transform)
 
 
 # --- UTKFace -----------------------------------------------------------------------------------
@@ -613,6 +661,7 @@ def read_cub(
 #: dataset name -> (reader, needs ``data_root``, default keyword arguments)
 VISION_DATASETS: dict[str, tuple[Callable, bool, dict]] = {
     "digits": (load_digits_tasks, False, {}),
+    "placed_digits": (load_placed_digits, False, {}),
     "utkface": (read_utkface, True, {}),
     "celeba": (read_celeba, True, {}),
     "cifar10": (read_cifar10, True, {"val_fraction": 0.1}),

@@ -12,7 +12,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from ..networks.utils import batch_norm_statistics
 
-__all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output"]
+__all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output", "grouping_param_groups"]
 
 
 class MultiTaskPrepareBatch:
@@ -162,3 +162,19 @@ def task_output(task: str, pred_transform: Callable | None = None, label_transfo
         return pred, label
 
     return transform
+
+
+def grouping_param_groups(network: torch.nn.Module, lr: float, grouping_lr_scale: float = 1.0):
+    """The optimiser's parameters with the SFG grouping logits (``*.groups.theta``) at
+    ``lr * grouping_lr_scale``. The paper trains every parameter at one rate (A.1: Adam, 1e-3) for
+    200k iterations; a larger rate on the logits lets the grouping form in a CPU-sized schedule.
+    ``1.0`` returns the plain parameter list (one group, as the paper; checkpoints keep their layout)."""
+    scale = float(grouping_lr_scale)
+    if not scale > 0:
+        raise ValueError(f"grouping_lr_scale must be > 0, got {grouping_lr_scale!r}")
+    if scale == 1.0:
+        return list(network.parameters())
+    grouping = [p for n, p in network.named_parameters() if n.endswith("groups.theta")]
+    ids = {id(p) for p in grouping}
+    rest = [p for p in network.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": grouping, "lr": float(lr) * scale}]

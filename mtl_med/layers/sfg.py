@@ -30,11 +30,13 @@ __all__ = ["SHARING_MODES", "grouping_init", "StochasticFilterGroups", "SFGConv"
 SHARING_MODES = ("sfg", "single_task", "hard_sharing", "constant_mask", "constant_p", "cross_stitch")
 
 
-def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_init: float = 0.6) -> torch.Tensor:
+def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_init: float | str = 0.6) -> torch.Tensor:
     """Initial grouping probabilities ``(num_kernels, num_tasks + 1)`` for a sharing mode.
 
     - ``sfg``: every kernel ``p_s = shared_init`` and the rest split evenly over the tasks;
-      A.1 initialises ``[p_1, p_s, p_2] = [0.2, 0.6, 0.2]``.
+      A.1 initialises ``[p_1, p_s, p_2] = [0.2, 0.6, 0.2]``. The other starts of section 5.4:
+      ``shared_init="dirichlet"`` draws each kernel's ``p`` from Dirichlet(1, .., 1) (torch's global
+      generator), ``"constant_mask"`` starts the learned ``p`` from the constant mask.
     - ``single_task`` / ``cross_stitch``: contiguous equal blocks of kernels fixed to each task
       (A.4: 50% ``p = [1, 0, 0]``, 50% ``p = [0, 0, 1]`` for two tasks), none shared.
     - ``hard_sharing``: every kernel ``p_s = 1``.
@@ -44,9 +46,13 @@ def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_in
     if num_tasks < 1:
         raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
     groups = num_tasks + 1
+    if mode == "sfg" and shared_init == "dirichlet":
+        return torch.distributions.Dirichlet(torch.ones(groups)).sample((num_kernels,))
+    if mode == "sfg" and shared_init == "constant_mask":
+        return grouping_init(num_kernels, num_tasks, "constant_mask")
     if mode == "sfg":
-        if not 0.0 <= shared_init <= 1.0:
-            raise ValueError(f"shared_init must be in [0, 1], got {shared_init}")
+        if isinstance(shared_init, str) or not 0.0 <= shared_init <= 1.0:
+            raise ValueError(f"shared_init must be in [0, 1], 'dirichlet' or 'constant_mask', got {shared_init!r}")
         row = torch.full((groups,), (1.0 - shared_init) / num_tasks)
         row[num_tasks] = shared_init
         return row.expand(num_kernels, groups).clone()
@@ -198,7 +204,7 @@ class SFGConv(nn.Module):
         first: bool = False,
         merge: str = "sum",
         mode: str = "sfg",
-        shared_init: float = 0.6,
+        shared_init: float | str = 0.6,
         hard: bool = True,
         noise: str = "log_p",
         per_example: bool = False,

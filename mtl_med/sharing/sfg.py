@@ -48,7 +48,8 @@ class SFG(MultiTaskNetwork):
         grouping: ``"sfg"`` (learned ``p``, A.1) or one of the paper's baselines as fixed ``p``
             (``"single_task"``, ``"hard_sharing"``, ``"constant_mask"``, ``"constant_p"``,
             ``"cross_stitch"``; see :func:`~mtl_med.layers.sfg.grouping_init`).
-        shared_init: initial shared probability of learned layers (A.1: 0.6).
+        shared_init: initial shared probability of learned layers (A.1: 0.6), or ``"dirichlet"`` /
+            ``"constant_mask"`` (the other starts of section 5.4; see :func:`~mtl_med.layers.sfg.grouping_init`).
         hard, noise, per_example: see :class:`~mtl_med.layers.sfg.StochasticFilterGroups`.
         lambda1, lambda2: weights of eq. 5 (A.1: 1e-6 and 1e-5).
     """
@@ -62,7 +63,7 @@ class SFG(MultiTaskNetwork):
         task_names,
         heads,
         grouping: str = "sfg",
-        shared_init: float = 0.6,
+        shared_init: float | str = 0.6,
         hard: bool = True,
         noise: str = "log_p",
         per_example: bool = False,

@@ -14,6 +14,7 @@ from mtl_med.data.vision import (
     VisionFileNotFoundError,
     VisionFormatError,
     load_digits_tasks,
+    load_placed_digits,
     load_vision_tasks,
     parse_utkface_name,
     read_celeba,
@@ -48,6 +49,27 @@ def test_digits_ten_binary_tasks_with_a_seeded_split():
     assert sum(len(v) for v in split.values()) == 100
     assert len(set(split["train"]) & set(split["test"])) == 0
 
+
+
+def test_placed_digits_pair_targets_follow_where_and_what_the_digit_is():
+    ds = load_placed_digits("train", seed=0, tasks=["column", "odd", "odd_2"], canvas=12)
+    assert ds.task_types == {"column": "regression", "odd": "binary", "odd_2": "binary"}
+    for i in range(20):
+        item = ds[i]
+        img = item["image"][0]
+        assert img.shape == (12, 12)
+        cols = torch.nonzero(img.sum(0)).flatten()
+        # the digit's ink lies inside its 8-wide box, which starts at column * 4
+        start = round(float(item["targets"]["column"]) * 4)
+        assert start <= int(cols.min()) and int(cols.max()) < start + 8
+        assert torch.equal(item["targets"]["odd"], item["targets"]["odd_2"])  # a duplicate task
+    # the offsets are drawn per image, so the same image is at the same place in every split's seed
+    assert torch.equal(load_placed_digits("val", seed=0).images, load_placed_digits("val", seed=0).images)
+    assert load_vision_tasks("placed_digits", "test", tasks=["row", "large"]).task_names == ["row", "large"]
+    with pytest.raises(ValueError, match="distinct names"):
+        load_placed_digits(tasks=["odd", "odd"])
+    with pytest.raises(ValueError, match="distinct names"):
+        load_placed_digits(tasks=["colour"])
 
 # --- UTKFace -----------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from mtl_med.engines import (
     MultiTaskPrepareBatch,
     MultiTaskTrainer,
     TemperatureHandler,
+    grouping_param_groups,
     loss_terms,
     simplex_image,
     task_output,
@@ -129,3 +130,18 @@ def test_simplex_image_places_points_by_probability():
     top, bottom = img[: h // 3], img[2 * h // 3 :]
     green = lambda a: ((a[..., 1].astype(int) - a[..., 0] > 40) & (a[..., 1].astype(int) - a[..., 2] > 40)).sum()  # noqa: E731
     assert green(top) > 0 and green(bottom) == 0  # all shared: the points sit at the top corner
+
+
+def test_grouping_param_groups_speed_up_the_grouping_logits_only():
+    net = sfg_highresnet(features=(4, 8, 8))
+    params = list(net.parameters())
+    assert grouping_param_groups(net, 1e-3, 1.0) == params  # the paper's single rate: one plain group
+    rest, logits = grouping_param_groups(net, 1e-3, 20.0)
+    assert logits["lr"] == pytest.approx(2e-2) and "lr" not in rest
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert logits["params"] and all(names[id(p)].endswith("groups.theta") for p in logits["params"])
+    assert len(rest["params"]) + len(logits["params"]) == len(params)
+    opt = torch.optim.Adam(grouping_param_groups(net, 1e-3, 20.0), lr=1e-3)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 2e-2])
+    with pytest.raises(ValueError, match="grouping_lr_scale"):
+        grouping_param_groups(net, 1e-3, 0)

@@ -66,3 +66,15 @@ def test_first_layer_rejects_streams_and_later_layers_reject_tensors():
         SFGConv(2, 1, 4, first=True)(_streams(c=1))
     with pytest.raises(TypeError):
         SFGConv(2, 4, 4)(torch.randn(1, 4, 4, 4))
+
+
+def test_section_5_4_starts_dirichlet_and_constant_mask():
+    torch.manual_seed(0)
+    p = grouping_init(50, 2, "sfg", shared_init="dirichlet")
+    assert p.shape == (50, 3) and torch.allclose(p.sum(-1), torch.ones(50))
+    assert p.std(0).min() > 0.1  # drawn per kernel, not one row repeated
+    assert torch.equal(grouping_init(6, 2, "sfg", shared_init="constant_mask"), grouping_init(6, 2, "constant_mask"))
+    layer = SFGConv(2, 1, 6, num_tasks=2, first=True, mode="sfg", shared_init="constant_mask")
+    assert layer.groups.learnable and (layer.groups.probabilities.argmax(-1) == torch.tensor([0, 0, 1, 1, 2, 2])).all()
+    with pytest.raises(ValueError, match="dirichlet"):
+        grouping_init(4, 2, "sfg", shared_init="uniform")

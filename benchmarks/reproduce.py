@@ -1,0 +1,114 @@
+"""Reproduce the papers' findings: runs the benchmark behind each finding of docs/reproduction.md.
+
+Each finding is one benchmark script of this folder, run as one process per seed (``--jobs`` at a
+time, one torch thread each), then merged into the table the report quotes. ``--full`` uses the
+papers' schedules instead of the CPU-sized ones (hours on a CPU; the bundles train on the first
+CUDA device when there is one). Everything a run writes lands in ``--out``: per finding the raw JSON
+of every seed, the merged table (``<finding>.md``) and, for SFG, the fig. 6-style figure.
+
+    python benchmarks/reproduce.py --findings sfg tr --out /tmp/reproduce      # CPU schedules
+    python benchmarks/reproduce.py --full --jobs 4 --out /tmp/reproduce_full    # the papers' schedules
+    python benchmarks/reproduce.py --list                                       # the commands, not run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TR_CURVE = [f"tr_sigma{s}" for s in ("0", "0.2", "0.4", "0.6", "0.8", "1")] + [f"tr_knockout{s}" for s in ("0.2", "0.5", "0.8")]
+
+#: finding -> (script, seeds, CPU-sized arguments, the papers' schedules for --full)
+FINDINGS = {
+    # SFG fig. 6, appendix E, section 5.4 (the init experiment runs seed 0 only)
+    "sfg": ("sfg_specialisation.py", [0, 1, 2], ["--max_epochs", "60"],
+            ["--max_epochs", "5000", "--grouping_lr_scale", "1", "--tau_rate", "1e-5"]),
+    # Task Routing: the sigma curve in both conventions (the paper's text and the authors' code)
+    "tr": ("vision_digits.py", [0, 1, 2], ["--methods", *TR_CURVE, "--bn_protocols", "batch", "--max_epochs", "20", "--patience", "5"],
+           ["--methods", *TR_CURVE, "--bn_protocols", "batch"]),
+    # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
+    "adashare": ("adashare_digits.py", [0, 1, 2],
+                 ["--random", "1", "--warmup_epochs", "3", "--policy_epochs", "12", "--policy_lr", "0.1", "--tau_final", "0.01",
+                  "--image_size", "8", "--max_epochs", "12", "--patience", "4"],
+                 ["--random", "8", "--max_epochs", "100", "--patience", "15"]),
+    # Branched MTN: affinity falls with depth (fig. 2a); searched vs random trees
+    "branched": ("branched_digits.py", None, [], ["--max_epochs", "100", "--patience", "15"]),
+    # Selective Sharing: groups form; Table 1 ordering
+    "selective": ("selective_digits.py", [0, 1, 2], ["--max_epochs", "20"], ["--max_epochs", "30"]),
+    # one protocol: every method under both batch-norm protocols, two single-task baselines
+    "protocol": ("vision_digits.py", [0, 1, 2],
+                 ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "tr_knockout0.5", "sfg",
+                  "--max_epochs", "30", "--patience", "8"],
+                 []),
+}
+
+
+def commands(name: str, full: bool, out: Path) -> tuple[list[list[str]], list[str] | None]:
+    """The per-seed commands of a finding and the command that merges their JSON (``None``: one run)."""
+    script, seeds, cpu, paper = FINDINGS[name]
+    base = [sys.executable, str(HERE / script), *(paper if full else cpu)]
+    if seeds is None:
+        return [base + ["--json", str(out / f"{name}.json")]], None
+    runs = [base + ["--seeds", str(s), "--json", str(out / f"{name}_seed{s}.json")] for s in seeds]
+    if name == "sfg":  # the initialisation experiment once (seed 0), the others per seed
+        runs = [r[:-4] + ["--experiments", "unrelated", "duplicate"] + r[-4:] for r in runs]
+        runs.append(base + ["--experiments", "init", "--json", str(out / "sfg_init.json")])
+    merge = [sys.executable, str(HERE / script), "--merge", *(r[-1] for r in runs)]
+    if name == "sfg":
+        merge += ["--figure", str(out / "sfg_groupings.png")]
+    return runs, merge
+
+
+def run(cmd: list[str], log: Path) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with open(log, "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--findings", nargs="+", default=list(FINDINGS), choices=list(FINDINGS))
+    p.add_argument("--full", action="store_true", help="the papers' schedules (hours on a CPU; the bundles use CUDA when present)")
+    p.add_argument("--jobs", type=int, default=2, help="processes at a time (one per seed)")
+    p.add_argument("--out", default="reproduce_out")
+    p.add_argument("--list", action="store_true", help="print the commands and exit")
+    args = p.parse_args()
+    out = Path(args.out)
+    plan = {n: commands(n, args.full, out) for n in args.findings}
+    if args.list:
+        for n, (runs, merge) in plan.items():
+            print(f"# {n}")
+            for c in runs + ([merge] if merge else []):
+                print(shlex.join(c))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for n, (runs, merge) in plan.items():
+        t0 = time.perf_counter()
+        print(f"{n}: {len(runs)} process(es), {args.jobs} at a time; logs in {out}/{n}_*.log", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            codes = list(pool.map(lambda ic: run(ic[1], out / f"{n}_{ic[0]}.log"), enumerate(runs)))
+        if any(codes):
+            failed.append(n)
+            print(f"{n}: {sum(c != 0 for c in codes)} run(s) failed; see the logs", flush=True)
+            continue
+        if merge:
+            table = subprocess.run(merge, capture_output=True, text=True)
+            (out / f"{n}.md").write_text(table.stdout)
+            print(table.stdout, flush=True)
+        else:
+            print((out / f"{n}_0.log").read_text().split("\n\n")[-1], flush=True)
+        print(f"{n}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
