@@ -27,11 +27,11 @@ TR_CURVE = [f"tr_sigma{s}" for s in ("0", "0.2", "0.4", "0.6", "0.8", "1")] + [f
 
 #: finding -> (script, seeds, CPU-sized arguments, the papers' schedules for --full)
 FINDINGS = {
-    # SFG fig. 6, appendix E, section 5.4 (the init experiment runs seed 0 only)
+    # SFG fig. 6, appendix E, section 5.4 (the other starts of p run seed 0; A.1's start is the unrelated seed-0 run)
     "sfg": ("sfg_specialisation.py", [0, 1, 2], ["--max_epochs", "60"],
             ["--max_epochs", "5000", "--grouping_lr_scale", "1", "--tau_rate", "1e-5"]),
     # Task Routing: the sigma curve in both conventions (the paper's text and the authors' code)
-    "tr": ("vision_digits.py", [0, 1, 2], ["--methods", *TR_CURVE, "--bn_protocols", "batch", "--max_epochs", "20", "--patience", "5"],
+    "tr": ("vision_digits.py", [0, 1, 2], ["--methods", *TR_CURVE, "--bn_protocols", "batch", "--image_size", "8", "--max_epochs", "20", "--patience", "5"],
            ["--methods", *TR_CURVE, "--bn_protocols", "batch"]),
     # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
     "adashare": ("adashare_digits.py", [0, 1, 2],
@@ -45,8 +45,10 @@ FINDINGS = {
     # one protocol: every method under both batch-norm protocols, two single-task baselines
     "protocol": ("vision_digits.py", [0, 1, 2],
                  ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "tr_knockout0.5", "sfg",
-                  "--max_epochs", "30", "--patience", "8"],
-                 []),
+                  "adashare", "hard_sharing_resnet18", "--image_size", "8", "--max_epochs", "20", "--patience", "5",
+                  "--warmup_epochs", "3", "--policy_epochs", "12"],
+                 ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "tr_knockout0.5", "sfg",
+                  "adashare", "hard_sharing_resnet18"]),
 }
 
 
@@ -59,7 +61,7 @@ def commands(name: str, full: bool, out: Path) -> tuple[list[list[str]], list[st
     runs = [base + ["--seeds", str(s), "--json", str(out / f"{name}_seed{s}.json")] for s in seeds]
     if name == "sfg":  # the initialisation experiment once (seed 0), the others per seed
         runs = [r[:-4] + ["--experiments", "unrelated", "duplicate"] + r[-4:] for r in runs]
-        runs.append(base + ["--experiments", "init", "--json", str(out / "sfg_init.json")])
+        runs.append(base + ["--experiments", "init", "--inits", "task_specific", "dirichlet", "constant_mask", "--json", str(out / "sfg_init.json")])
     merge = [sys.executable, str(HERE / script), "--merge", *(r[-1] for r in runs)]
     if name == "sfg":
         merge += ["--figure", str(out / "sfg_groupings.png")]

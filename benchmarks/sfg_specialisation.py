@@ -118,7 +118,12 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
         name = exp if exp != "init" else f"init {init}"
         print(f"| {name} | {len(rs)} | " + " ".join(f"{a:.2f}±{b:.2f}" for a, b in zip(sh.mean(0), sh.std(0)))
               + " | " + " ".join(f"{a:.2f}" for a in ts.mean(0)) + f" | [{mp[0]:.2f} {mp[1]:.2f} {mp[2]:.2f}] | {H.mean():.2f} ± {H.std():.2f} | {v.mean():.3f} ± {v.std():.3f} |")
-    inits = {k[1]: np.mean([r["proportions"] for r in v], 0) for k, v in by.items() if k[0] in ("init",)}
+    inits = {k[1]: np.mean([r["proportions"] for r in v], 0) for k, v in by.items() if k[0] == "init"}
+    seeds = {r["seed"] for r in results if r["experiment"] == "init"}
+    if "shared" not in inits and seeds:  # A.1's start is the unrelated experiment's run of the same seeds
+        same = [r["proportions"] for r in results if r["experiment"] == "unrelated" and r["seed"] in seeds]
+        if same:
+            inits = {"shared": np.mean(same, 0), **inits}
     if len(inits) > 1:
         names = list(inits)
         print("\nSection 5.4: largest per-layer difference of the group proportions between starts")
@@ -164,7 +169,7 @@ def main() -> None:
     p.add_argument("--max_epochs", type=int, default=60)
     p.add_argument("--width", type=float, default=0.25, help="VGG width multiplier (0.25: 16 first-layer kernels)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--grouping_lr_scale", type=float, default=10.0)
+    p.add_argument("--grouping_lr_scale", type=float, default=100.0, help="100 x 2,400 iterations moves the logits as far as A.1's 1 x 200k")
     p.add_argument("--tau_rate", type=float, default=1e-3)
     p.add_argument("--lambda2", type=float, default=1e-5, help="entropy weight of eq. 5")
     p.add_argument("--threads", type=int, default=1)

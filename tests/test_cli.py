@@ -4,6 +4,7 @@ ids they set; one prediction run in-process on a tiny phantom with a tiny networ
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -63,9 +64,14 @@ def test_help_lists_the_config_ids_it_overrides(job, ids, capsys):
 
 def test_prepare_runs_the_data_tool(monkeypatch):
     seen = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: seen.append((cmd, os.environ["OMP_WAIT_POLICY"])) or 0)
     assert cli.main(["prepare", "phantoms", "--out", "demo_data", "--cases", "2"]) == 0
-    assert seen == [[sys.executable, "-m", "data_prep.phantoms", "--out", "demo_data", "--cases", "2"]]
+    # the child job inherits a passive OpenMP wait policy unless the user chose one
+    assert seen == [([sys.executable, "-m", "data_prep.phantoms", "--out", "demo_data", "--cases", "2"], "PASSIVE")]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    cli.main(["prepare", "phantoms"])
+    assert seen[-1][1] == "ACTIVE"
 
 
 def test_print_command_is_the_bundle_command(env, capsys, tmp_path):
