@@ -4,12 +4,12 @@ time relative to hard sharing. A benchmark, not a test.
 
 CPU, synthetic scenes (render them first: ``python -m data_prep.synthetic_scenes --out DIR --n 200 --val 50``)::
 
-    python bundles/dense_multitask/scripts/benchmark.py --data-root DIR --out runs/dense_bench --seeds 0 1 2
+    python benchmarks/dense_scenes.py --data-root DIR --out runs/dense_bench --seeds 0 1 2
 
 GPU, AdaShare's NYU v2 3-task set-up (section 4 and appendix A: ResNet-34, 321 x 321 crops, 20,000 iterations,
 Table 7's weights and learning rate) on a local copy of AdaShare's ``nyu_v2_3task.json`` layout::
 
-    python bundles/dense_multitask/scripts/benchmark.py --gpu --data-root /data/nyu_v2 --out runs/nyu_bench
+    python benchmarks/dense_scenes.py --gpu --data-root /data/nyu_v2 --out runs/nyu_bench
 
 Our ResNet has no atrous stages (DeepLab-ResNet's output stride 8), and the mtan-style metrics are used unless
 ``--adashare-compat``; compare with AdaShare's Tables 1 and 3 with that in mind.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BUNDLE = Path(__file__).resolve().parents[1]
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dense_multitask"
 VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "adashare", "branched")
 
 
