@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "vision_multitask"
 PAIRS = {"unrelated": ["column", "odd"], "duplicate": ["odd", "odd_2"]}
@@ -103,8 +104,8 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
           f"({results[0]['iterations']} iterations; paper {PAPER['iterations']}), grouping_lr_scale {args.grouping_lr_scale} "
           f"(paper {PAPER['grouping_lr_scale']}), tau_rate {args.tau_rate} (paper {PAPER['tau_rate']}), "
           f"lambda2 {args.lambda2} (paper {PAPER['sfg_lambda2']})")
-    print("| experiment | seeds | shared proportion per SFG layer (mean ± std) | task-specific per layer | last-layer mean p [t1, s, t2] | last-layer entropy (nats; max 1.10) | validation score |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| experiment | seeds | shared proportion per SFG layer (mean ± std) | task-specific per layer | last layer [t1, s, t2] proportions | last-layer |t1 - t2| | last-layer mean p [t1, s, t2] | last-layer entropy (nats; max 1.10) | shared vs depth (Spearman rho) | validation score |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     by = {}
     for r in results:
         by.setdefault((r["experiment"], str(r["init"])), []).append(r)
@@ -115,9 +116,13 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
         H = np.array([r["entropy"][-1] for r in rs])
         mp = np.mean([r["mean_p"][-1] for r in rs], 0)
         v = np.array([r["val_score"] for r in rs])
+        # fig. 6: the shared proportion falls with depth (rho near -1); a run with one value everywhere has none
+        rho = np.array([spearmanr(np.arange(sh.shape[1]), row).statistic if np.ptp(row) > 0 else 0.0 for row in sh])
         name = exp if exp != "init" else f"init {init}"
         print(f"| {name} | {len(rs)} | " + " ".join(f"{a:.2f}±{b:.2f}" for a, b in zip(sh.mean(0), sh.std(0)))
-              + " | " + " ".join(f"{a:.2f}" for a in ts.mean(0)) + f" | [{mp[0]:.2f} {mp[1]:.2f} {mp[2]:.2f}] | {H.mean():.2f} ± {H.std():.2f} | {v.mean():.3f} ± {v.std():.3f} |")
+              + " | " + " ".join(f"{a:.2f}" for a in ts.mean(0)) + " | [" + " ".join(f"{a:.2f}" for a in P[:, -1].mean(0))
+              + f"] | {np.abs(P[:, -1, 0] - P[:, -1, 2]).mean():.2f} ± {np.abs(P[:, -1, 0] - P[:, -1, 2]).std():.2f}"
+              + f" | [{mp[0]:.2f} {mp[1]:.2f} {mp[2]:.2f}] | {H.mean():.2f} ± {H.std():.2f} | {rho.mean():+.2f} ± {rho.std():.2f} | {v.mean():.3f} ± {v.std():.3f} |")
     inits = {k[1]: np.mean([r["proportions"] for r in v], 0) for k, v in by.items() if k[0] == "init"}
     seeds = {r["seed"] for r in results if r["experiment"] == "init"}
     if "shared" not in inits and seeds:  # A.1's start is the unrelated experiment's run of the same seeds
