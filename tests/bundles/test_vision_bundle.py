@@ -190,6 +190,8 @@ def test_inference_writes_one_prediction_row_per_test_image(trained):
         ("hard_sharing", {"dataset": "imagenet"}, ["imagenet"]),
         ("hard_sharing", {"dataset": "cifar10"}, ["cifar10", "data_root"]),
         ("adashare", {"backbone": "vgg11"}, ["adashare", "vgg11"]),
+        ("sfg", {"grouping_lr_scale": 0}, ["grouping_lr_scale", "0"]),
+        ("sfg", {"shared_init": "uniform"}, ["shared_init", "uniform"]),
     ],
 )
 def test_bad_config_values_raise_clear_errors(tmp_path, variant, override, words):
@@ -198,6 +200,26 @@ def test_bad_config_values_raise_clear_errors(tmp_path, variant, override, words
     text = messages(e.value)
     assert all(w in text for w in words), text
     assert not (tmp_path / "models" / "model_final.pt").exists()
+
+
+def test_sfg_on_the_placed_digits_pair_moves_its_grouping_logits_at_the_scaled_rate(tmp_path):
+    # SFG's CPU-sized schedule (benchmarks/sfg_specialisation.py): the heterogeneous pair, a Dirichlet start of p
+    # (section 5.4) and the grouping logits at 100x the weights' rate: Adam moves each logit by about its rate
+    torch.manual_seed(0)
+    wf = workflow(["train.json", "variants/sfg.json"], tmp_path, **{**FAST, "dataset": "placed_digits",
+                  "dataset_kwargs": {"tasks": ["column", "odd"]}, "shared_init": "dirichlet", "grouping_lr_scale": 100.0})
+    wf.initialize()
+    net = wf.parser.get_parsed_content("network_def")
+    assert net.task_names == ["column", "odd"]
+    p0 = net.grouping_probabilities()
+    assert p0["sfg.0"].std(0).min() > 0.05  # drawn per kernel
+    theta0 = {n: p.detach().clone() for n, p in net.named_parameters() if n.endswith("groups.theta")}
+    wf.run()
+    opt = wf.parser.get_parsed_content("optimizer")
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 0.1])
+    step = max(float((p.detach() - theta0[n]).abs().max()) for n, p in net.named_parameters() if n.endswith("groups.theta"))
+    assert 0.1 < step < 0.21  # two Adam steps of about 0.1 each (at 1e-3 they would move 0.002)
+    wf.finalize()
 
 
 def test_early_stopping_ends_training_after_patience_validations_without_gain(tmp_path):
