@@ -84,7 +84,8 @@ def train(tasks: list[str], init, seed: int, run_dir: Path, args: argparse.Names
             "seed": seed,
             "iterations": trainer.state.iteration,
             "tau": net.temperature,
-            "val_score": evaluator.state.best_metric,
+            "val_score": evaluator.state.best_metric,  # the binary tasks' mean accuracy
+            "val_metrics": {k: float(v) for k, v in evaluator.state.metrics.items() if "/" in k and np.isscalar(v)},
             "cpu_s": time.process_time() - cpu0,
             # fig. 6's bars: [task 1, shared, task 2] (the project stores groups as [task 1, task 2, shared])
             "proportions": [[L["proportions"][g] for g in (groups["groups"][0], "shared", groups["groups"][1])] for L in groups["layers"]],
