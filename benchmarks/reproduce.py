@@ -44,7 +44,7 @@ FINDINGS = {
     "selective": ("selective_digits.py", [0, 1, 2], ["--max_epochs", "20"], ["--max_epochs", "30"]),
     # one protocol: every method under both batch-norm protocols, two single-task baselines
     "protocol": ("vision_digits.py", [0, 1, 2],
-                 ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "tr_knockout0.5", "sfg",
+                 ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "sfg",
                   "adashare", "hard_sharing_resnet18", "--image_size", "8", "--max_epochs", "20", "--patience", "5",
                   "--warmup_epochs", "3", "--policy_epochs", "12"],
                  ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "tr_knockout0.5", "sfg",
@@ -63,8 +63,8 @@ def commands(name: str, full: bool, out: Path) -> tuple[list[list[str]], list[st
         runs = [r[:-4] + ["--experiments", "unrelated", "duplicate"] + r[-4:] for r in runs]
         runs.append(base + ["--experiments", "init", "--inits", "task_specific", "dirichlet", "constant_mask", "--json", str(out / "sfg_init.json")])
     merge = [sys.executable, str(HERE / script), "--merge", *(r[-1] for r in runs)]
-    if name == "sfg":
-        merge += ["--figure", str(out / "sfg_groupings.png")]
+    if name in ("sfg", "tr"):
+        merge += ["--figure", str(out / ("sfg_groupings.png" if name == "sfg" else "tr_sigma_curve.png"))]
     return runs, merge
 
 

@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files (e.g. one process per seed) and exit")
+    p.add_argument("--figure", default=None, help="with --merge: draw the Task Routing sigma curve of both conventions to this PNG")
     args = p.parse_args()
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
@@ -103,6 +104,8 @@ def main() -> None:
             for m, by_seed in r["results"].items():
                 results.setdefault(m, {}).update(by_seed)
         print_table(results, argparse.Namespace(**{**runs[0]["args"], "seeds": sorted({s for r in runs for s in r["args"]["seeds"]})}))
+        if args.figure:
+            sigma_figure(results, args.figure)
         return
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # the bundle logs every iteration; keep the table readable
@@ -147,6 +150,35 @@ def train_and_test(m: str, seed: int, bn: str, root: Path, args: argparse.Namesp
     print(f"{m:14s} [{bn}] seed {seed}: accuracy {summary['mean_accuracy']:.4f}  delta_m {100 * dm:+.2f}%  "
           f"{epochs['epochs']} epochs (best {epochs['best_epoch']})  {cpu:.1f} CPU-s ({wall:.1f} s wall)", flush=True)
     return {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall, **epochs}
+
+
+def sigma_figure(results: dict[str, dict], path: str) -> None:
+    """Accuracy against sigma for the paper's convention (a fraction sigma of the units shared, the rest
+    split among the tasks) and 1 - sigma for the authors' knockout convention, so that 1 is every unit
+    shared (hard sharing trained one task per mini-batch) in both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for kind, label in (("sigma", "paper's text: fraction sigma shared"), ("knockout", "authors' code: each task knocks out sigma")):
+        pts = []
+        for name, by_seed in results.items():
+            m = TR_SWEEP.match(name.split(" ")[0])
+            if m and m.group(1) == kind:
+                acc = 100 * np.array([r["accuracy"] for r in by_seed.values()])
+                pts.append((float(m.group(2)), acc.mean(), acc.std(ddof=1) if len(acc) > 1 else 0.0))
+        if pts:
+            x, y, e = map(np.array, zip(*sorted(pts)))
+            ax.errorbar(x if kind == "sigma" else 1 - x, y, yerr=e, marker="o", capsize=3, label=label)
+    ax.set_xlabel("sigma (paper) / 1 - sigma (knockout): 1 = every unit shared")
+    ax.set_ylabel("mean test accuracy (%)")
+    ax.set_title("Task Routing on digits (mean ± std over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
 
 
 def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
