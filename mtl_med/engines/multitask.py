@@ -169,9 +169,12 @@ def grouping_param_groups(network: torch.nn.Module, lr: float, grouping_lr_scale
     ``lr * grouping_lr_scale``. The paper trains every parameter at one rate (A.1: Adam, 1e-3) for
     200k iterations; a larger rate on the logits lets the grouping form in a CPU-sized schedule.
     ``1.0`` returns the plain parameter list (one group, as the paper; checkpoints keep their layout)."""
-    scale = float(grouping_lr_scale)
-    if not scale > 0:
-        raise ValueError(f"grouping_lr_scale must be > 0, got {grouping_lr_scale!r}")
+    try:
+        scale = float(grouping_lr_scale)
+    except (TypeError, ValueError):
+        scale = float("nan")
+    if not scale > 0:  # NaN and non-numbers too
+        raise ValueError(f"grouping_lr_scale must be a number > 0, got {grouping_lr_scale!r}")
     if scale == 1.0:
         return list(network.parameters())
     grouping = [p for n, p in network.named_parameters() if n.endswith("groups.theta")]

@@ -143,5 +143,6 @@ def test_grouping_param_groups_speed_up_the_grouping_logits_only():
     assert len(rest["params"]) + len(logits["params"]) == len(params)
     opt = torch.optim.Adam(grouping_param_groups(net, 1e-3, 20.0), lr=1e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 2e-2])
-    with pytest.raises(ValueError, match="grouping_lr_scale"):
-        grouping_param_groups(net, 1e-3, 0)
+    for bad in (0, -1.0, float("nan"), "fast", None):
+        with pytest.raises(ValueError, match="grouping_lr_scale must be a number > 0"):
+            grouping_param_groups(net, 1e-3, bad)
