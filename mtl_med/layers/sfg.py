@@ -51,7 +51,7 @@ def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_in
     if mode == "sfg" and shared_init == "constant_mask":
         return grouping_init(num_kernels, num_tasks, "constant_mask")
     if mode == "sfg":
-        if isinstance(shared_init, str) or not 0.0 <= shared_init <= 1.0:
+        if not isinstance(shared_init, (int, float)) or not 0.0 <= shared_init <= 1.0:
             raise ValueError(f"shared_init must be in [0, 1], 'dirichlet' or 'constant_mask', got {shared_init!r}")
         row = torch.full((groups,), (1.0 - shared_init) / num_tasks)
         row[num_tasks] = shared_init
