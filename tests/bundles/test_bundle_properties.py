@@ -88,3 +88,43 @@ def test_sampler_settings_reach_the_posterior_sampler(data, files):
     assert s.adaptive and s.num_samples == 20 and s.min_samples == 5
     assert s.regression_tol == pytest.approx(0.01) and s.label_tol == 0.05  # HU over the network's CT scale
     assert (s.engine, s.dtype) == ("dense", "float32")
+
+
+# Every "$..." expression of a training config may only use the mtl_med modules its "imports" load: a
+# module that another test happened to import first would hide the gap in-process, so a fresh interpreter checks.
+_CHECK_IMPORTS = r"""
+import json, re, sys
+def expressions(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from expressions(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from expressions(v)
+    elif isinstance(node, str) and node.startswith("$") and not node.startswith(("$import", "$from")):
+        yield node
+train, *variants = (json.load(open(f)) for f in sys.argv[1:])
+ns, missing = {}, []
+for cfg in [train] + sorted(variants, key=lambda c: len(c.get("imports", []))):
+    for line in cfg.get("imports", []):
+        exec(line[1:], ns)
+    for ref in sorted({r for e in expressions(cfg) for r in re.findall(r"\bmtl_med(?:\.\w+)+", e)}):
+        obj = ns["mtl_med"]
+        for part in ref.split(".")[1:]:
+            if not hasattr(obj, part):
+                missing.append(ref)
+                break
+            obj = getattr(obj, part)
+print(json.dumps(missing))
+"""
+
+
+@pytest.mark.parametrize("bundle", ["sfg_highresnet_pelvis", "vision_multitask", "dense_multitask"])
+def test_training_configs_import_every_module_they_use(bundle):
+    import subprocess
+    import sys
+
+    configs = REPO / "bundles" / bundle / "configs"
+    files = [configs / "train.json", *sorted((configs / "variants").glob("*.json"))]
+    out = subprocess.run([sys.executable, "-c", _CHECK_IMPORTS, *map(str, files)], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
