@@ -2,9 +2,12 @@
 metrics of the best checkpoint, delta-m against the single-task networks of the same seed, parameters and training
 time relative to hard sharing. A benchmark, not a test.
 
-CPU, synthetic scenes (render them first: ``python -m data_prep.synthetic_scenes --out DIR --n 200 --val 50``)::
+CPU, synthetic scenes (render them first; the test scenes are a second rendering with another seed, whose ``val``
+split is the test set: early stopping and checkpoint selection see only the first set's ``val``)::
 
-    python benchmarks/dense_scenes.py --data-root DIR --out runs/dense_bench --seeds 0 1 2
+    python -m data_prep.synthetic_scenes --out scenes --n 200 --val 50 --size 32 32
+    python -m data_prep.synthetic_scenes --out test_scenes --n 1 --val 100 --size 32 32 --seed 1
+    python benchmarks/dense_scenes.py --data-root scenes --test-root test_scenes --out runs/dense_bench --seeds 0 1 2
 
 GPU, AdaShare's NYU v2 3-task set-up (section 4 and appendix A: ResNet-34, 321 x 321 crops, 20,000 iterations,
 Table 7's weights and learning rate) on a local copy of AdaShare's ``nyu_v2_3task.json`` layout::
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dense_multitask"
-VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "adashare", "branched")
+VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "adashare", "branched", "selective_sharing")
 
 
 def run(configs, root, **overrides):
@@ -57,6 +61,7 @@ def settings(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", required=True)
+    p.add_argument("--test-root", default=None, help="data root whose val split is the test set (default: --data-root's val)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -67,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--warmup-epochs", type=int, default=5)
     p.add_argument("--policy-epochs", type=int, default=15)
+    p.add_argument("--budget-fraction", type=float, default=0.5, help="Branched MTN's budget between hard sharing (0) and single-task (1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--gpu", action="store_true", help="AdaShare's NYU v2 3-task set-up on a local copy")
     p.add_argument("--adashare-compat", action="store_true", help="AdaShare's metric variants")
@@ -86,21 +92,37 @@ def main(argv=None) -> int:
                 continue
             root = args.out / v / f"seed{seed}"
             t0 = time.perf_counter()
+            if v == "branched":  # stage 1: single-task encoders (same recipe, early stopping), affinity, the tree
+                run(["train.json", "affinity.json"], root, seed=seed, budget_fraction=args.budget_fraction,
+                    encoder_config=[str(BUNDLE / "configs" / c) for c in ("train.json", "early_stopping.json")],
+                    **{"branched_search#overrides#patience": args.patience}, **base)
             wf = run(["train.json", f"variants/{v}.json", "early_stopping.json"], root, seed=seed, **base)
             train_s = time.perf_counter() - t0
             epochs = int(wf.parser.get_parsed_content("train#trainer").state.epoch)
             baseline = args.out / "single_task" / f"seed{seed}" / "eval" / "metrics.json"
             run(["train.json", f"variants/{v}.json", "evaluate.json"], root, seed=seed,
-                baseline_file=str(baseline) if baseline.is_file() and v != "single_task" else None, **base)
+                baseline_file=str(baseline) if baseline.is_file() and v != "single_task" else None,
+                **{**base, "data_root": args.test_root or base["data_root"]})
             m = json.loads((root / "eval" / "metrics.json").read_text())
             results[key] = {"variant": v, "seed": seed, "train_s": train_s, "epochs": epochs, "parameters": m["parameters"],
                             "tasks": m["tasks"], "delta_m": m["delta_m"], "score": m["score"]}
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+            save(args.out, key, results[key])
             print(f"{key}: {train_s:.0f} s, {epochs} epochs, score {m['score']:.4f}, delta_m {m['delta_m']}", flush=True)
+    results = json.loads((args.out / "results.json").read_text())
     (args.out / "table.md").write_text(table(results) + "\n")
     print(table(results))
     return 0
+
+
+def save(out: Path, key: str, record: dict) -> None:
+    """Add one run to ``out/results.json``, re-read first: one process per seed can share ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[key] = record
+    tmp = out / f".results.{os.getpid()}.json"
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def table(results: dict) -> str:

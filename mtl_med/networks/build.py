@@ -128,8 +128,8 @@ def build_network(
     else:
         raise ValueError(f"head must be one of {sorted(HEADS) + sorted(DENSE_HEADS)}, got {head!r}")
     net = method(spec, task_names, heads, **{k: v for k, v in kwargs.items() if k in method_keys})
-    if hasattr(heads, "attach"):
-        heads.attach(net)
+    if hasattr(net.heads, "attach"):  # the network's own heads (a method may rebuild them)
+        net.heads.attach(net)
     net.build_args = build_args
     return net
 

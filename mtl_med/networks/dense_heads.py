@@ -55,6 +55,11 @@ class UpsampledHeads(nn.Module):
         if isinstance(x, torch.Tensor):
             self._size = tuple(int(s) for s in x.shape[2:])
 
+    def rebuilt(self, in_channels: int) -> "UpsampledHeads":
+        """New heads of the same kind and settings on ``in_channels`` features (freshly initialised): for a
+        method that puts its own layers between the backbone and the heads (Selective Sharing's branches)."""
+        return type(self)(self.spatial_dims, int(in_channels), self.out_channels, **getattr(self, "settings", {}))
+
     def forward(self, x: torch.Tensor, task: int, size: Sequence[int] | None = None) -> torch.Tensor:
         y = self.task_heads[task](x)
         size = tuple(size) if size is not None else self._size
@@ -101,6 +106,7 @@ class ASPPHeads(UpsampledHeads):
         if int(hidden) < 1 or not rates or min(int(r) for r in rates) < 1:
             raise ValueError(f"ASPP needs hidden >= 1 and positive rates, got hidden={hidden}, rates={rates}")
         super().__init__(spatial_dims, counts, [_ASPP(spatial_dims, in_channels, c, int(hidden), [int(r) for r in rates], float(dropout)) for c in counts])
+        self.settings = dict(hidden=int(hidden), rates=[int(r) for r in rates], dropout=float(dropout))
 
 
 class FCNHeads(UpsampledHeads):
@@ -109,6 +115,7 @@ class FCNHeads(UpsampledHeads):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: Sequence[int], hidden: int | None = None, dropout: float = 0.1):
         counts = _counts(out_channels)
+        settings = dict(hidden=hidden, dropout=float(dropout))  # hidden None follows in_channels when rebuilt
         hidden = max(1, int(in_channels) // 4) if hidden is None else int(hidden)
         conv = Conv[Conv.CONV, spatial_dims]
         heads = [
@@ -117,6 +124,7 @@ class FCNHeads(UpsampledHeads):
             for c in counts
         ]
         super().__init__(spatial_dims, counts, heads)
+        self.settings = settings
 
 
 #: ``build_network``'s ``head=`` names of the upsampling dense heads

@@ -438,13 +438,16 @@ class SelectiveSharing(MultiTaskNetwork):
     Features: on a backbone whose output is pooled (ResNet, VGG, the MNIST CNN), adaptive average
     pooling to ``pooled_size`` per spatial side, flattened: 1 is global average pooling; the paper's
     MNIST network flattens the 40 x 4 x 4 map of a 28 x 28 digit (``pooled_size=4``, an identity
-    pooling there). On a dense backbone (HighResNet) with dense heads the FC layers act at every
-    voxel (FC = 1x1 convolution) and the outputs keep full resolution; this carries the method to
-    per-voxel tasks, which the paper (image-level tasks only) does not cover.
+    pooling there). On a dense backbone (HighResNet) with dense heads, or with upsampling dense heads
+    (``head="aspp"`` / ``"fcn"`` on ResNet, the dense bundle), the FC layers act at every position of
+    the feature map (FC = 1x1 convolution); this carries the method to per-pixel tasks, which the
+    paper (image-level tasks only) does not cover.
 
     The output layers replace the heads that ``build_network`` made: the same outputs per task
     (linear; the paper's one sigmoid per binary task is the bundle's two logits with cross-entropy),
-    on the last branch width.
+    on the last branch width. Upsampling heads are rebuilt as the same kind on the last branch width
+    (each branch ends in its task's ASPP / FCN head, upsampled to the input: the heads every other
+    method of the dense bundle has, so the comparison changes only the sharing).
 
     Args:
         shared_width: units of the hard-shared FC layer (MNIST 640, CIFAR-10 1024, CUB and OmniArt
@@ -487,9 +490,6 @@ class SelectiveSharing(MultiTaskNetwork):
     ):
         from mtl_med.networks.dense_heads import UpsampledHeads
 
-        if isinstance(heads, UpsampledHeads):  # the branches end in their own per-task output layers
-            raise ValueError("Selective Sharing ends its branches in per-task output layers (section 3): it takes the default heads, "
-                             "not head='aspp' or 'fcn'")
         super().__init__(backbone, task_names, heads, bn_inference)
         widths = [int(w) for w in branch_widths]
         if int(shared_width) < 1 or not widths or min(widths) < 1:
@@ -502,7 +502,8 @@ class SelectiveSharing(MultiTaskNetwork):
         self.settings = dict(condition=condition, tt_rank=int(tt_rank), start_epoch=int(start_epoch), patience=int(patience),
                              min_cluster_size=int(min_cluster_size), min_samples=int(min_samples),
                              allow_single_cluster=bool(allow_single_cluster), seed=int(seed))
-        self.dense = isinstance(heads, DenseHeads)
+        upsampled = isinstance(heads, UpsampledHeads)
+        self.dense = upsampled or isinstance(heads, DenseHeads)
         self.trunk = Trunk(backbone)
         if self.dense:
             self.pool, features = None, backbone.out_channels
@@ -517,8 +518,11 @@ class SelectiveSharing(MultiTaskNetwork):
             first = nn.Linear(fan_in, fan_out)  # identical initial branches: one draw, copied
             self.branch_weights.append(nn.Parameter(first.weight.detach()[None].repeat(t, 1, 1)))
             self.branch_biases.append(nn.Parameter(first.bias.detach()[None].repeat(t, 1)))
-        outs = heads.out_channels if isinstance(heads, PooledHeads) else [int(m.out_channels) for m in heads]
-        self.heads = DenseHeads(backbone.spatial_dims, widths[-1], outs) if self.dense else PooledHeads(backbone.spatial_dims, widths[-1], outs)
+        if upsampled:  # the same kind of dense heads (ASPP / FCN), on the last branch width
+            self.heads = heads.rebuilt(widths[-1])
+        else:
+            outs = heads.out_channels if isinstance(heads, PooledHeads) else [int(m.out_channels) for m in heads]
+            self.heads = DenseHeads(backbone.spatial_dims, widths[-1], outs) if self.dense else PooledHeads(backbone.spatial_dims, widths[-1], outs)
         self.register_buffer("branch_of_task", torch.arange(t, dtype=torch.long))
         self.register_buffer("locked", torch.zeros((), dtype=torch.long))
 

@@ -41,18 +41,60 @@ def scenes(tmp_path_factory):
     return root
 
 
+def _train(root, variant, scenes):
+    if variant == "branched":  # Branched MTN's two stages: single-task encoders, affinity and tree; then the tree
+        run(["train.json", "affinity.json"], root, data_root=str(scenes), encoder_config=[str(BUNDLE / "configs" / "train.json")],
+            affinity_images=3, **FAST)
+    return run(["train.json", f"variants/{variant}.json"], root, data_root=str(scenes), **FAST)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, scenes):
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread avoids contention on a busy machine
     root = tmp_path_factory.mktemp("dense_bundle")
-    out = {v: (root / v, run(["train.json", f"variants/{v}.json"], root / v, data_root=str(scenes), **FAST)) for v in VARIANTS}
+    out = {v: (root / v, _train(root / v, v, scenes)) for v in VARIANTS}
     yield out
     torch.set_num_threads(n)
 
 
 def test_variants_cover_the_sharing_methods():
-    assert set(VARIANTS) >= {"hard_sharing", "single_task", "cross_stitch", "sfg", "task_routing", "adashare", "branched"}
+    assert set(VARIANTS) >= {"hard_sharing", "single_task", "cross_stitch", "sfg", "task_routing", "adashare", "branched",
+                             "selective_sharing"}
+
+
+def test_branched_trains_the_tree_its_affinity_stage_found(trained):
+    """affinity.json trains one single-task encoder per task with the bundle's recipe, measures the affinity on the
+    validation scenes and searches the tree; the branched variant then builds that tree."""
+    root, wf = trained["branched"]
+    aff = root / "affinity"
+    for task in ("seg", "depth", "normal"):
+        assert (aff / "single_task" / task / "model_final.pt").is_file(), task
+    tree = json.loads((aff / "tree.json").read_text())
+    A = np.load(aff / "affinity.npz")["affinity"]
+    assert A.shape == (4, 3, 3) and np.allclose(A, A.transpose(0, 2, 1)) and np.allclose(A[:, range(3), range(3)], 1)
+    assert tree["task_names"] == ["seg", "depth", "normal"] and tree["params"] <= tree["budget"]
+    assert wf.parser.get_parsed_content("network_def").config == tree["config"]
+    assert all((aff / f).is_file() for f in ("affinity.png", "tree.png"))
+
+
+def test_branched_without_a_tree_says_to_run_the_affinity_stage(tmp_path, scenes):
+    from mtl_med.errors import InputError, user_error
+
+    with pytest.raises(Exception) as err:
+        run(["train.json", "variants/branched.json"], tmp_path, data_root=str(scenes), **FAST)
+    e = user_error(err.value)
+    assert isinstance(e, InputError) and "affinity.json" in str(e) and str(tmp_path / "affinity" / "tree.json") in str(e)
+
+
+def test_selective_sharing_records_its_groups_and_keeps_the_dense_heads(trained):
+    root, wf = trained["selective_sharing"]
+    net = wf.parser.get_parsed_content("network")
+    from mtl_med.networks.dense_heads import ASPPHeads
+
+    assert isinstance(net.heads, ASPPHeads) and net.pool is None
+    record = json.loads((root / "eval" / "selective_sharing.json").read_text())
+    assert record["epochs"] and {"seg", "depth", "normal"} == {t for g in record["epochs"][-1]["groups"] for t in g}
 
 
 def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained):
@@ -72,7 +114,6 @@ def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained):
 
     build_network(**wf.parser.get_parsed_content("network_def").build_args).load_state_dict(state)
     assert trained["sfg"][1].parser.get_parsed_content("network_def").name == "sfg"
-    assert trained["branched"][1].parser.get_parsed_content("network_def").config[-1] == [0, 1, 2]
 
 
 def test_tensorboard_has_losses_metrics_and_images_per_task(trained):

@@ -27,10 +27,8 @@ def test_every_backbone_predicts_at_the_input_size(backbone):
 @pytest.mark.parametrize("sharing", sorted(METHODS))
 def test_every_sharing_method_with_feature_maps_takes_the_heads(sharing):
     backbone, kw = ("highresnet", dict(width=0.25, in_channels=3)) if sharing == "sfg" else ("resnet18", dict(width=0.0625))
-    if sharing == "selective":  # its branches end in their own output layers
-        with pytest.raises(ValueError, match="head='aspp'"):
-            build_network(backbone, sharing, list(OUTS), OUTS, head="aspp", head_hidden=4, **kw)
-        return
+    if sharing == "selective":
+        kw = dict(kw, shared_width=16, branch_widths=[8, 6])
     torch.manual_seed(0)
     net = build_network(backbone, sharing, list(OUTS), OUTS, head="aspp", head_hidden=4, **kw)
     net.train()
@@ -38,6 +36,28 @@ def test_every_sharing_method_with_feature_maps_takes_the_heads(sharing):
     assert all(v.shape[-2:] == (24, 20) for v in out.values())
     sum(v.mean() for v in out.values()).backward()
     assert all(p.grad is not None for p in net.heads.parameters())
+
+
+def test_selective_sharing_branches_end_in_the_same_kind_of_heads():
+    """Each branch (1x1 FC layers on the feature map) ends in its task's ASPP / FCN head, rebuilt on the last
+    branch width with the settings asked for; a merged task reads its survivor's branch through its own head."""
+    for head, kind in (("aspp", ASPPHeads), ("fcn", FCNHeads)):
+        torch.manual_seed(0)
+        net = build_network("resnet18", "selective", list(OUTS), OUTS, head=head, head_hidden=5, width=0.0625,
+                            shared_width=16, branch_widths=[8, 6]).eval()
+        assert type(net.heads) is kind and net.pool is None
+        first = net.heads.task_heads[0].branches[0][0] if head == "aspp" else net.heads.task_heads[0][0]
+        assert (first.in_channels, first.out_channels) == (6, 5)
+        with torch.no_grad():  # the branches start identical (section 3): make branch 2 differ
+            net.branch_weights[0][2].add_(0.5)
+        x = torch.rand(2, 3, 19, 21)
+        before = net(x)
+        assert {k: tuple(v.shape) for k, v in before.items()} == {k: (2, c, 19, 21) for k, c in OUTS.items()}
+        net.merge([0, 2], survivor=0)  # seg and normal on branch 0
+        after = net(x)
+        assert torch.equal(after["seg"], before["seg"]) and not torch.allclose(after["normal"], before["normal"])
+        shared = net.shared_features(x)
+        assert torch.allclose(after["normal"], net.heads(net.branch(shared, 0), 2, size=(19, 21)))
 
 
 def test_size_is_per_pass_not_state_and_follows_copies():
