@@ -217,10 +217,14 @@ def bundle_command(files: Sequence[str], root: Path, overrides: dict[str, Any], 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # OpenMP threads that spin-wait between calls stall each other on a shared machine (one forward
-    # 0.26-3.1 s with 2 threads, docs/performance.md); libgomp reads the policy once, when torch loads
-    # it, so it goes in the environment before anything here imports torch (and into the child jobs)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # the OpenMP wait policy and the allocator setting (mtl_med.runtime) act only from the environment a
+    # process starts with: the command re-executes itself once with them (the child jobs inherit them)
+    from mtl_med.runtime import reexec_tuned
+
+    if argv is None:
+        reexec_tuned(["-m", "mtl_med.cli", *sys.argv[1:]])
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.job == "prepare":
         rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
-
-import torch
 
 log = logging.getLogger("mtl_med.demo")
 
@@ -23,6 +22,12 @@ DEMO_SEED = 1000  # phantom seed outside the demo training set (seed 0, cases 0.
 
 
 def main(argv=None) -> int:
+    if argv is None:  # the allocator and OpenMP settings act only from the start (mtl_med.runtime)
+        from mtl_med.runtime import reexec_tuned
+
+        reexec_tuned(["-m", "mtl_med.demo", *sys.argv[1:]])
+    import torch
+
     parser = argparse.ArgumentParser(prog="python -m mtl_med.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     parser.add_argument("--num-samples", type=int, default=50, help="posterior samples (section 5.2: 50)")
