@@ -52,7 +52,8 @@ def settings(args) -> dict:
                     head_hidden=args.head_hidden, batch_size=args.batch_size, warmup_epochs=args.warmup_epochs,
                     policy_epochs=args.policy_epochs)
     # AdaShare NYU v2 3-task: ResNet-34 (16 blocks), 321 x 321 crops, 20,000 iterations, lr 0.001, Table 7 weights
-    return dict(data_root=args.data_root, dataset="adashare_nyuv2", val_split="test", backbone="resnet34", width=1.0,
+    # AdaShare selects and reports on the test split (its code has no other held-out NYU v2 split)
+    return dict(data_root=args.data_root, dataset="adashare_nyuv2", val_split="test", eval_split="test", backbone="resnet34", width=1.0,
                 head_hidden=256, crop_size=[321, 321], batch_size=16, val_batch_size=8, epoch_length=1000, max_epochs=20,
                 patience=args.patience, search_iterations=20000, adashare_compat=args.adashare_compat,
                 **{"network_def#conv1_t_size": 7, "network_def#conv1_t_stride": 2, "network_def#no_max_pool": False})
@@ -74,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--policy-epochs", type=int, default=15)
     p.add_argument("--budget-fraction", type=float, default=0.5, help="Branched MTN's budget between hard sharing (0) and single-task (1)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    p.add_argument("--set", nargs="+", default=[], metavar="ID=JSON", help="bundle config overrides after the mode's own, "
+                   "e.g. --set epoch_length=1 batch_size=2 (a value that is not JSON is a string)")
     p.add_argument("--gpu", action="store_true", help="AdaShare's NYU v2 3-task set-up on a local copy")
     p.add_argument("--adashare-compat", action="store_true", help="AdaShare's metric variants")
     args = p.parse_args(argv)
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
     if "single_task" in variants:  # the delta-m baseline first
         variants.remove("single_task")
         variants.insert(0, "single_task")
-    base = settings(args)
+    base = {**settings(args), **overrides(args.set)}
     results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
     for seed in args.seeds:
         for v in variants:
@@ -112,6 +115,19 @@ def main(argv=None) -> int:
     (args.out / "table.md").write_text(table(results) + "\n")
     print(table(results))
     return 0
+
+
+def overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set needs ID=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def save(out: Path, key: str, record: dict) -> None:

@@ -1,0 +1,59 @@
+"""benchmarks/dense_scenes.py's --gpu mode (AdaShare's NYU v2 3-task set-up) on a miniature copy of AdaShare's
+json layout: it builds ResNet-34 with the 7x7 stride-2 stem and max-pool, crops 321 x 321, trains, and
+evaluates on the test split, end to end (two images, one iteration: the path, not the numbers)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_scenes.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("dense_scenes", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nyu_copy(root: Path, n=2, h=40, w=48):
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        files = {"img": (rng.integers(0, 255, (h, w, 3))).astype(np.uint8), "seg": rng.integers(0, 40, (h, w)).astype(np.uint8),
+                 "normal_mask": np.dstack([np.full((h, w), 127), np.full((h, w), 127), np.full((h, w), 255)]).astype(np.uint8)}
+        for folder, arr in files.items():
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(root / folder / f"{i:04d}.png")
+        (root / "depth").mkdir(exist_ok=True)
+        np.save(root / "depth" / f"{i:04d}.npy", rng.uniform(1, 5, (h, w)).astype(np.float32))
+        entries.append([f"img/{i:04d}.png", f"seg/{i:04d}.png", f"normal_mask/{i:04d}.png", f"depth/{i:04d}.npy"])
+    (root / "nyu_v2_3task.json").write_text(json.dumps({"train": entries, "test": entries}))
+
+
+def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path):
+    bench = _bench()
+    _nyu_copy(tmp_path / "nyu")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--gpu", "--data-root", str(tmp_path / "nyu"), "--out", str(tmp_path / "out"), "--variants", "hard_sharing",
+                           "--seeds", "0", "--set", "epoch_length=1", "max_epochs=1", "batch_size=2", "val_batch_size=2",
+                           "val_epoch_length=1"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    r = json.loads((tmp_path / "out" / "results.json").read_text())["hard_sharing/seed0"]
+    assert r["epochs"] == 1 and set(r["tasks"]) == {"seg", "depth", "normal"}
+    m = json.loads((tmp_path / "out" / "hard_sharing" / "seed0" / "eval" / "metrics.json").read_text())
+    assert m["split"] == "test" and m["backbone"] == "resnet34" and m["dataset"] == "adashare_nyuv2"
+    from mtl_med.networks import build_network
+
+    # the 16 basic blocks of ResNet-34 at full width (AdaShare's NYU v2 backbone), 7x7 stride-2 stem, max-pool
+    net = build_network("resnet34", "hard_sharing", ["seg", "depth", "normal"], [40, 1, 3], head="aspp", head_hidden=256,
+                        conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)
+    assert r["parameters"] == sum(p.numel() for p in net.parameters())
+    assert (tmp_path / "out" / "table.md").read_text().count("| hard_sharing |") == 1
