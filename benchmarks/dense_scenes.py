@@ -32,7 +32,9 @@ import numpy as np
 import torch
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "dense_multitask"
-VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "adashare", "branched", "selective_sharing")
+#: hard_sharing_highresnet: SFG's reference, hard sharing on SFG's backbone, width and batch-norm mode
+VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg", "hard_sharing_highresnet", "adashare", "branched",
+            "selective_sharing")
 
 
 def run(configs, root, **overrides):
