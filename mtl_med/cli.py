@@ -216,15 +216,19 @@ def bundle_command(files: Sequence[str], root: Path, overrides: dict[str, Any], 
     return cmd
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # the OpenMP wait policy and the allocator setting (mtl_med.runtime) act only from the environment a
-    # process starts with: the command re-executes itself once with them (the child jobs inherit them)
+def console() -> int:
+    """The ``mtl-med`` command: the OpenMP wait policy and the allocator setting (:mod:`mtl_med.runtime`) act
+    only from the environment a process starts with, so it re-executes itself once with them (its child jobs
+    inherit them), then runs :func:`main`."""
     from mtl_med.runtime import reexec_tuned
 
-    if argv is None:
-        reexec_tuned(["-m", "mtl_med.cli", *sys.argv[1:]])
-    else:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    reexec_tuned(["-m", "mtl_med.cli", *sys.argv[1:]])
+    return main()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # libgomp reads the wait policy when torch loads it: in the environment before anything here imports torch
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.job == "prepare":
         rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
@@ -256,4 +260,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -22,10 +22,6 @@ DEMO_SEED = 1000  # phantom seed outside the demo training set (seed 0, cases 0.
 
 
 def main(argv=None) -> int:
-    if argv is None:  # the allocator and OpenMP settings act only from the start (mtl_med.runtime)
-        from mtl_med.runtime import reexec_tuned
-
-        reexec_tuned(["-m", "mtl_med.demo", *sys.argv[1:]])
     import torch
 
     parser = argparse.ArgumentParser(prog="python -m mtl_med.demo", description=__doc__.splitlines()[0])
@@ -74,4 +70,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from mtl_med.runtime import reexec_tuned
+
+    reexec_tuned(["-m", "mtl_med.demo", *sys.argv[1:]])  # the allocator and OpenMP settings act only from the start
     raise SystemExit(main())

@@ -42,7 +42,7 @@ def env(tmp_path_factory):
 
 def test_console_script_is_declared():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert meta["project"]["scripts"]["mtl-med"] == "mtl_med.cli:main"
+    assert meta["project"]["scripts"]["mtl-med"] == "mtl_med.cli:console"
 
 
 @pytest.mark.parametrize("job, ids", [
