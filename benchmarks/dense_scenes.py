@@ -133,14 +133,18 @@ def overrides(pairs) -> dict:
 
 
 def save(out: Path, key: str, record: dict) -> None:
-    """Add one run to ``out/results.json``, re-read first: one process per seed can share ``out``."""
+    """Add one run to ``out/results.json`` under a lock, re-read first: one process per seed can share ``out``."""
+    import fcntl
+
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[key] = record
-    tmp = out / f".results.{os.getpid()}.json"
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, path)
+    with open(out / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        results[key] = record
+        tmp = out / f".results.{os.getpid()}.json"
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 def table(results: dict) -> str:
