@@ -9,6 +9,12 @@ split is the test set: early stopping and checkpoint selection see only the firs
     python -m data_prep.synthetic_scenes --out test_scenes --n 1 --val 100 --size 32 32 --seed 1
     python benchmarks/dense_scenes.py --data-root scenes --test-root test_scenes --out runs/dense_bench --seeds 0 1 2
 
+A run that reaches ``--max-epochs`` while still improving (early stopping has not fired) can be continued to a
+higher cap without starting again: ``--extend`` with the same arguments and the new ``--max-epochs`` picks up each such
+run from its final checkpoint (weights, Adam state, epoch, early-stopping count and best validation score)::
+
+    python benchmarks/dense_scenes.py --data-root scenes --test-root test_scenes --out runs/dense_bench --max-epochs 100 --extend
+
 GPU, AdaShare's NYU v2 3-task set-up (section 4 and appendix A: ResNet-34, 321 x 321 crops, 20,000 iterations,
 Table 7's weights and learning rate) on a local copy of AdaShare's ``nyu_v2_3task.json`` layout::
 
@@ -37,12 +43,14 @@ VARIANTS = ("hard_sharing", "single_task", "cross_stitch", "task_routing", "sfg"
             "selective_sharing")
 
 
-def run(configs, root, **overrides):
+def run(configs, root, before_run=None, **overrides):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / c) for c in configs], meta_file=str(BUNDLE / "configs" / "metadata.json"),
                         logging_file=False, workflow_type=None, bundle_root=str(root), **overrides)
     wf.initialize()
+    if before_run is not None:
+        before_run(wf)
     wf.run()
     wf.finalize()
     return wf
@@ -79,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--set", nargs="+", default=[], metavar="ID=JSON", help="bundle config overrides after the mode's own, "
                    "e.g. --set epoch_length=1 batch_size=2 (a value that is not JSON is a string)")
+    p.add_argument("--extend", action="store_true", help="continue the runs in --out that reached their epoch cap "
+                   "still improving, up to --max-epochs, instead of training new ones")
     p.add_argument("--gpu", action="store_true", help="AdaShare's NYU v2 3-task set-up on a local copy")
     p.add_argument("--adashare-compat", action="store_true", help="AdaShare's metric variants")
     args = p.parse_args(argv)
@@ -93,30 +103,85 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for v in variants:
             key = f"{v}/seed{seed}"
+            root = args.out / v / f"seed{seed}"
+            if args.extend:
+                if key in results and capped(results[key], args):
+                    evaluate_and_save(args, base, key, root, v, seed, extend(root, results[key], base))
+                continue
             if key in results:
                 continue
-            root = args.out / v / f"seed{seed}"
             t0 = time.perf_counter()
             if v == "branched":  # stage 1: single-task encoders (same recipe, early stopping), affinity, the tree
                 run(["train.json", "affinity.json"], root, seed=seed, budget_fraction=args.budget_fraction,
                     encoder_config=[str(BUNDLE / "configs" / c) for c in ("train.json", "early_stopping.json")],
                     **{"branched_search#overrides#patience": args.patience}, **base)
             wf = run(["train.json", f"variants/{v}.json", "early_stopping.json"], root, seed=seed, **base)
-            train_s = time.perf_counter() - t0
-            epochs = int(wf.parser.get_parsed_content("train#trainer").state.epoch)
-            baseline = args.out / "single_task" / f"seed{seed}" / "eval" / "metrics.json"
-            run(["train.json", f"variants/{v}.json", "evaluate.json"], root, seed=seed,
-                baseline_file=str(baseline) if baseline.is_file() and v != "single_task" else None,
-                **{**base, "data_root": args.test_root or base["data_root"]})
-            m = json.loads((root / "eval" / "metrics.json").read_text())
-            results[key] = {"variant": v, "seed": seed, "train_s": train_s, "epochs": epochs, "parameters": m["parameters"],
-                            "tasks": m["tasks"], "delta_m": m["delta_m"], "score": m["score"]}
-            save(args.out, key, results[key])
-            print(f"{key}: {train_s:.0f} s, {epochs} epochs, score {m['score']:.4f}, delta_m {m['delta_m']}", flush=True)
+            evaluate_and_save(args, base, key, root, v, seed, {"train_s": time.perf_counter() - t0, **progress(wf, base)})
     results = json.loads((args.out / "results.json").read_text())
     (args.out / "table.md").write_text(table(results) + "\n")
     print(table(results))
     return 0
+
+
+def progress(wf, base) -> dict:
+    """What a later --extend needs: epochs run, the cap, the best validation score and its epoch."""
+    get = wf.parser.get_parsed_content
+    trainer, evaluator = get("train#trainer"), get("validate#evaluator")
+    return {"epochs": int(trainer.state.epoch), "max_epochs": int(base["max_epochs"]),
+            "best_val": float(evaluator.state.best_metric), "best_epoch": int(evaluator.state.best_metric_epoch)}
+
+
+def capped(record: dict, args) -> bool:
+    """The run hit its epoch cap while early stopping had not fired, and the new cap is higher."""
+    if record["epochs"] < record["max_epochs"] or record["epochs"] >= args.max_epochs:
+        return False
+    if "best_epoch" not in record:
+        raise SystemExit(f"--extend: {record['variant']}/seed{record['seed']} has no best_val/best_epoch in results.json")
+    return record["epochs"] - record["best_epoch"] < args.patience
+
+
+def extend(root: Path, record: dict, base: dict) -> dict:
+    """Continue a capped run as if its cap had been higher: the final checkpoint's weights and Adam state (the learning
+    rate is constant), the trainer's epoch, early stopping's best score and count, the evaluator's best and the best
+    checkpoint's score all carry over, so only a better validation score replaces ``model.pt``. The data order and the
+    sampling draws after the restart differ from an uninterrupted run's (the loader's generator restarts at the seed)."""
+    from monai.handlers import CheckpointSaver
+
+    def restore(wf):
+        get = wf.parser.get_parsed_content
+        trainer, evaluator = get("train#trainer"), get("validate#evaluator")
+        state = torch.load(root / "models" / "model_final.pt", map_location=trainer.state.device, weights_only=True)
+        get("network").load_state_dict(state["model"])
+        get("optimizer").load_state_dict(state["optimizer"])
+        trainer.state.epoch = record["epochs"]
+        trainer.state.iteration = record["epochs"] * trainer.state.epoch_length
+        evaluator.state.best_metric, evaluator.state.best_metric_epoch = record["best_val"], record["best_epoch"]
+        stop = get("early_stop")._handler
+        stop.best_score, stop.counter = record["best_val"], record["epochs"] - record["best_epoch"]
+        best = [h for h in get("validate#handlers") if isinstance(h, CheckpointSaver) and h._key_metric_checkpoint is not None]
+        best[0].load_state_dict({"_saved": [(record["best_val"], "model.pt")]})
+
+    print(f"{record['variant']}/seed{record['seed']}: continuing from epoch {record['epochs']} (best {record['best_val']:.4f} "
+          f"at {record['best_epoch']}) up to {base['max_epochs']}", flush=True)
+    t0 = time.perf_counter()
+    # AdaShare's policy (and its fixed mode) is in the checkpoint: re-train only, no second search
+    again = {"run": ["$@train#trainer.run()"]} if record["variant"] == "adashare" else {}
+    wf = run(["train.json", f"variants/{record['variant']}.json", "early_stopping.json"], root, before_run=restore,
+             seed=record["seed"], **base, **again)
+    return {"train_s": record["train_s"] + time.perf_counter() - t0, "continued_from": record["epochs"], **progress(wf, base)}
+
+
+def evaluate_and_save(args, base, key, root, v, seed, progress_record) -> None:
+    """Test-set metrics of the best checkpoint (delta-m against the same seed's single-task networks), saved."""
+    baseline = args.out / "single_task" / f"seed{seed}" / "eval" / "metrics.json"
+    run(["train.json", f"variants/{v}.json", "evaluate.json"], root, seed=seed,
+        baseline_file=str(baseline) if baseline.is_file() and v != "single_task" else None,
+        **{**base, "data_root": args.test_root or base["data_root"]})
+    m = json.loads((root / "eval" / "metrics.json").read_text())
+    record = {"variant": v, "seed": seed, **progress_record, "parameters": m["parameters"], "tasks": m["tasks"],
+              "delta_m": m["delta_m"], "score": m["score"]}
+    save(args.out, key, record)
+    print(f"{key}: {record['train_s']:.0f} s, {record['epochs']} epochs, score {m['score']:.4f}, delta_m {m['delta_m']}", flush=True)
 
 
 def overrides(pairs) -> dict:

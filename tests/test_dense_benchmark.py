@@ -57,3 +57,36 @@ def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path):
                         conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)
     assert r["parameters"] == sum(p.numel() for p in net.parameters())
     assert (tmp_path / "out" / "table.md").read_text().count("| hard_sharing |") == 1
+
+
+def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_state(tmp_path):
+    """--extend picks a run up where its epoch cap stopped it: Adam's step count carries on (weights and optimizer
+    restored, not re-initialised), the epoch count and the best-score bookkeeping continue, and a run whose early
+    stopping had already fired is left alone."""
+    from data_prep.synthetic_scenes import generate
+
+    bench = _bench()
+    generate(tmp_path / "scenes", 4, 2, seed=0, height=32, width=32)
+    common = ["--data-root", str(tmp_path / "scenes"), "--out", str(tmp_path / "out"), "--variants", "hard_sharing", "--seeds", "0",
+              "--width", "0.125", "--head-hidden", "8", "--set", "epoch_length=1", "batch_size=2", "val_batch_size=2"]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(common + ["--max-epochs", "2"]) == 0
+        first = json.loads((tmp_path / "out" / "results.json").read_text())["hard_sharing/seed0"]
+        assert first["epochs"] == first["max_epochs"] == 2 and 1 <= first["best_epoch"] <= 2
+        assert bench.main(common + ["--max-epochs", "3", "--extend"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    r = json.loads((tmp_path / "out" / "results.json").read_text())["hard_sharing/seed0"]
+    assert r["epochs"] == r["max_epochs"] == 3 and r["continued_from"] == 2 and r["train_s"] > first["train_s"]
+    assert r["best_val"] >= first["best_val"] and r["best_epoch"] in (first["best_epoch"], 3)
+    adam = torch.load(tmp_path / "out" / "hard_sharing" / "seed0" / "models" / "model_final.pt", weights_only=True)["optimizer"]
+    assert {int(s["step"]) for s in adam["state"].values()} == {3}  # one step per epoch, counted from the first run
+
+    class Args:
+        patience, max_epochs = 5, 100
+
+    assert bench.capped({"variant": "v", "seed": 0, "epochs": 40, "max_epochs": 40, "best_epoch": 38}, Args)
+    assert not bench.capped({"variant": "v", "seed": 0, "epochs": 40, "max_epochs": 40, "best_epoch": 35}, Args)  # stopped
+    assert not bench.capped({"variant": "v", "seed": 0, "epochs": 19, "max_epochs": 40, "best_epoch": 14}, Args)
