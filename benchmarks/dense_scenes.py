@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         for v in variants:
             key = f"{v}/seed{seed}"
             root = args.out / v / f"seed{seed}"
-            if args.extend:
+            if args.extend:  # re-read: another process may have extended this run meanwhile
+                results = json.loads((args.out / "results.json").read_text()) if (args.out / "results.json").is_file() else {}
                 if key in results and capped(results[key], args):
                     evaluate_and_save(args, base, key, root, v, seed, extend(root, results[key], base))
                 continue
