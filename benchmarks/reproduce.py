@@ -35,8 +35,8 @@ FINDINGS = {
            ["--methods", *TR_CURVE, "--bn_protocols", "batch"]),
     # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
     "adashare": ("adashare_digits.py", [0, 1, 2],
-                 ["--random", "1", "--warmup_epochs", "3", "--policy_epochs", "12", "--policy_lr", "0.1", "--tau_final", "0.01",
-                  "--image_size", "8", "--max_epochs", "12", "--patience", "4"],
+                 ["--random", "2", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8", "--max_epochs", "100",
+                  "--patience", "15"],
                  ["--random", "8", "--max_epochs", "100", "--patience", "15"]),
     # Branched MTN: affinity falls with depth (fig. 2a); searched vs random trees
     "branched": ("branched_digits.py", None, [], ["--max_epochs", "100", "--patience", "15"]),
