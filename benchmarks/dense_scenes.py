@@ -148,10 +148,14 @@ def extend(root: Path, record: dict, base: dict) -> dict:
     sampling draws after the restart differ from an uninterrupted run's (the loader's generator restarts at the seed)."""
     from monai.handlers import CheckpointSaver
 
+    final = root / "models" / "model_final.pt"
+    if not final.is_file():
+        raise SystemExit(f"--extend: {final} is missing; {record['variant']}/seed{record['seed']} cannot be continued")
+
     def restore(wf):
         get = wf.parser.get_parsed_content
         trainer, evaluator = get("train#trainer"), get("validate#evaluator")
-        state = torch.load(root / "models" / "model_final.pt", map_location=trainer.state.device, weights_only=True)
+        state = torch.load(final, map_location=trainer.state.device, weights_only=True)
         get("network").load_state_dict(state["model"])
         get("optimizer").load_state_dict(state["optimizer"])
         trainer.state.epoch = record["epochs"]

@@ -90,3 +90,12 @@ def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_sta
     assert bench.capped({"variant": "v", "seed": 0, "epochs": 40, "max_epochs": 40, "best_epoch": 38}, Args)
     assert not bench.capped({"variant": "v", "seed": 0, "epochs": 40, "max_epochs": 40, "best_epoch": 35}, Args)  # stopped
     assert not bench.capped({"variant": "v", "seed": 0, "epochs": 19, "max_epochs": 40, "best_epoch": 14}, Args)
+
+
+def test_extend_names_a_missing_final_checkpoint(tmp_path):
+    bench = _bench()
+    record = {"variant": "sfg", "seed": 0, "epochs": 40, "max_epochs": 40, "best_val": 0.5, "best_epoch": 39, "train_s": 1.0}
+    import pytest
+
+    with pytest.raises(SystemExit, match="model_final.pt is missing"):
+        bench.extend(tmp_path / "sfg" / "seed0", record, {"max_epochs": 100})
