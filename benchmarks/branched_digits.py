@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vision_digits import BUNDLE, run_bundle
+from vision_digits import BUNDLE, data_overrides, describe, run_bundle
 
 from mtl_med.sharing.branched import canonical_tree, load_affinity, load_tree_json, save_tree_json, search_beam, tree_params
 from mtl_med.sharing.branched.trees import budget_from_fraction
@@ -64,6 +64,9 @@ def main() -> None:
     p.add_argument("--max_epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--encoder_epochs", type=int, default=20, help="epochs of each single-task network")
+    p.add_argument("--dataset", default="digits", choices=["digits", "placed_digits"],
+                   help="placed_digits: the digits at a random place of a 16x16 canvas, with --tasks mixing where and what")
+    p.add_argument("--tasks", nargs="+", default=None, help="placed_digits' tasks (binary ones: left top odd large)")
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--width", type=float, default=0.15625)
     p.add_argument("--affinity_images", type=int, default=250, help="K held-out images (the validation split has 270)")
@@ -74,10 +77,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="branched_digits_"))
-    common = dict(image_size=args.image_size, width=args.width, batch_size=64)
+    common = dict(image_size=args.image_size, width=args.width, batch_size=64, **data_overrides(args))
     train = dict(common, max_epochs=args.max_epochs, patience=args.patience)
 
-    # stage 1: ten single-task networks (seed 0), affinity, the tree at the middle budget
+    # stage 1: one single-task network per task (seed 0), affinity, the tree at the middle budget
     aff_root = root / "affinity_stage"
     cpu0 = time.process_time()
     # encoders train for a fixed number of epochs: the validation score averages every task's head,
@@ -89,8 +92,8 @@ def main() -> None:
     run_bundle(["train.json", "affinity.json"], aff_root, seed=0, affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
                encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
     search_cpu = time.process_time() - cpu0
-    encoder_cpu = (stage_cpu - search_cpu) / 10
     record = load_tree_json(aff_root / "affinity" / "tree.json")
+    encoder_cpu = (stage_cpu - search_cpu) / len(record["task_names"])
     a = load_affinity(aff_root / "affinity" / "affinity.npz")
     tasks = list(record["task_names"])
     off = ~np.eye(len(tasks), dtype=bool)
@@ -139,7 +142,7 @@ def main() -> None:
                 record_run(f"{kind} tree @{f}", seed, test_accuracy(run_dir, configs, seed=seed, tree_file=str(tree_file), **common),
                            tree_params(cfg, block, fixed))
 
-    print(f"\nDigits, 10 one-vs-all tasks; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; early stopping "
+    print(f"\n{describe(args)}; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; early stopping "
           f"(patience {args.patience}, cap {args.max_epochs}); seeds {args.seeds}; single-task networks: seed 0 only")
     print("| model | mean accuracy (mean ± std) | parameters |")
     print("| --- | --- | --- |")

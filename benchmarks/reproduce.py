@@ -24,6 +24,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TR_CURVE = [f"tr_sigma{s}" for s in ("0", "0.2", "0.4", "0.6", "0.8", "1")] + [f"tr_knockout{s}" for s in ("0.2", "0.5", "0.8")]
+#: tasks that compete: two "where" and two "what" questions about a digit placed on a 16x16 canvas
+WHERE_WHAT = ["--dataset", "placed_digits", "--tasks", "left", "top", "odd", "large", "--width", "0.25"]
+TR_CURVE_WW = [f"tr_sigma{s}" for s in ("0", "0.25", "0.5", "0.75", "1")] + [f"tr_knockout{s}" for s in ("0.25", "0.5", "0.75")]
 
 #: finding -> (script, seeds, CPU-sized arguments, the papers' schedules for --full)
 FINDINGS = {
@@ -33,6 +36,13 @@ FINDINGS = {
     # Task Routing: the sigma curve in both conventions (the paper's text and the authors' code)
     "tr": ("vision_digits.py", [0, 1, 2], ["--methods", *TR_CURVE, "--bn_protocols", "batch", "--image_size", "8", "--max_epochs", "20", "--patience", "5"],
            ["--methods", *TR_CURVE, "--bn_protocols", "batch"]),
+    # the same two findings on tasks that compete (where and what), to test the ceiling explanation
+    "tr_where_what": ("vision_digits.py", [0, 1, 2],
+                      [*WHERE_WHAT, "--methods", *TR_CURVE_WW, "--bn_protocols", "batch", "--max_epochs", "30", "--patience", "6",
+                       "--tr_epoch_factor", "4"],
+                      [*WHERE_WHAT, "--methods", *TR_CURVE_WW, "--bn_protocols", "batch", "--tr_epoch_factor", "4"]),
+    "branched_where_what": ("branched_digits.py", None, [*WHERE_WHAT, "--max_epochs", "30", "--patience", "6", "--fractions", "0.25", "0.5"],
+                            [*WHERE_WHAT, "--max_epochs", "100", "--patience", "15"]),
     # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
     "adashare": ("adashare_digits.py", [0, 1, 2],
                  ["--random", "2", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8", "--max_epochs", "100",
@@ -63,8 +73,8 @@ def commands(name: str, full: bool, out: Path) -> tuple[list[list[str]], list[st
         runs = [r[:-4] + ["--experiments", "unrelated", "duplicate"] + r[-4:] for r in runs]
         runs.append(base + ["--experiments", "init", "--inits", "task_specific", "dirichlet", "constant_mask", "--json", str(out / "sfg_init.json")])
     merge = [sys.executable, str(HERE / script), "--merge", *(r[-1] for r in runs)]
-    if name in ("sfg", "tr"):
-        merge += ["--figure", str(out / ("sfg_groupings.png" if name == "sfg" else "tr_sigma_curve.png"))]
+    if name in ("sfg", "tr", "tr_where_what"):
+        merge += ["--figure", str(out / {"sfg": "sfg_groupings.png", "tr": "tr_sigma_curve.png"}.get(name, f"{name}.png"))]
     return runs, merge
 
 

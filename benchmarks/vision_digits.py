@@ -85,6 +85,9 @@ def main() -> None:
     p.add_argument("--tr_epoch_factor", type=int, default=5, help="TR trains one task per mini-batch (alg. 1): cap and patience are this many times larger")
     p.add_argument("--warmup_epochs", type=int, default=None, help="AdaShare warm-up epochs (default: the variant's)")
     p.add_argument("--policy_epochs", type=int, default=None, help="AdaShare policy epochs (default: the variant's)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "placed_digits"],
+                   help="placed_digits: the digits at a random place of a 16x16 canvas, with --tasks mixing where and what")
+    p.add_argument("--tasks", nargs="+", default=None, help="placed_digits' tasks (binary ones: left top odd large)")
     p.add_argument("--image_size", type=int, default=16)
     p.add_argument("--width", type=float, default=0.15625, help="VGG width multiplier (10 first-layer kernels: one per task for single-task)")
     p.add_argument("--adashare_width", type=float, default=0.125)
@@ -105,7 +108,7 @@ def main() -> None:
                 results.setdefault(m, {}).update(by_seed)
         print_table(results, argparse.Namespace(**{**runs[0]["args"], "seeds": sorted({s for r in runs for s in r["args"]["seeds"]})}))
         if args.figure:
-            sigma_figure(results, args.figure)
+            sigma_figure(results, args.figure, describe(argparse.Namespace(**runs[0]["args"])))
         return
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)  # the bundle logs every iteration; keep the table readable
@@ -124,11 +127,24 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
+def data_overrides(args: argparse.Namespace) -> dict:
+    """The bundle's ``dataset`` and ``dataset_kwargs`` for ``--dataset`` / ``--tasks``."""
+    if getattr(args, "dataset", "digits") == "digits":
+        return {}
+    return {"dataset": args.dataset, "dataset_kwargs": {"tasks": args.tasks} if args.tasks else {}}
+
+
+def describe(args: argparse.Namespace) -> str:
+    if getattr(args, "dataset", "digits") == "digits":
+        return "Digits, 10 one-vs-all tasks"
+    return f"Placed digits, tasks {' '.join(args.tasks or ['column', 'odd'])}"
+
+
 def train_and_test(m: str, seed: int, bn: str, root: Path, args: argparse.Namespace) -> dict:
     """One method and seed under one batch-norm protocol: train with early stopping, test the best checkpoint."""
     run_dir = root / f"{m}_seed{seed}"
     configs = ["train.json"] if m in PLAIN else ["train.json", f"variants/{m}.json"]
-    common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size, bn_inference=bn)
+    common = dict(seed=seed, image_size=args.image_size, batch_size=args.batch_size, bn_inference=bn, **data_overrides(args))
     sweep = TR_SWEEP.match(m)
     if sweep:  # the shipped variant of the convention, at this sigma
         configs[1] = "variants/" + ("tr_sigma0.4.json" if sweep.group(1) == "sigma" else "tr_knockout0.5.json")
@@ -152,7 +168,7 @@ def train_and_test(m: str, seed: int, bn: str, root: Path, args: argparse.Namesp
     return {"accuracy": summary["mean_accuracy"], "delta_m": dm, "cpu_s": cpu, "wall_s": wall, **epochs}
 
 
-def sigma_figure(results: dict[str, dict], path: str) -> None:
+def sigma_figure(results: dict[str, dict], path: str, title: str = "digits") -> None:
     """Accuracy against sigma for the paper's convention (a fraction sigma of the units shared, the rest
     split among the tasks) and 1 - sigma for the authors' knockout convention, so that 1 is every unit
     shared (hard sharing trained one task per mini-batch) in both."""
@@ -174,7 +190,7 @@ def sigma_figure(results: dict[str, dict], path: str) -> None:
             ax.errorbar(x if kind == "sigma" else 1 - x, y, yerr=e, marker="o", capsize=3, label=label)
     ax.set_xlabel("sigma (paper) / 1 - sigma (knockout): 1 = every unit shared")
     ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title("Task Routing on digits (mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"Task Routing: {title} (mean ± std over seeds)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -185,7 +201,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
     """The Markdown table of the bundle README: one row per method, statistics over seeds."""
     refs = [r["cpu_s"] for k, v in results.items() if k.startswith("hard_sharing [") for r in v.values()]
     ref = np.mean(refs) if refs else float("nan")
-    print(f"\nDigits, 10 one-vs-all tasks; {len(args.seeds)} seeds; image {args.image_size}x{args.image_size}; VGG-11 width x{args.width}, "
+    print(f"\n{describe(args)}; {len(args.seeds)} seeds; image {args.image_size}x{args.image_size}; VGG-11 width x{args.width}, "
           f"ResNet-18 width x{args.adashare_width}; early stopping: patience {args.patience} epochs, cap {args.max_epochs} "
           f"(TR x{args.tr_epoch_factor}; AdaShare {args.warmup_epochs or 'default'} warm-up + {args.policy_epochs or 'default'} policy epochs before re-training); {args.threads} thread(s)")
     print(f"| {'method':14s} | mean accuracy (mean ± std) | delta-m vs single-task | epochs run (best) | training CPU time vs hard sharing |")

@@ -262,6 +262,9 @@ PLACED_TASKS = {
     "row": ("regression", lambda d, c, r, m: r / m),
     "odd": ("binary", lambda d, c, r, m: d % 2),
     "large": ("binary", lambda d, c, r, m: (d >= 5).astype(np.int64)),
+    # where as a yes/no question, so a set of "where" and "what" tasks shares one accuracy metric
+    "left": ("binary", lambda d, c, r, m: (2 * c < m).astype(np.int64)),
+    "top": ("binary", lambda d, c, r, m: (2 * r < m).astype(np.int64)),
 }
 
 
@@ -279,7 +282,8 @@ def load_placed_digits(
     equivariant, what it is translation invariant).
 
     ``tasks`` picks from :data:`PLACED_TASKS` (``column``/``row``: the offset divided by the largest
-    offset, in [0, 1]; ``odd``, ``large``: binary); ``"name_k"`` is a duplicate of ``name`` (SFG
+    offset, in [0, 1]; ``left``/``top``: whether that offset is below half the largest; ``odd``,
+    ``large``: binary); ``"name_k"`` is a duplicate of ``name`` (SFG
     appendix E trains two copies of one task). Offsets are drawn once per image (seed 1234 +
     ``seed``), so the splits agree."""
     from sklearn.datasets import load_digits

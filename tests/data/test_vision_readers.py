@@ -71,6 +71,15 @@ def test_placed_digits_pair_targets_follow_where_and_what_the_digit_is():
     with pytest.raises(ValueError, match="distinct names"):
         load_placed_digits(tasks=["colour"])
 
+
+def test_placed_digits_where_as_yes_no_agrees_with_the_offsets():
+    ds = load_placed_digits("val", seed=1, tasks=["column", "row", "left", "top"], canvas=16)
+    assert set(ds.task_types.values()) == {"regression", "binary"} and ds.task_types["left"] == "binary"
+    col, row = (torch.stack([ds[i]["targets"][t] for i in range(len(ds))]) for t in ("column", "row"))
+    left, top = (torch.stack([ds[i]["targets"][t] for i in range(len(ds))]) for t in ("left", "top"))
+    assert torch.equal(left, (col < 0.5).long()) and torch.equal(top, (row < 0.5).long())
+    assert 0.3 < left.float().mean() < 0.6 and 0.3 < top.float().mean() < 0.6  # both answers occur
+
 # --- UTKFace -----------------------------------------------------------------------------------
 
 
