@@ -190,7 +190,7 @@ def sigma_figure(results: dict[str, dict], path: str, title: str = "digits") -> 
             ax.errorbar(x if kind == "sigma" else 1 - x, y, yerr=e, marker="o", capsize=3, label=label)
     ax.set_xlabel("sigma (paper) / 1 - sigma (knockout): 1 = every unit shared")
     ax.set_ylabel("mean test accuracy (%)")
-    ax.set_title(f"Task Routing: {title} (mean ± std over seeds)", fontsize=9)
+    ax.set_title(f"Task Routing: {title}\n(mean ± std over seeds)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
