@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vision_digits import BUNDLE, data_overrides, describe, run_bundle
+from vision_digits import BUNDLE, check_data, data_overrides, describe, run_bundle
 
 from mtl_med.sharing.branched import canonical_tree, load_affinity, load_tree_json, save_tree_json, search_beam, tree_params
 from mtl_med.sharing.branched.trees import budget_from_fraction
@@ -74,6 +74,7 @@ def main() -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args()
+    check_data(p, args)
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="branched_digits_"))

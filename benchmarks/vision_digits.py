@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files (e.g. one process per seed) and exit")
     p.add_argument("--figure", default=None, help="with --merge: draw the Task Routing sigma curve of both conventions to this PNG")
     args = p.parse_args()
+    check_data(p, args)
     if args.merge:
         runs = [json.loads(Path(f).read_text()) for f in args.merge]
         results: dict[str, dict] = {}
@@ -132,6 +133,19 @@ def data_overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "dataset", "digits") == "digits":
         return {}
     return {"dataset": args.dataset, "dataset_kwargs": {"tasks": args.tasks} if args.tasks else {}}
+
+
+def check_data(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line, before anything runs, for ``--tasks`` the data does not have."""
+    if args.tasks and args.dataset == "digits":
+        p.error("--tasks picks placed_digits' tasks: add --dataset placed_digits")
+    if args.dataset == "placed_digits" and not getattr(args, "merge", None):
+        from mtl_med.data.vision import load_placed_digits
+
+        try:
+            load_placed_digits("val", tasks=args.tasks or ("column", "odd"))
+        except ValueError as e:
+            p.error(str(e))
 
 
 def describe(args: argparse.Namespace) -> str:
