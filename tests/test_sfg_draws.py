@@ -89,3 +89,21 @@ def test_bundle_sampler_records_every_slice_draw(result, case, pred):
     slices = pred.preprocess({"name": "c", **case})["mr"].shape[-1]
     assert s["passes"] == 2 and s["slice_draws"] == 2 * slices  # each copy of each slice, none lost
     assert 0 <= s["far_outside"] <= s["slice_draws"] and s["extreme_hu"] > 0
+
+
+def test_draws_far_outside_the_ct_range_are_reported(case, pred, caplog):
+    """A posterior sCT std above the CT range's width cannot come from draws inside the range: the case's log
+    says so (the demo weights' modal pass has std 0 and stays quiet)."""
+    name = "c"
+    data = pred.preprocess({"name": name, "mr": case["mr"]})
+    maps = pred.sample(data)
+    ours = lambda: [r for r in caplog.records if r.name == "mtl_med.inference"]  # noqa: E731
+    with caplog.at_level("WARNING", logger="mtl_med.inference"):
+        assert pred.check_posterior(name, maps) == 0.0
+        assert not ours()
+        lo, hi = pred.ct_clip
+        wild = maps["sct_std"].clone()
+        wild.view(-1)[: wild.numel() // 4] = 2 * (hi - lo)
+        assert pred.check_posterior(name, {**maps, "sct_std": wild}) == pytest.approx(0.25, abs=1e-3)
+    (rec,) = ours()
+    assert rec.levelname == "WARNING" and rec.getMessage().startswith("c: ") and "25%" in rec.getMessage()

@@ -562,6 +562,19 @@ class VolumePredictor:
             m["resampled_to_mr"] = "+".join(data["resampled_to_mr"])
         return m
 
+    def check_posterior(self, name: Any, maps: Mapping[str, torch.Tensor]) -> float:
+        """Warn when draws lie far outside the CT range: the posterior sCT standard deviation above the range's
+        width cannot come from draws inside it. A network with a confident grouping (p near 1) still makes its
+        rare draws at test time, never trained on, and one such output among S moves the mean by its excess / S
+        (docs/reproduction.md, SFG). Returns the fraction of voxels concerned."""
+        lo, hi = self.ct_clip
+        far = float((maps["sct_std"] > hi - lo).float().mean())
+        if far > 0:
+            logger.warning("%s: the synthetic CT's posterior standard deviation exceeds the CT range's width (%.0f HU) in "
+                           "%.3g%% of the voxels: some posterior draws lie far outside the CT range and pull the mean there "
+                           "(inference_mode 'argmax' gives this network's modal answer)", name, hi - lo, 100 * far)
+        return far
+
     def predict_item(self, item: Mapping[str, Any], progress: Any = None,
                      data: Mapping[str, Any] | None = None) -> tuple[dict, dict, dict, dict]:
         """(input-grid outputs as numpy, common-grid maps, metrics, preprocessed data) of one datalist item
@@ -578,6 +591,7 @@ class VolumePredictor:
                     f"up to {self.num_samples}" if adaptive else self.num_samples)
         self.sampler.reset_passes()
         maps = self.sample(data, progress)
+        self.check_posterior(item.get("name", item["mr"]), maps)
         t2 = time.perf_counter()
         out = self.to_input_grid(data, maps)
         metrics = self.metrics(data, maps, item)
