@@ -54,14 +54,13 @@ def sfg_layers(network: torch.nn.Module) -> list[tuple[str, StochasticFilterGrou
 
 
 class Scorer:
-    """One case preprocessed once; ``score(assignments)`` runs one pass of every slice with those fixed groups."""
+    """One case preprocessed once; ``maps(assignment)`` runs one pass of every slice with those fixed groups and
+    ``metrics(maps)`` scores it."""
 
     def __init__(self, predictor, item):
         self.pred, self.item = predictor, item
         self.data = predictor.preprocess(item)
         self.layers = sfg_layers(predictor.network)
-        if not self.layers:
-            raise SystemExit("the checkpoint's network has no learned SFG layer (sharing 'sfg', grouping 'sfg')")
         self.p = {n: m.probabilities.detach().cpu() for n, m in self.layers}
         self.modal = {n: p.argmax(-1) for n, p in self.p.items()}
 
@@ -206,6 +205,8 @@ def main(argv=None) -> int:
         over["landmarks_path"] = str(Path(args.landmarks).resolve())
     pred = Predictor(bundle, [str(c) for c in configs], **over)
     names = [n for n, _ in sfg_layers(pred.network)]
+    if not names:
+        ap.error("the bundle's network has no learned SFG layer (sharing 'sfg', grouping 'sfg')")
     unknown = sorted(set(args.layers or ()) - set(names))
     if unknown:
         ap.error(f"--layers {unknown}: not SFG layers of this network; it has {names}")
