@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         ap.error("--draws and --slice-draws must be >= 0")
     bundle = Path(args.bundle) if args.bundle else default_bundle()
     configs = [bundle / "configs" / "inference.json", *(args.config or [bundle / "configs" / "demo.json"])]
-    over = {"num_samples": 1, "engine": "dense", "compute_dtype": "float32", "progress": False, "device": "cpu"}
+    over = {"num_samples": 1, "engine": "auto", "compute_dtype": "float32", "progress": False, "device": "cpu"}
     if args.ckpt:
         over["ckpt_path"] = str(Path(args.ckpt).resolve())
     if args.landmarks:

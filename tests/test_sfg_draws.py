@@ -84,18 +84,22 @@ def test_unknown_layer_is_one_clear_error(tmp_path, case, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_bundle_sampler_records_every_slice_draw(result, case, pred):
+@pytest.fixture(scope="module")
+def data(case, pred):
+    return pred.preprocess({"name": "c", "mr": case["mr"]})
+
+
+def test_bundle_sampler_records_every_slice_draw(result, data):
     s = result["slice_draws"]
-    slices = pred.preprocess({"name": "c", **case})["mr"].shape[-1]
+    slices = data["mr"].shape[-1]
     assert s["passes"] == 2 and s["slice_draws"] == 2 * slices  # each copy of each slice, none lost
     assert 0 <= s["far_outside"] <= s["slice_draws"] and s["extreme_hu"] > 0
 
 
-def test_draws_far_outside_the_ct_range_are_reported(case, pred, caplog):
+def test_draws_far_outside_the_ct_range_are_reported(data, pred, caplog):
     """A posterior sCT std above the CT range's width cannot come from draws inside the range: the case's log
     says so (the demo weights' modal pass has std 0 and stays quiet)."""
     name = "c"
-    data = pred.preprocess({"name": name, "mr": case["mr"]})
     maps = pred.sample(data)
     ours = lambda: [r for r in caplog.records if r.name == "mtl_med.inference"]  # noqa: E731
     with caplog.at_level("WARNING", logger="mtl_med.inference"):
