@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom  # noqa: E402
+from mtl_med.errors import InputError  # noqa: E402
 from mtl_med.inference.bundle import Predictor, default_bundle  # noqa: E402
 from mtl_med.layers.sfg import StochasticFilterGroups  # noqa: E402
 from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK  # noqa: E402
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         ap.error("--draws and --slice-draws must be >= 0")
     bundle = Path(args.bundle) if args.bundle else default_bundle()
     configs = [bundle / "configs" / "inference.json", *(args.config or [bundle / "configs" / "demo.json"])]
-    over = {"num_samples": 1, "engine": "auto", "compute_dtype": "float32", "progress": False, "device": "cpu"}
+    over = {"num_samples": 1, "engine": "auto", "compute_dtype": "float32", "progress": False}  # the bundle's device
     if args.ckpt:
         over["ckpt_path"] = str(Path(args.ckpt).resolve())
     if args.landmarks:
@@ -222,7 +223,13 @@ def main(argv=None) -> int:
             case = args.mr
         item = {k: str(v) for k, v in item.items()}
         t0 = time.perf_counter()
-        scorer = Scorer(pred, item)
+        for key in ("mr", "ct", "label", "bone"):
+            if key in item and not Path(item[key]).exists():
+                ap.error(f"{item[key]}: --{key} file does not exist")
+        try:
+            scorer = Scorer(pred, item)
+        except InputError as err:  # unreadable or unusable input: one line naming the file
+            ap.error(str(err))
         modal = scorer.metrics(scorer.maps(scorer.modal))
         result = {"case": case, "ckpt": str(pred.ckpt_path), "sfg_layers": {n: p.shape[0] for n, p in scorer.p.items()},
                   "kernels": sum(p.shape[0] for p in scorer.p.values()), "harm_hu": args.harm_hu, "modal": modal,

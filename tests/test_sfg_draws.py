@@ -111,3 +111,13 @@ def test_draws_far_outside_the_ct_range_are_reported(data, pred, caplog):
         assert pred.check_posterior(name, {**maps, "sct_std": wild}) == pytest.approx(0.25, abs=1e-3)
     (rec,) = ours()
     assert rec.levelname == "WARNING" and rec.getMessage().startswith("c: ") and "25%" in rec.getMessage()
+
+
+def test_missing_or_corrupt_case_file_is_one_clear_error(tmp_path, case, capsys):
+    bad = tmp_path / "mr.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    for mr, problem in ((tmp_path / "none.nii.gz", "does not exist"), (bad, str(bad))):
+        with pytest.raises(SystemExit):
+            _run(tmp_path, {**case, "mr": str(mr)})
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert problem in err and "Traceback" not in err
