@@ -13,6 +13,7 @@ stage relative to one single-task training. A benchmark prints; it never asserts
 
     python benchmarks/branched_digits.py                      # the settings of the bundle README
     python benchmarks/branched_digits.py --seeds 0 --max_epochs 2 --fractions 0.5
+    python benchmarks/branched_digits.py --merge a.json b.json        # runs of other seeds on copies of one workdir
 """
 
 from __future__ import annotations
@@ -57,6 +58,34 @@ def test_accuracy(run_dir: Path, configs: list[str], **overrides) -> dict:
     return json.loads((run_dir / "eval" / "summary.json").read_text())
 
 
+def table(args: argparse.Namespace, single: dict, results: dict, n_tasks: int, hard_params: int) -> None:
+    """Accuracy per model (mean ± std over seeds) and each searched tree against the random trees of the same
+    seeds and against hard sharing, paired by seed (mean difference, seeds won, paired t-test)."""
+    from scipy.stats import ttest_rel
+
+    seeds = sorted({int(s) for by_seed in results.values() for s in by_seed})
+    print(f"\n{describe(args)}; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; early stopping "
+          f"(patience {args.patience}, cap {args.max_epochs}); seeds {seeds}; single-task networks: seed 0 only")
+    print("| model | mean accuracy (mean ± std) | parameters |")
+    print("| --- | --- | --- |")
+    print(f"| single-task networks | {100 * np.mean(list(single.values())):.2f} % (seed 0) | {n_tasks} x {hard_params} |")
+    for name, by_seed in results.items():
+        acc = np.array([r["accuracy"] for r in by_seed.values()])
+        sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
+        print(f"| {name} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {next(iter(by_seed.values()))['params']} |")
+    print("\n| searched tree | against | mean difference (points) | seeds won | paired t-test p |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in [n for n in results if n.startswith("searched")]:
+        for other in (name.replace("searched", "random"), "hard sharing"):
+            common = sorted(set(results[name]) & set(results.get(other, {})), key=int)
+            if len(common) < 2:
+                continue
+            a = np.array([results[name][s]["accuracy"] for s in common])
+            b = np.array([results[other][s]["accuracy"] for s in common])
+            p = ttest_rel(a, b).pvalue if np.ptp(a - b) > 0 else float("nan")
+            print(f"| {name} | {other} | {100 * (a - b).mean():+.2f} | {int((a > b).sum())} of {len(common)} | {p:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -73,7 +102,21 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="also write the raw results here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print the table of earlier --json files (e.g. one process per group of seeds, on copies of one affinity stage) and exit")
     args = p.parse_args()
+    if args.merge:
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        if any(r["trees"] != runs[0]["trees"] for r in runs):
+            p.error("--merge: the files come from different trees (different affinity stages or settings)")
+        results: dict[str, dict] = {}
+        for r in runs:
+            for name, by_seed in r["results"].items():
+                results.setdefault(name, {}).update(by_seed)
+        first = runs[0]
+        table(argparse.Namespace(**first["args"]), first["single"], results, len(first["single"]),
+              next(iter(results["hard sharing"].values()))["params"])
+        return
     check_data(p, args)
     torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
@@ -143,20 +186,10 @@ def main() -> None:
                 record_run(f"{kind} tree @{f}", seed, test_accuracy(run_dir, configs, seed=seed, tree_file=str(tree_file), **common),
                            tree_params(cfg, block, fixed))
 
-    print(f"\n{describe(args)}; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; early stopping "
-          f"(patience {args.patience}, cap {args.max_epochs}); seeds {args.seeds}; single-task networks: seed 0 only")
-    print("| model | mean accuracy (mean ± std) | parameters |")
-    print("| --- | --- | --- |")
-    hard_params = tree_params([[0] * len(tasks)] * len(block), block, fixed)
-    print(f"| single-task networks | {100 * np.mean(list(single.values())):.2f} % (seed 0) | {len(tasks)} x {hard_params} |")
-    for name, by_seed in results.items():
-        acc = np.array([r["accuracy"] for r in by_seed.values()])
-        sd = acc.std(ddof=1) if len(acc) > 1 else 0.0
-        print(f"| {name} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {next(iter(by_seed.values()))['params']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
                                                "results": results, "encoder_cpu_s": encoder_cpu, "affinity_search_cpu_s": search_cpu}, indent=2))
-
+    table(args, single, results, len(tasks), tree_params([[0] * len(tasks)] * len(block), block, fixed))
 
 if __name__ == "__main__":
     main()

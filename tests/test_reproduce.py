@@ -48,3 +48,38 @@ def test_sfg_summary_compares_the_starts_of_p(capsys):
     out = capsys.readouterr().out
     assert "shared vs dirichlet: 0.10" in out  # A.1's start comes from the unrelated run of the same seed
     assert "shared vs constant_mask: 0.67" in out
+
+
+def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.syspath_prepend(str(BENCH))  # the script imports its neighbour vision_digits
+    branched = _load("branched_digits")
+
+    def merge(files):
+        monkeypatch.setattr(sys, "argv", ["branched_digits.py", "--merge", *files])
+        branched.main()
+        return capsys.readouterr().out
+
+    args = {"dataset": "placed_digits", "tasks": ["left", "odd"], "width": 0.25, "image_size": 16, "patience": 6, "max_epochs": 30}
+
+    def part(name, trees, accs):  # accs: seed -> (hard, searched, random)
+        results = {"hard sharing": {}, "searched tree @0.5": {}, "random tree @0.5": {}}
+        for s, (h, a, b) in accs.items():
+            for k, v in zip(results, (h, a, b)):
+                results[k][str(s)] = {"accuracy": v, "params": 10}
+        path = tmp_path / name
+        path.write_text(json.dumps({"args": args, "single": {"left": 0.9, "odd": 0.8}, "trees": trees, "results": results}))
+        return str(path)
+
+    tree = {"0.5": [[0, 0], [0, 1]]}
+    files = [part("a.json", tree, {0: (0.90, 0.95, 0.92), 1: (0.90, 0.93, 0.94)}), part("b.json", tree, {2: (0.90, 0.97, 0.92)})]
+    out = merge(files)
+    # per seed +3, -1, +5 points against the random trees (mean +2.33, 2 of 3); +5, +3, +7 against hard sharing
+    assert "| searched tree @0.5 | random tree @0.5 | +2.33 | 2 of 3 |" in out
+    assert "| searched tree @0.5 | hard sharing | +5.00 | 3 of 3 |" in out
+    assert "seeds [0, 1, 2]" in out
+    other = part("c.json", {"0.5": [[0, 0], [0, 0]]}, {3: (0.9, 0.9, 0.9)})
+    with pytest.raises(SystemExit) as stop:  # one line from argparse, nothing merged
+        merge(files + [other])
+    assert stop.value.code == 2 and "different trees" in capsys.readouterr().err
