@@ -169,6 +169,14 @@ def main() -> None:
         results.setdefault(name, {})[seed] = {"accuracy": summary["mean_accuracy"], "params": params}
         print(f"{name:22s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  {params} parameters", flush=True)
 
+    random_trees: dict[int, dict] = {}
+
+    def save():  # after every seed, so that a stopped run keeps the seeds it finished
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
+                                                   "random_trees": random_trees, "results": results, "encoder_cpu_s": encoder_cpu,
+                                                   "affinity_search_cpu_s": search_cpu}, indent=2))
+
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
         run_dir = root / f"hard_seed{seed}"
@@ -176,7 +184,8 @@ def main() -> None:
         record_run("hard sharing", seed, test_accuracy(run_dir, ["train.json"], seed=seed, sharing="hard_sharing", **common),
                    tree_params([[0] * len(tasks)] * len(block), block, fixed))
         for f, tree in trees.items():
-            for kind, cfg in (("searched", tree), ("random", random_tree(tree, rng))):
+            random_trees.setdefault(seed, {})[str(f)] = shuffled = random_tree(tree, rng)
+            for kind, cfg in (("searched", tree), ("random", shuffled)):
                 run_dir = root / f"{kind}_{f}_seed{seed}"
                 tree_file = run_dir / "tree.json"
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,11 +194,10 @@ def main() -> None:
                 run_bundle(configs + ["early_stopping.json"], run_dir, seed=seed, tree_file=str(tree_file), **train)
                 record_run(f"{kind} tree @{f}", seed, test_accuracy(run_dir, configs, seed=seed, tree_file=str(tree_file), **common),
                            tree_params(cfg, block, fixed))
+        save()
 
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
-                                               "results": results, "encoder_cpu_s": encoder_cpu, "affinity_search_cpu_s": search_cpu}, indent=2))
     table(args, single, results, len(tasks), tree_params([[0] * len(tasks)] * len(block), block, fixed))
+
 
 if __name__ == "__main__":
     main()
