@@ -91,9 +91,27 @@ def train(tasks: list[str], init, seed: int, run_dir: Path, args: argparse.Names
             "proportions": [[L["proportions"][g] for g in (groups["groups"][0], "shared", groups["groups"][1])] for L in groups["layers"]],
             "entropy": [L["mean_entropy"] for L in groups["layers"]],
             "mean_p": [net.grouping_probabilities()[L["layer"]].mean(0)[[0, 2, 1]].tolist() for L in groups["layers"]],
+            "history": history(run_dir, tasks),
         }
     finally:
         wf.finalize()
+
+
+def history(run_dir: Path, tasks: list[str], points: int = 10) -> dict[str, list]:
+    """Iteration -> per-layer [task 1, shared, task 2] proportions at ``points`` evenly spaced moments of
+    training, read back from the run's TensorBoard curves (the bundle's GroupingHandler)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(run_dir.rglob("events.out.tfevents*"))
+    if not files:
+        return {}
+    ea = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0})
+    ea.Reload()
+    layers = sorted({t.split("/")[1] for t in ea.Tags()["scalars"] if t.startswith("sfg/sfg.")}, key=lambda n: int(n.split(".")[-1]))
+    curves = {(layer, g): {e.step: e.value for e in ea.Scalars(f"sfg/{layer}/{g}")} for layer in layers for g in (tasks[0], "shared", tasks[1])}
+    steps = sorted(curves[(layers[0], "shared")])
+    picked = sorted({steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)})
+    return {str(it): [[curves[(layer, g)][it] for g in (tasks[0], "shared", tasks[1])] for layer in layers] for it in picked}
 
 
 def fmt(rows) -> str:
@@ -136,6 +154,19 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 print(f"  {a} vs {b}: {np.abs(inits[a] - inits[b]).max():.2f}")
+        # does the gap close as training goes on? the same measure at moments of training (seed-0 runs with a history)
+        hist = {}
+        for r in results:
+            name = r["init"] if r["experiment"] == "init" else "shared" if r["experiment"] == "unrelated" else None
+            if name and r.get("history") and r["seed"] == min(seeds) and name not in hist:
+                hist[name] = {int(k): np.array(v) for k, v in r["history"].items()}
+        if len(hist) > 1:
+            names = list(hist)
+            its = sorted(set.intersection(*(set(h) for h in hist.values())))
+            print(f"\nThe same over training (seed {min(seeds)}), at iterations {' '.join(map(str, its))}")
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    print(f"  {a} vs {b}: " + " ".join(f"{np.abs(hist[a][it] - hist[b][it]).max():.2f}" for it in its))
 
 
 def figure(results: list[dict], path: str) -> None:

@@ -34,13 +34,14 @@ def test_every_finding_runs_a_benchmark_and_merges_all_its_runs(tmp_path, full):
 def test_sfg_summary_compares_the_starts_of_p(capsys):
     sfg = _load("sfg_specialisation")
 
-    def run(exp, init, props):
+    def run(exp, init, props, history=None):
         return {"experiment": exp, "init": init, "seed": 0, "iterations": 10, "proportions": props, "entropy": [0.1, 0.5],
-                "mean_p": [[0.1, 0.8, 0.1], [0.3, 0.4, 0.3]], "val_score": 0.9}
+                "mean_p": [[0.1, 0.8, 0.1], [0.3, 0.4, 0.3]], "val_score": 0.9, "history": history or {}}
 
+    early = [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
     results = [
-        run("unrelated", "shared", [[0.0, 1.0, 0.0], [0.4, 0.2, 0.4]]),
-        run("init", "dirichlet", [[0.0, 0.9, 0.1], [0.4, 0.2, 0.4]]),
+        run("unrelated", "shared", [[0.0, 1.0, 0.0], [0.4, 0.2, 0.4]], {"5": early, "10": [[0.0, 1.0, 0.0], [0.4, 0.2, 0.4]]}),
+        run("init", "dirichlet", [[0.0, 0.9, 0.1], [0.4, 0.2, 0.4]], {"5": [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], "10": [[0.0, 0.9, 0.1], [0.4, 0.2, 0.4]]}),
         run("init", "constant_mask", [[1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]]),
     ]
     args = type("A", (), {"width": 0.25, "max_epochs": 1, "grouping_lr_scale": 100.0, "tau_rate": 1e-3, "lambda2": 1e-5})()
@@ -48,6 +49,8 @@ def test_sfg_summary_compares_the_starts_of_p(capsys):
     out = capsys.readouterr().out
     assert "shared vs dirichlet: 0.10" in out  # A.1's start comes from the unrelated run of the same seed
     assert "shared vs constant_mask: 0.67" in out
+    # over training, for the starts whose runs kept a history: the gap at iteration 5, then at 10
+    assert "at iterations 5 10\n  shared vs dirichlet: 0.50 0.10\n" in out
 
 
 def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkeypatch, capsys):
