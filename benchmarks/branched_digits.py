@@ -106,7 +106,12 @@ def main() -> None:
                    help="print the table of earlier --json files (e.g. one process per group of seeds, on copies of one affinity stage) and exit")
     args = p.parse_args()
     if args.merge:
-        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        runs = []
+        for f in args.merge:
+            try:
+                runs.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                p.error(f"--merge: cannot read {f}: {e}")
         if any(r["trees"] != runs[0]["trees"] for r in runs):
             p.error("--merge: the files come from different trees (different affinity stages or settings)")
         results: dict[str, dict] = {}

@@ -78,7 +78,7 @@ def train(tasks: list[str], init, seed: int, run_dir: Path, args: argparse.Names
         net = wf.parser.get_parsed_content("network_def")
         trainer, evaluator = (wf.parser.get_parsed_content(k) for k in ("train#trainer", "validate#evaluator"))
         groups = net.architecture()
-        return {
+        result = {
             "tasks": tasks,
             "init": init,
             "seed": seed,
@@ -91,10 +91,11 @@ def train(tasks: list[str], init, seed: int, run_dir: Path, args: argparse.Names
             "proportions": [[L["proportions"][g] for g in (groups["groups"][0], "shared", groups["groups"][1])] for L in groups["layers"]],
             "entropy": [L["mean_entropy"] for L in groups["layers"]],
             "mean_p": [net.grouping_probabilities()[L["layer"]].mean(0)[[0, 2, 1]].tolist() for L in groups["layers"]],
-            "history": history(run_dir, tasks),
         }
     finally:
         wf.finalize()
+    result["history"] = history(run_dir, tasks)  # after finalize: the curves' last events are on disk
+    return result
 
 
 def history(run_dir: Path, tasks: list[str], points: int = 10) -> dict[str, list]:
@@ -108,6 +109,8 @@ def history(run_dir: Path, tasks: list[str], points: int = 10) -> dict[str, list
     ea = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0})
     ea.Reload()
     layers = sorted({t.split("/")[1] for t in ea.Tags()["scalars"] if t.startswith("sfg/sfg.")}, key=lambda n: int(n.split(".")[-1]))
+    if not layers:
+        return {}
     curves = {(layer, g): {e.step: e.value for e in ea.Scalars(f"sfg/{layer}/{g}")} for layer in layers for g in (tasks[0], "shared", tasks[1])}
     steps = sorted(curves[(layers[0], "shared")])
     picked = sorted({steps[round(i * (len(steps) - 1) / (points - 1))] for i in range(points)})

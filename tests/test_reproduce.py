@@ -86,3 +86,6 @@ def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkey
     with pytest.raises(SystemExit) as stop:  # one line from argparse, nothing merged
         merge(files + [other])
     assert stop.value.code == 2 and "different trees" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a missing file: one line naming it
+        merge(files + [str(tmp_path / "missing.json")])
+    assert "cannot read " + str(tmp_path / "missing.json") in capsys.readouterr().err
