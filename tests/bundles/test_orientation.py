@@ -75,7 +75,7 @@ def storages(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(storages):
-    pred = Predictor(BUNDLE, [CONFIGS / "inference.json", CONFIGS / "demo.json"], num_samples=4, device="cpu",
+    pred = Predictor(BUNDLE, [CONFIGS / "inference.json", CONFIGS / "demo.json"], num_samples=2, device="cpu",
                      progress=False, save_png=False)
     return {name: pred.predict_case(p["mr"], label=p["label"]) for name, p in storages.items()}
 
