@@ -331,3 +331,13 @@ def test_in_memory_images_are_transformed_once_under_a_deterministic_transform()
 
     off = MultiTaskImageDataset(small.images, small.targets, small.task_types, counted, cache_bytes=0)
     assert off.cached is None and torch.equal(off[3]["image"], small[3]["image"])
+    from monai.data import get_track_meta
+
+    assert get_track_meta()  # the one-off pass runs without MONAI's metadata tracking and turns it back on
+
+    def broken(x):
+        raise RuntimeError("bad transform")
+
+    with pytest.raises(RuntimeError, match="bad transform"):
+        load_digits_tasks("val", transform=broken)
+    assert get_track_meta()
