@@ -2,8 +2,10 @@
 id>: <problem>`` on stderr, exit code 1, no traceback on the terminal, the traceback in the debug log
 (``$MTL_MED_DEBUG_LOG``), and nothing written to the output folder.
 
-Every case is a real subprocess. Each costs 5-8 s of imports (torch, MONAI) and fails before inference, so
-the module starts them all at once in a small pool (two at a time) and each test waits for its own run.
+Each kind of report is a real subprocess. Each costs 5-8 s of imports (torch, MONAI) and fails before
+inference, so the module starts them all at once in a small pool (two at a time) and each test waits for its
+own run. Further files with the same kind of problem are checked in process, for the error the command line
+reports in one line.
 """
 
 from __future__ import annotations
@@ -77,10 +79,6 @@ def cases(shared: Path) -> dict[str, tuple[list[str], dict[str, bytes]]]:
         "missing_checkpoint": (pelvis_cmd(shared, "--ckpt_path", "nope.pt"), {}),
         "random_bytes_checkpoint": (pelvis_cmd(shared, "--ckpt_path", "garbage.pt"),
                                     {"garbage.pt": np.random.default_rng(1).bytes(4096)}),
-        "missing_landmarks": (pelvis_cmd(shared, "--landmarks_path", "no_landmarks.json"), {}),
-        "corrupt_landmarks": (pelvis_cmd(shared, "--landmarks_path", "broken_landmarks.json"),
-                              {"broken_landmarks.json": b'{"format": "mtl_med-histogram-landmarks", "landm'}),
-        "missing_datalist": (pelvis_cmd(shared, "--datalist", "missing.json", configs=("inference.json", "evaluate.json")), {}),
         "save_png_string": (pelvis_cmd(shared, "--save_png", "false"), {}),
         "output_not_creatable": (pelvis_cmd(shared, "--output_dir", "blocker/out"), {"blocker": b"a regular file\n"}),
         "too_small_mr": (pelvis_cmd(shared, "--input_dir", str(shared / "tiny"), "--n4", "True"), {}),
@@ -164,16 +162,43 @@ def test_random_bytes_checkpoint_named_without_weights_only_advice(runs):
     r.assert_output_untouched()
 
 
-@pytest.mark.parametrize("case, file, problem", [
-    ("missing_landmarks", "no_landmarks.json", "landmarks file does not exist"),
-    ("corrupt_landmarks", "broken_landmarks.json", "cannot read landmarks JSON"),
-    ("missing_datalist", "missing.json", "datalist file does not exist"),
-])
-def test_bad_landmarks_or_datalist_is_named(runs, case, file, problem):
-    r = result(runs, case)
-    line = r.error_line()
-    assert file in line and problem in line, line
-    r.assert_output_untouched()
+#: file problems reported by the same one-line path as the checkpoint cases above, checked in process
+#: (each subprocess costs 5-8 s of imports): what the user must read is the file and its problem
+FILE_PROBLEMS = {
+    "missing_landmarks": (("inference.json",), "landmarks_path", "no_landmarks.json", None, "landmarks file does not exist"),
+    "corrupt_landmarks": (("inference.json",), "landmarks_path", "broken_landmarks.json",
+                          b'{"format": "mtl_med-histogram-landmarks", "landm', "cannot read landmarks JSON"),
+    "missing_datalist": (("inference.json", "evaluate.json"), "datalist", "missing.json", None, "datalist file does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", FILE_PROBLEMS)
+def test_bad_landmarks_or_datalist_is_named(runs, tmp_path, case):
+    from monai.bundle import ConfigWorkflow
+
+    from mtl_med.errors import user_error
+
+    configs, key, name, content, problem = FILE_PROBLEMS[case]
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    shared, out = runs["shared"], tmp_path / "out"
+    args = {"input_dir": str(shared / "inputs"), "output_dir": str(out), "ckpt_path": str(shared / "model.pt"),
+            "landmarks_path": str(shared / "landmarks.json"), "features": TINY, "n4": False, "save_png": False,
+            "progress": False, "num_samples": 1, "device": torch.device("cpu"), key: str(tmp_path / name)}
+    wf = ConfigWorkflow(config_file=[str(PELVIS / "configs" / c) for c in configs], workflow_type=None,
+                        meta_file=str(PELVIS / "configs" / "metadata.json"), logging_file=False,
+                        bundle_root=str(PELVIS), **args)
+    hook = sys.excepthook
+    try:
+        with pytest.raises(Exception) as info:
+            wf.initialize()
+            wf.run()
+    finally:
+        sys.excepthook = hook  # the bundle's initialize installs the command-line hook
+    err = user_error(info.value)
+    assert err is not None, repr(info.value)  # the kind the command line reports in one line
+    assert str(tmp_path / name) in str(err) and problem in str(err), str(err)
+    assert not out.exists() or not list(out.rglob("*")), sorted(out.rglob("*"))
 
 
 @pytest.mark.parametrize("case, flag", [("save_png_string", "save_png")])
