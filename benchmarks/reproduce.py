@@ -57,7 +57,7 @@ FINDINGS = {
                        "--tr_epoch_factor", "4"],
                       [*WHERE_WHAT, "--methods", *TR_CURVE_WW, "--bn_protocols", "batch", "--tr_epoch_factor", "4"]),
     "branched_where_what": ("branched_digits.py", None, [*WHERE_WHAT, "--max_epochs", "30", "--patience", "6", "--fractions", "0.25", "0.5",
-                                                   "--seeds", "0", "1", "2", "3", "4", "5"],
+                                                   "--seeds", *map(str, range(12))],
                             [*WHERE_WHAT, "--max_epochs", "100", "--patience", "15"]),
     # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
     "adashare": ("adashare_digits.py", [0, 1, 2],
