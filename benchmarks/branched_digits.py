@@ -86,6 +86,48 @@ def table(args: argparse.Namespace, single: dict, results: dict, n_tasks: int, h
             print(f"| {name} | {other} | {100 * (a - b).mean():+.2f} | {int((a > b).sum())} of {len(common)} | {p:.2f} |")
 
 
+def figure(path: str, affinity: dict | None, trees: dict, results: dict) -> None:
+    """Two panels: the affinity of every task pair against depth (fig. 2a, one line per pair), and per
+    budget the searched tree's accuracy minus the random tree's of the same seed (one dot per seed, the
+    mean with its 95 % confidence interval)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy.stats import t as student
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [1.2, 1]})
+    ax = axes[0]
+    if affinity:
+        A, names, blocks = np.array(affinity["affinity"]), affinity["task_names"], affinity["location_names"]
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                ax.plot(range(1, len(blocks) + 1), A[:, i, j], marker="o", label=f"{names[i]} / {names[j]}")
+        ax.set_xticks(range(1, len(blocks) + 1), blocks)
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("RSA task affinity")
+    ax.set_title("affinity falls with depth (fig. 2a)", fontsize=9)
+    ax = axes[1]
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for k, f in enumerate(trees):
+        name, other = f"searched tree @{float(f)}", f"random tree @{float(f)}"
+        common = sorted(set(results.get(name, {})) & set(results.get(other, {})), key=int)
+        if len(common) < 2:
+            continue
+        d = 100 * np.array([results[name][s]["accuracy"] - results[other][s]["accuracy"] for s in common])
+        half = student.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+        ax.scatter(k + rng.uniform(-0.15, 0.15, len(d)), d, s=10, alpha=0.6)
+        ax.errorbar(k + 0.3, d.mean(), yerr=half, fmt="ks", capsize=4)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(trees)), [f"{float(f)} of the budget" for f in trees])
+    ax.set_xlim(-0.5, len(trees) - 0.4)
+    ax.set_ylabel("searched minus random (points)")
+    ax.set_title(f"searched vs random trees, paired by seed\n(dots: seeds; square: mean, 95 % CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"figure: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -100,10 +142,11 @@ def main() -> None:
     p.add_argument("--width", type=float, default=0.15625)
     p.add_argument("--affinity_images", type=int, default=250, help="K held-out images (the validation split has 270)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--workdir", default=None)
+    p.add_argument("--workdir", default=None, help="where runs are written; with --merge, where the affinity stage is read for --figure")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="print the table of earlier --json files (e.g. one process per group of seeds, on copies of one affinity stage) and exit")
+    p.add_argument("--figure", default=None, help="also draw the affinity against depth and the searched-minus-random differences to this PNG")
     args = p.parse_args()
     if args.merge:
         runs = []
@@ -121,6 +164,12 @@ def main() -> None:
         first = runs[0]
         table(argparse.Namespace(**first["args"]), first["single"], results, len(first["single"]),
               next(iter(results["hard sharing"].values()))["params"])
+        if args.figure:
+            aff = next((r["affinity"] for r in runs if r.get("affinity")), None)
+            if aff is None and args.workdir:  # files written before the affinity was kept in them
+                a = load_affinity(Path(args.workdir) / "affinity_stage" / "affinity" / "affinity.npz")
+                aff = {"affinity": a.affinity.tolist(), "task_names": a.task_names, "location_names": a.location_names}
+            figure(args.figure, aff, first["trees"], results)
         return
     check_data(p, args)
     torch.set_num_threads(args.threads)
@@ -180,7 +229,8 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
                                                    "random_trees": random_trees, "results": results, "encoder_cpu_s": encoder_cpu,
-                                                   "affinity_search_cpu_s": search_cpu}, indent=2))
+                                                   "affinity_search_cpu_s": search_cpu, "affinity": {"affinity": a.affinity.tolist(),
+                                                   "task_names": tasks, "location_names": list(a.location_names)}}, indent=2))
 
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -202,6 +252,9 @@ def main() -> None:
         save()
 
     table(args, single, results, len(tasks), tree_params([[0] * len(tasks)] * len(block), block, fixed))
+    if args.figure:
+        figure(args.figure, {"affinity": a.affinity.tolist(), "task_names": tasks, "location_names": list(a.location_names)},
+               {str(k): v for k, v in trees.items()}, results)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,12 @@ def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkey
     assert "| searched tree @0.5 | random tree @0.5 | +2.33 | 2 of 3 |" in out
     assert "| searched tree @0.5 | hard sharing | +5.00 | 3 of 3 |" in out
     assert "seeds [0, 1, 2]" in out
+    # the figure: affinity against depth from a file that kept it, and the paired differences
+    data = json.loads(Path(files[1]).read_text())
+    data["affinity"] = {"affinity": [[[1, 0.9], [0.9, 1]], [[1, 0.1], [0.1, 1]]], "task_names": ["left", "odd"], "location_names": ["b1", "b2"]}
+    Path(files[1]).write_text(json.dumps(data))
+    out = merge(files + ["--figure", str(tmp_path / "branched.png")])
+    assert "figure: " in out and (tmp_path / "branched.png").stat().st_size > 0
     other = part("c.json", {"0.5": [[0, 0], [0, 0]]}, {3: (0.9, 0.9, 0.9)})
     with pytest.raises(SystemExit) as stop:  # one line from argparse, nothing merged
         merge(files + [other])
