@@ -48,6 +48,12 @@ FINDINGS = {
                        "--max_epochs", "500"],
                       ["--experiments", "init", "--inits", "shared", "task_specific", "--max_epochs", "5000", "--grouping_lr_scale", "1",
                        "--tau_rate", "1e-5"]),
+    # section 5.4 at A.1's own rates (grouping logits at the weights' rate, tau decay 1e-5) for 110,000 of its 200,000 iterations
+    "sfg_init_paper_rates": ("sfg_specialisation.py", None,
+                             ["--experiments", "init", "--inits", "shared", "task_specific", "--grouping_lr_scale", "1", "--tau_rate", "1e-5",
+                              "--max_epochs", "2750"],
+                             ["--experiments", "init", "--inits", "shared", "task_specific", "--max_epochs", "5000", "--grouping_lr_scale", "1",
+                              "--tau_rate", "1e-5"]),
     # Task Routing: the sigma curve in both conventions (the paper's text and the authors' code)
     "tr": ("vision_digits.py", [0, 1, 2], ["--methods", *TR_CURVE, "--bn_protocols", "batch", "--image_size", "8", "--max_epochs", "20", "--patience", "5"],
            ["--methods", *TR_CURVE, "--bn_protocols", "batch"]),
