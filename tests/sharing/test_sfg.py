@@ -293,8 +293,9 @@ def _threads(n):
 
 
 def test_demo_weights_load_and_reproduce_the_reference_outputs():
-    """The published demo checkpoint loads strictly and gives bit-identical outputs in both
-    inference modes (reference outputs computed with the network class that trained the weights)."""
+    """The published demo checkpoint loads strictly and gives the reference outputs in both inference
+    modes (computed with the network class that trained the weights). To float rounding, not to the bit:
+    oneDNN picks different kernels on different instruction sets (AVX2 and AVX-512 differ by ~1e-6)."""
     ref = torch.load(DEMO_REFERENCE, map_location="cpu", weights_only=True)
     net = _demo_network()
     net.load_state_dict(torch.load(DEMO_WEIGHTS, map_location="cpu", weights_only=True), strict=True)
@@ -305,7 +306,7 @@ def test_demo_weights_load_and_reproduce_the_reference_outputs():
             out = net(ref["input"], generator=torch.Generator().manual_seed(5))
         assert set(out) == {"sct", "seg"}
         for task in ("sct", "seg"):
-            assert torch.equal(out[task], ref[mode][task]), (mode, task)
+            torch.testing.assert_close(out[task], ref[mode][task], rtol=1e-5, atol=1e-4, msg=f"{mode} {task}")
     assert not torch.equal(ref["argmax"]["seg"], ref["sample"]["seg"])  # the two modes are distinct checks
 
 
