@@ -86,6 +86,11 @@ def table(args: argparse.Namespace, single: dict, results: dict, n_tasks: int, h
             print(f"| {name} | {other} | {100 * (a - b).mean():+.2f} | {int((a > b).sum())} of {len(common)} | {p:.2f} |")
 
 
+def affinity_record(a) -> dict:
+    """The affinity stage's matrices and names, as kept in the JSON for the figure."""
+    return {"affinity": a.affinity.tolist(), "task_names": list(a.task_names), "location_names": list(a.location_names)}
+
+
 def figure(path: str, affinity: dict | None, trees: dict, results: dict) -> None:
     """Two panels: the affinity of every task pair against depth (fig. 2a, one line per pair), and per
     budget the searched tree's accuracy minus the random tree's of the same seed (one dot per seed, the
@@ -122,7 +127,7 @@ def figure(path: str, affinity: dict | None, trees: dict, results: dict) -> None
     ax.set_xticks(range(len(trees)), [f"{float(f)} of the budget" for f in trees])
     ax.set_xlim(-0.5, len(trees) - 0.4)
     ax.set_ylabel("searched minus random (points)")
-    ax.set_title(f"searched vs random trees, paired by seed\n(dots: seeds; square: mean, 95 % CI)", fontsize=9)
+    ax.set_title("searched vs random trees, paired by seed\n(dots: seeds; square: mean, 95 % CI)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"figure: {path}")
@@ -161,14 +166,17 @@ def main() -> None:
         for r in runs:
             for name, by_seed in r["results"].items():
                 results.setdefault(name, {}).update(by_seed)
+        aff = next((r["affinity"] for r in runs if r.get("affinity")), None)
+        if args.figure and aff is None and args.workdir:  # files written before the affinity was kept in them
+            npz = Path(args.workdir) / "affinity_stage" / "affinity" / "affinity.npz"
+            try:
+                aff = affinity_record(load_affinity(npz))
+            except (OSError, ValueError) as e:
+                p.error(f"--figure: cannot read the affinity {npz}: {e}")
         first = runs[0]
         table(argparse.Namespace(**first["args"]), first["single"], results, len(first["single"]),
               next(iter(results["hard sharing"].values()))["params"])
         if args.figure:
-            aff = next((r["affinity"] for r in runs if r.get("affinity")), None)
-            if aff is None and args.workdir:  # files written before the affinity was kept in them
-                a = load_affinity(Path(args.workdir) / "affinity_stage" / "affinity" / "affinity.npz")
-                aff = {"affinity": a.affinity.tolist(), "task_names": a.task_names, "location_names": a.location_names}
             figure(args.figure, aff, first["trees"], results)
         return
     check_data(p, args)
@@ -229,8 +237,7 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "single": single, "trees": {str(k): v for k, v in trees.items()},
                                                    "random_trees": random_trees, "results": results, "encoder_cpu_s": encoder_cpu,
-                                                   "affinity_search_cpu_s": search_cpu, "affinity": {"affinity": a.affinity.tolist(),
-                                                   "task_names": tasks, "location_names": list(a.location_names)}}, indent=2))
+                                                   "affinity_search_cpu_s": search_cpu, "affinity": affinity_record(a)}, indent=2))
 
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -253,8 +260,7 @@ def main() -> None:
 
     table(args, single, results, len(tasks), tree_params([[0] * len(tasks)] * len(block), block, fixed))
     if args.figure:
-        figure(args.figure, {"affinity": a.affinity.tolist(), "task_names": tasks, "location_names": list(a.location_names)},
-               {str(k): v for k, v in trees.items()}, results)
+        figure(args.figure, affinity_record(a), {str(k): v for k, v in trees.items()}, results)
 
 
 if __name__ == "__main__":
