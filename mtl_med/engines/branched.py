@@ -75,7 +75,7 @@ def held_out_slices(
 
     size = [int(s) for s in size]
     if len(size) != 2 or min(size) < 1 or axis not in (0, 1, 2):
-        raise ConfigError(f"held-out slices need an in-plane size of two positive ints and a slice axis 0, 1 or 2, got {size} and {axis}")
+        raise ConfigError("slice_size / slice_axis", f"held-out slices need an in-plane size of two positive ints and a slice axis 0, 1 or 2, got {size} and {axis}")
     resize = ResizeWithPadOrCrop([*size[:axis], -1, *size[axis:]])  # -1: the slice axis keeps its length
     slices = []
     for i in range(len(volumes)):
@@ -83,10 +83,10 @@ def held_out_slices(
         v = torch.as_tensor(item[image_key] if isinstance(item, Mapping) else item)
         v = v.as_subclass(torch.Tensor).detach().cpu()
         if v.dim() != 4:
-            raise ConfigError(f"held-out volume {i}: {image_key!r} must be (C, H, W, D), got shape {tuple(v.shape)}")
+            raise ConfigError("image_key", f"held-out volume {i}: {image_key!r} must be (C, H, W, D), got shape {tuple(v.shape)}")
         slices.append(torch.as_tensor(resize(v)).as_subclass(torch.Tensor).movedim(axis + 1, 0).float())
     if not slices:
-        raise ConfigError("no held-out volumes to draw slices from (the validation split is empty)")
+        raise ConfigError("images", "no held-out volumes to draw slices from (the validation split is empty)")
     x = torch.cat(slices)
     return x[select_images(x.shape[0], num_images, seed)].contiguous()
 
@@ -146,9 +146,9 @@ class BranchedSearch:
         slice_axis: int = 2,
     ):
         if search not in ("auto", "exhaustive", "beam"):
-            raise ConfigError(f"search must be 'auto', 'exhaustive' or 'beam', got {search!r}")
+            raise ConfigError("search", f"must be 'auto', 'exhaustive' or 'beam', got {search!r}")
         if budget is None and not 0.0 <= float(budget_fraction) <= 1.0:
-            raise ConfigError(f"budget_fraction must be in [0, 1], got {budget_fraction}")
+            raise ConfigError("budget_fraction", f"must be in [0, 1], got {budget_fraction}")
         self.config_file = [str(f) for f in ([config_file] if isinstance(config_file, (str, os.PathLike)) else config_file)]
         self.task_names, self.output_dir = [str(t) for t in task_names], str(output_dir)
         self.images, self.budget, self.budget_fraction = images, budget, float(budget_fraction)
@@ -209,7 +209,7 @@ class BranchedSearch:
         if self.ckpt_key is None:
             return state
         if self.ckpt_key not in state:
-            raise ConfigError(f"{path}: no {self.ckpt_key!r} in the checkpoint (keys {sorted(state)}); check ckpt_key")
+            raise ConfigError(path, f"no {self.ckpt_key!r} in the checkpoint (keys {sorted(state)}); check ckpt_key")
         return state[self.ckpt_key]
 
     # --- stage 2: affinity and tree --------------------------------------------------------------
