@@ -6,7 +6,7 @@ from monai.data import MetaTensor
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.errors import InputError
 from mtl_med.transforms import N4BiasFieldCorrectiond
-from mtl_med.transforms.n4 import N4BiasFieldCorrection, shrink_factors
+from mtl_med.transforms.n4 import N4BiasFieldCorrection, n4_bias_field, shrink_factors
 
 
 def _meta(arr, affine, name="phantom_mr.nii.gz"):
@@ -72,3 +72,58 @@ def test_n4_rejects_non_finite(biased):
     arr[3, 3, 3] = np.nan
     with pytest.raises(InputError, match=r"bad_mr\.nii\.gz: .*NaN"):
         N4BiasFieldCorrectiond("mr", shrink_factor=2)({"mr": _meta(arr, biased.mr_affine, "bad_mr.nii.gz")})
+
+
+def _max_rel(a, b):
+    return float(np.max(np.abs(a - b) / np.abs(a)))
+
+
+@pytest.mark.parametrize("shrink", [2, 4])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ((1.46, 1.46, 1.46), (1.460001, 1.46, 1.46)),
+        ((1.46, 1.46, 1.46), (float(np.float32(1.46)),) * 3),  # a NIfTI copy stores float32 spacings
+        ((0.9765625, 0.9765625, 0.9765625), (0.97656251, 0.97656251, 0.97656251)),
+        ((0.9765625, 0.9765625, 3.0), (0.97656251, 0.9765625, 3.000001)),
+        ((1.46, 1.46, 5.0), (1.46, 1.460001, 4.999999)),
+        ((1.25, 1.25, 2.0), (1.25, 1.25, 1.9999999)),  # 4 * 1.25 / 2 = 2.5: a shrink factor at a rounding edge
+    ],
+)
+def test_n4_field_ignores_negligible_spacing_differences(biased, shrink, a, b):
+    """A DICOM series and its NIfTI copy (spacings equal to 1e-6 mm) get the same bias field, to float rounding."""
+    fa = n4_bias_field(biased.mr, a, shrink_factor=shrink, num_threads=2)
+    fb = n4_bias_field(biased.mr, b, shrink_factor=shrink, num_threads=2)
+    assert _max_rel(fa, fb) < 1e-5
+    t = N4BiasFieldCorrection(shrink_factor=shrink)
+    assert t.cache_key(biased.mr, a, None) == t.cache_key(biased.mr, b, None)  # one cache entry for both
+
+
+def test_n4_transform_ignores_negligible_spacing_differences(biased):
+    """Through the transform: the spacing comes from the MetaTensor's affine (float32 in a NIfTI header)."""
+    t = N4BiasFieldCorrection(shrink_factor=4, num_threads=2)
+    aff = np.diag([1.46, 1.46, 1.46, 1.0])
+    _, fa = t(_meta(biased.mr, aff), return_field=True)
+    _, fb = t(_meta(biased.mr, np.diag([1.460001, 1.46, 1.46, 1.0])), return_field=True)
+    assert _max_rel(fa, fb) < 1e-5
+
+
+def test_n4_field_follows_real_spacing_changes(biased):
+    """A real spacing change: an isotropic rescale keeps the field (the B-spline lattice has a fixed number of
+    control points per axis), a coarser slice spacing changes the shrink factors, and each field still
+    recovers the true bias."""
+    body = biased.body > 0
+    iso = n4_bias_field(biased.mr, (1.46, 1.46, 1.46), shrink_factor=4, num_threads=2)
+    assert _max_rel(iso, n4_bias_field(biased.mr, (2.0, 2.0, 2.0), shrink_factor=4, num_threads=2)) < 1e-5
+    thick = n4_bias_field(biased.mr, (1.46, 1.46, 4.0), shrink_factor=4, num_threads=2)
+    assert shrink_factors((1.46, 1.46, 4.0), 4) == [4, 4, 1]
+    assert _max_rel(iso, thick) > 1e-3
+    for f in (iso, thick):
+        assert np.corrcoef(np.log(f[body]), np.log(biased.bias[body]))[0, 1] > 0.9
+
+
+def test_shrink_factors_snap_spacing_to_tolerance():
+    assert shrink_factors((1.25, 1.25, 2.0), 4) == shrink_factors((1.25, 1.25, 1.9999999), 4)
+    assert shrink_factors((1.25, 1.25, 1.9999999), 4, spacing_tol=0) == [4, 4, 3]  # without snapping: the edge
+    with pytest.raises(ValueError, match="spacing_tol"):
+        shrink_factors((1.0, 1.0, 1.0), 4, spacing_tol=-1)
