@@ -38,13 +38,13 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.data.folder_layout import FolderLayout
 from monai.inferers import Inferer
 from torch import nn
 from tqdm.auto import tqdm
 
 from mtl_med.data.nifti import DICOM_ROLES, check_datalist
 from mtl_med.errors import CaseFailures, InputError, as_bool
+from mtl_med.inference.cases import case_identity, case_output_paths, check_case_name, check_unique_cases
 from mtl_med.inference.posterior import AUTO_LABEL_TOL, AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES, AUTO_REGRESSION_TOL, PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
 from mtl_med.transforms.intensity import network_to_hu
@@ -236,25 +236,10 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
 
 # ----------------------------------------------------------------------------------------------- cases
 def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """Case names from MR file names (``x.nii.gz`` -> ``x``); where names repeat or are generic
-    (``case_000/mr.nii.gz``) the parent folder's name is used, then an index."""
-
-    def stem(p: Path) -> str:
-        name = p.name
-        if p.is_dir():  # a DICOM series folder
-            return name
-        for ext in (".nii.gz", ".nii", ".gz"):
-            if name.endswith(ext):
-                return name[: -len(ext)]
-        return p.stem
-
-    ps = [Path(p) for p in paths]
-    names = [stem(p) for p in ps]
-    generic = set(IMAGE_KEYS) | {"image", "img", "t2", "t2w"}
-    if len(set(names)) != len(names) or any(n.lower() in generic for n in names):
-        names = [p.parent.name if names.count(n) > 1 or n.lower() in generic else n for p, n in zip(ps, names)]
-    if len(set(names)) != len(names):
-        names = [f"{n}_{i:03d}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    """Case names of inputs (:func:`~mtl_med.inference.cases.case_identity`), each checked, and refused when two
+    are one (:func:`~mtl_med.inference.cases.check_unique_cases`)."""
+    names = [check_case_name(case_identity(p), p) for p in paths]
+    check_unique_cases({"name": n, "mr": str(p)} for n, p in zip(names, paths))
     return names
 
 
@@ -265,8 +250,13 @@ def list_cases(
     pattern: str = "*.nii*",
 ) -> list[dict]:
     """Items ``{"name", "mr", ["ct", "label", "bone"]}`` from a datalist section (takes precedence) or from
-    the files matching ``pattern`` in ``input_dir`` and its DICOM series folders (``input_dir`` itself when it
-    holds DICOM files; relative paths resolve against the current directory)."""
+    the files matching ``pattern`` in ``input_dir`` and its DICOM series folders (exactly ``input_dir`` when it
+    is a file or holds DICOM files; relative paths resolve against the current directory). Case names are the
+    datalist's ``name`` values or the inputs' identities (:mod:`mtl_med.inference.cases`), checked and unique.
+
+    Raises:
+        InputError: a missing input, no inputs, a name that cannot be a folder, two inputs of one name.
+    """
     from mtl_med.dicom import is_series_folder, series_folders
 
     if datalist:
@@ -275,12 +265,13 @@ def list_cases(
         items = check_datalist(datalist, sections=(section,))[section]
     elif input_dir:
         root = Path(input_dir).expanduser().resolve()
-        if not root.is_dir():
-            raise InputError(root, "input folder does not exist")
-        if is_series_folder(root):
+        if not root.exists():
+            raise InputError(root, "input file or folder does not exist")
+        if root.is_file() or is_series_folder(root):  # exactly this input
             files = [str(root)]
         else:
-            files = sorted(p for p in glob.glob(str(root / pattern), recursive=True) if Path(p).is_file())
+            # the folder's own name is no pattern: brackets in it must not glob
+            files = sorted(str(root / p) for p in glob.glob(pattern, root_dir=root, recursive=True) if (root / p).is_file())
             files += [str(p) for p in series_folders(root)]
         if not files:
             raise InputError(root, f"no files matching {pattern!r} and no DICOM series folders")
@@ -288,8 +279,11 @@ def list_cases(
     else:
         raise ValueError("give input_dir or datalist")
     items = [dict(x) for x in items]
-    for item, name in zip(items, case_names([x["mr"] for x in items])):
-        item.setdefault("name", name)
+    for item in items:
+        source = datalist if datalist and "name" in item else item["mr"]
+        name = item["name"] if "name" in item else case_identity(item["mr"])
+        item["name"] = check_case_name(name, source if isinstance(source, (str, os.PathLike)) else "<datalist dict>")
+    check_unique_cases(items)
     return items
 
 
@@ -605,18 +599,14 @@ class VolumePredictor:
 
     # ---- writing
     def output_paths(self, case: str, output_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-        """``output_dir/<case>/<case>_<postfix>.nii.gz`` (MONAI ``SaveImage`` folder layout, separate folder)."""
-        root = Path(output_dir if output_dir is not None else self.output_dir).expanduser().resolve()
-        paths = {}
-        for key, post in self.postfixes.items():
-            layout = FolderLayout(str(root), postfix=post, extension=".nii.gz", parent=True, makedirs=False)
-            paths[key] = Path(layout.filename(subject=case))
+        """``output_dir/<case>/<case>_<postfix>.nii.gz`` (MONAI ``SaveImage``'s separate-folder layout, the case
+        name kept whole: ``FolderLayout`` would cut it at its first dot), the overview and the DICOM outputs,
+        each checked to lie in the case folder inside ``output_dir``."""
+        names = {key: f"{post}.nii.gz" for key, post in self.postfixes.items()}
         if self.save_png:
-            paths["overview"] = root / case / f"{case}_overview.png"
-        for choice in self.dicom_outputs:
-            key, name = DICOM_OUTPUTS[choice]
-            paths[key] = root / case / f"{case}_{name}"
-        return paths
+            names["overview"] = "overview.png"
+        names.update(DICOM_OUTPUTS[choice] for choice in self.dicom_outputs)
+        return case_output_paths(output_dir if output_dir is not None else self.output_dir, case, names)
 
     def write(self, case: str, item: Mapping[str, Any], out: Mapping[str, np.ndarray],
               output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None,
@@ -906,7 +896,10 @@ def private_temp(case_dir: Path, kind: str = "tmp") -> Path:
 
 def publish_folder(tmp: Path, case_dir: Path, names: Sequence[str]) -> None:
     """Make the complete folder ``tmp`` the case folder in one rename. An existing case folder is moved aside
-    first (rename) and removed after; other files the user kept in it are carried over first."""
+    first (rename) and removed after; other files the user kept in it are carried over first. ``tmp``, the
+    case folder and the moved-aside copy are siblings in the output folder; nothing else is renamed or removed."""
+    if tmp.parent != case_dir.parent or case_dir.name in ("", ".", "..") or not case_dir.parent.is_dir():
+        raise InputError(case_dir, f"cannot publish {tmp.name}: not a case folder beside it in the output folder")
     old = None
     if case_dir.exists():
         for p in case_dir.iterdir():
@@ -946,7 +939,8 @@ def clean_stale_outputs(root: Path) -> list[Path]:
         stem, _, kind = p.name.rpartition(".")
         case, _, owner = stem[1:].partition(_TMP_TAG)
         h, _, pid = owner.rpartition("-")
-        if kind not in ("tmp", "old") or h != host or not pid.isdigit() or _alive(int(pid)):
+        if (kind not in ("tmp", "old") or h != host or not pid.isdigit() or _alive(int(pid))
+                or case in ("", ".", "..")):
             continue
         final = root / case
         if kind == "old" and not final.exists() and p.is_dir():

@@ -1,0 +1,123 @@
+"""A case's identity and the places its outputs may go.
+
+A case is named once, from its input's name, and every writer, ``skip_existing``, the summaries and the DICOM
+outputs use that name. The name is the input's file name with only the known image suffix removed (``.nii.gz``,
+``.nii``, ...), every other character kept: ``1.2.840.113619.100.nii.gz`` is case ``1.2.840.113619.100``; a DICOM
+series folder is named by the folder's own name. Where the file name is only a role (``case_000/mr.nii.gz``), the
+parent folder names the case. The name depends on the input's path alone, so a resumed run finds the same names.
+
+A name that cannot be a folder inside the output folder (empty, ``.``, ``..``, a path separator, a control
+character, longer than :data:`MAX_NAME_BYTES`) is refused, and so are two inputs of one name (compared as a
+case-insensitive file system would: Unicode NFC, case folded), in one line naming both, before any inference.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mtl_med.errors import InputError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_NAME_BYTES",
+    "case_identity",
+    "check_case_name",
+    "check_unique_cases",
+    "path_inside",
+    "case_output_paths",
+]
+
+# image suffixes MONAI's readers take; only these are removed from a file name
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+# file names that say only what the file holds: the case is the folder they are in
+ROLE_STEMS = frozenset({"mr", "ct", "label", "bone", "image", "img", "t2", "t2w"})
+# room for "<case>_seg_uncertainty.nii.gz" and the private ".<case>.mtl_med-<host>-<pid>.tmp" within NAME_MAX (255)
+MAX_NAME_BYTES = 128
+# the infix of the private folders of a run being written (inference.volume.private_temp): never a case name's
+RESERVED_INFIX = ".mtl_med-"
+
+
+def case_identity(path: str | os.PathLike) -> str:
+    """The case name of an input file or DICOM series folder (see the module docstring); not yet checked."""
+    p = Path(path)
+    name = p.name
+    if p.is_dir():
+        return name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            stem = name[: -len(suffix)]  # may be empty or '..': check_case_name refuses those
+            return p.parent.name if stem.lower() in ROLE_STEMS and p.parent.name else stem
+    return name
+
+
+def check_case_name(name: Any, source: Any) -> str:
+    """``name`` if it can name a folder inside the output folder, else an :class:`InputError` naming ``source``
+    (the input file or the datalist) and the problem."""
+    if not isinstance(name, str):
+        raise InputError(source, f"case name must be text, got {type(name).__name__} {name!r}")
+    problem = None
+    if name in ("", ".", ".."):
+        problem = "is empty, '.' or '..'"
+    elif "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        problem = "contains a path separator"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        problem = "contains a control character"
+    elif len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        problem = f"is longer than {MAX_NAME_BYTES} bytes"
+    elif RESERVED_INFIX in name:
+        problem = f"contains {RESERVED_INFIX!r}, which marks a run's private folders"
+    if problem:
+        raise InputError(source, f"case name {name!r} {problem}: rename the input or give the datalist item a "
+                                 '"name" that can be a folder name')
+    return name
+
+
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def check_unique_cases(items: Iterable[Mapping[str, Any]]) -> None:
+    """Refuse two items (``{"name", "mr"}``) of one case name, in one line naming both inputs: their outputs
+    would go to one folder."""
+    seen: dict[str, Mapping[str, Any]] = {}
+    for item in items:
+        key = _folded(item["name"])
+        if key in seen:
+            first = seen[key]
+            raise InputError(item["mr"], f"case name {item['name']!r} is also the case name of {first['mr']} "
+                                         f"({first['name']!r}); their outputs would mix: rename one, or give "
+                                         'datalist items a "name" of their own')
+        seen[key] = item
+
+
+def path_inside(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``path`` resolved, if it lies inside the folder ``root`` (not ``root`` itself), else an :class:`InputError`:
+    no output is written outside the output folder, whatever the names."""
+    root_r, path_r = Path(root).resolve(), Path(path).resolve()
+    if path_r == root_r or root_r not in path_r.parents:
+        raise InputError(path, f"output path is not inside the output folder {root_r}")
+    return path_r
+
+
+def case_output_paths(root: str | os.PathLike, case: str, names: Mapping[str, str]) -> dict[str, Path]:
+    """``{key: root/<case>/<case>_<name>}`` for ``names`` (key -> what follows ``"<case>_"``, e.g.
+    ``"sct.nii.gz"``): MONAI ``SaveImage``'s separate-folder layout with the case name kept whole (MONAI's
+    ``FolderLayout`` cuts a name at its first dot). The case folder is checked to be a child of ``root``, and
+    every file a child of the case folder, before anything is written.
+
+    Raises:
+        InputError: a case name that cannot be a folder name, or a file name that leaves the case folder.
+    """
+    root = Path(root).expanduser().resolve()
+    case_dir = root / check_case_name(case, case)
+    if path_inside(root, case_dir).parent != root:
+        raise InputError(case_dir, f"case folder is not directly inside the output folder {root}")
+    paths = {key: case_dir / f"{case}_{name}" for key, name in names.items()}
+    for path in paths.values():
+        if path_inside(case_dir, path).parent != case_dir:
+            raise InputError(path, f"output file is not directly inside the case folder {case_dir}")
+    return paths
