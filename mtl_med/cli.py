@@ -178,9 +178,7 @@ def job_configs(args: argparse.Namespace, root: Path) -> tuple[list[str], dict[s
             ov["datalist"] = str(src)
             if args.section:
                 ov["datalist_section"] = args.section
-        elif src.is_file():  # one NIfTI file: its folder, this file only
-            ov["input_dir"], ov["input_pattern"] = str(src.parent), src.name
-        else:
+        else:  # a NIfTI file (exactly that file), a folder or a DICOM series folder
             ov["input_dir"] = str(src)
         ov["output_dir"] = str(args.output.expanduser().resolve())
     elif job == "evaluate":
