@@ -196,10 +196,15 @@ def load_checkpoint(network: nn.Module, path: str | os.PathLike, map_location: A
     Raises:
         InputError: naming the checkpoint when it is missing, unreadable or does not match the network.
     """
+    from mtl_med.io import verify_shipped
+
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "checkpoint file does not exist; train one with the bundle's configs/train.json, or "
-                               "add configs/demo.json to --config_file for the demonstration weights")
+                               "use the demonstration weights: add configs/demo.json (mtl-med --config "
+                               "<bundle>/configs/demo.json; python -m monai.bundle run --config_file "
+                               "\"['configs/inference.json','configs/demo.json']\")")
+    verify_shipped(path)
     try:
         ckpt = torch.load(str(path), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -960,7 +965,10 @@ def check_output_dir(path: str | os.PathLike) -> Path:
     Raises:
         InputError: naming the output folder.
     """
+    from mtl_med.io import refuse_shipped
+
     root = Path(path).expanduser().resolve()
+    refuse_shipped(root, what="the outputs")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = private_temp(root / "write-check")

@@ -27,7 +27,7 @@ from monai.transforms import MapTransform, Transform
 
 from mtl_med.data.nifti import check_array, source_name
 from mtl_med.errors import InputError
-from mtl_med.io import atomic_write_json
+from mtl_med.io import atomic_write_json, verify_shipped
 from mtl_med.transforms.n4 import otsu_mask
 
 __all__ = [
@@ -150,6 +150,7 @@ def load_landmarks(path: str | os.PathLike, *, modality: str | None = "mr") -> d
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "landmarks file does not exist")
+    verify_shipped(path)
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
