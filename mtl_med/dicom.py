@@ -50,6 +50,7 @@ RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 DICOMDIR = "1.2.840.10008.1.3.10"
 CT_INTERCEPT = -1024  # stored value 0 is -1024 HU, the bottom of the CT range (A.3)
 MANUFACTURER = "mtl_med"
+BODY_PART = "PELVIS"  # Body Part Examined of outputs whose source names none: what the network is trained on
 MODEL_NAME = "SFG-HighResNet pelvis sCT and organs"
 # display colours (RTSTRUCT) and SNOMED CT codes (SEG) of the label table's organs
 ORGAN_COLOURS = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 255, 0), 5: (180, 90, 40)}
@@ -63,6 +64,10 @@ PATIENT_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBir
                  "StudyDescription", "ReferringPhysicianName")
 TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
+PIXEL_DATA = 0x7FE00010
+UNDEFINED_LENGTH = 0xFFFFFFFF
+
+logger = logging.getLogger(__name__)
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -76,7 +81,57 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _dicom_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and _is_dicom_file(p)]
+    """The DICOM files of a series folder. Anything else beside them (README.txt, .DS_Store, Thumbs.db, a
+    spreadsheet) is left out with one warning naming it, so a user who put a slice there under a wrong format
+    sees why it was not read."""
+    files, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            (files if not p.name.startswith(".") and _is_dicom_file(p) else others).append(p)
+    if others:
+        logger.warning("%s: ignoring %d file(s) that are not DICOM: %s", folder, len(others),
+                       ", ".join(p.name for p in others))
+    return files
+
+
+def _read_slice_header(path: Path) -> Any:
+    """The header of one DICOM file (no pixel data), once :func:`_truncation` finds the file whole.
+
+    Raises:
+        InputError: naming the file when pydicom cannot parse it or it is cut short."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        problem = None if _is_dicomdir(ds) else _truncation(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError, TypeError) as err:
+        raise InputError(path, f"unreadable or truncated DICOM file ({type(err).__name__}: {err})") from err
+    if problem:
+        raise InputError(path, problem)
+    return ds
+
+
+def _is_dicomdir(ds: Any) -> bool:
+    return str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == DICOMDIR
+
+
+def _truncation(path: Path) -> str | None:
+    """Why ``path`` looks cut short (an interrupted copy or download), or None. pydicom reads such a file
+    without an error, as a shorter header or shorter pixel data, and ITK then fails later with a grid or series
+    message that names no file: so the Pixel Data element must be present and end within the file. Only its
+    position and length are read (``defer_size=0``), not the pixels; encapsulated (compressed) pixel data, of
+    undefined length, is read through to its delimiter, which pydicom reports missing with an EOFError."""
+    import pydicom
+
+    size = path.stat().st_size
+    raw = pydicom.dcmread(path, specific_tags=[PIXEL_DATA], defer_size=0).get_item(PIXEL_DATA, keep_deferred=True)
+    if raw is None:
+        return f"truncated or not an image: no complete Pixel Data in its {size} bytes (a file cut short by a copy?)"
+    if raw.length != UNDEFINED_LENGTH and raw.value_tell + raw.length > size:
+        return (f"truncated: its Pixel Data needs {raw.length} bytes from byte {raw.value_tell}, the file ends at "
+                f"byte {size} (a file cut short by a copy?)")
+    return None
 
 
 def is_series_folder(path: str | os.PathLike) -> bool:
@@ -118,29 +173,26 @@ def read_headers(folder: str | os.PathLike, *, role: str = "mr", modality: str |
     """Read and check the headers of one series folder (pydicom, no pixel data).
 
     Raises:
-        InputError: naming the folder (or file) for an empty folder, an unreadable file, more than one series
-            (mixed), a modality other than ``modality``, multi-frame files, slices of different size, spacing or
+        InputError: naming the folder (or file) for an empty folder, an unreadable or truncated file, more than
+            one series (mixed), a modality other than ``modality``, multi-frame files, slices of different size, spacing or
             orientation, two slices at one position, slices not stacked along their normal, and a gap in the
             slice positions (incomplete series).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, f"{role} DICOM series folder does not exist")
     files, dss = [], []
     for f in _dicom_files(folder):
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError) as err:
-            raise InputError(f, f"cannot read DICOM header ({type(err).__name__}: {err})") from err
-        if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == DICOMDIR:
+        ds = _read_slice_header(f)
+        if _is_dicomdir(ds):
             continue
         files.append(f)
         dss.append(ds)
     if not dss:
         raise InputError(folder, f"no DICOM files in the {role} series folder")
+    from mtl_med.data.nifti import check_series_size
+
+    check_series_size(folder, dss)  # rows x columns x files within limits before ITK allocates the volume
     uids = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in dss}
     if len(uids) > 1:
         descs = sorted({f"{getattr(ds, 'Modality', '?')}:{getattr(ds, 'SeriesDescription', '')!r}" for ds in dss})
@@ -239,7 +291,6 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: str | o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine_ras, float)
-    sp = np.linalg.norm(lps[:3, :3], axis=0)
     vol = np.clip(np.rint(np.asarray(volume, float)), -32768, 32767).astype(np.int16)
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     date, time = _now()
@@ -251,14 +302,16 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: str | o
         ds = Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = mr_storage, meta.MediaStorageSOPInstanceUID, "MR"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_id, patient_id, "", "O"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"{patient_id}^", patient_id, "", "O"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = date, time, "1", "", ""
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, 1, k + 1
-        ds.PatientPosition, ds.PositionReferenceIndicator = "HFS", ""
-        ds.ImagePositionPatient = [float(v) for v in lps[:3, :3] @ [0, 0, k] + lps[:3, 3]]
-        ds.ImageOrientationPatient = [float(v) for v in (*(lps[:3, 0] / sp[0]), *(lps[:3, 1] / sp[1]))]
-        ds.PixelSpacing, ds.SliceThickness = [float(sp[1]), float(sp[0])], float(sp[2])
+        ds.PatientPosition, ds.PositionReferenceIndicator, ds.BodyPartExamined = "HFS", "", BODY_PART
+        ds.Manufacturer, ds.ImageType = MANUFACTURER, ["DERIVED", "SECONDARY", "OTHER"]
+        # a made-up acquisition: research mode, the timing attributes (type 2) empty
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "RM", "NONE", "", "2D"
+        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "", "", ""
+        _set_plane(ds, lps, k)
         ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
@@ -274,6 +327,28 @@ def _now() -> tuple[str, str]:
     return t.strftime("%Y%m%d"), t.strftime("%H%M%S")
 
 
+def _ds(value: float) -> Any:
+    """A DS (decimal string) value of at most 16 characters, the VR's limit: a float's own digits often need
+    more (1.459999882257047), which strict readers and validators refuse. Rounded to what 16 characters hold,
+    far below a micrometre for positions and spacings."""
+    from pydicom.valuerep import DSfloat
+
+    return DSfloat(float(value), auto_format=True)
+
+
+def _set_plane(ds: Any, affine_lps: np.ndarray, k: int) -> None:
+    """The Image Plane module of slice ``k`` of a grid whose LPS affine maps (column i, row j, slice k) to mm:
+    position, orientation (row and column cosines), pixel spacing (between rows, between columns), slice
+    thickness (the slice spacing) and slice location (position along the slice normal)."""
+    sp = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    position = affine_lps[:3, :3] @ [0, 0, k] + affine_lps[:3, 3]
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in (*(affine_lps[:3, 0] / sp[0]), *(affine_lps[:3, 1] / sp[1]))]
+    ds.PixelSpacing = [_ds(sp[1]), _ds(sp[0])]
+    ds.SliceThickness = _ds(sp[2])
+    ds.SliceLocation = _ds(position @ (affine_lps[:3, 2] / sp[2]))
+
+
 def _check_grid(arr: np.ndarray, src: SeriesHeaders, what: str) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.shape != src.shape:
@@ -285,12 +360,28 @@ def _check_grid(arr: np.ndarray, src: SeriesHeaders, what: str) -> np.ndarray:
 
 
 def _copy_source(ds: Any, src: Any) -> None:
+    """The Patient, General Study and Frame of Reference modules of the source slice ``src``."""
     for key in PATIENT_STUDY:
         if key in src:
             setattr(ds, key, getattr(src, key))
         elif key in TYPE_2:
             setattr(ds, key, "")
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = getattr(src, "PositionReferenceIndicator", "")
+
+
+def _copy_body_part(ds: Any, src: Any) -> None:
+    """Body Part Examined and Laterality (General Series). Laterality (type 2C) belongs to a paired body part
+    only, and validators judge it by Body Part Examined: so both are copied as the source states them, and a
+    source that names no body part is the pelvis, which has no laterality (empty would mean "unknown")."""
+    if getattr(src, "BodyPartExamined", ""):
+        ds.BodyPartExamined = src.BodyPartExamined
+        if "Laterality" in src:
+            ds.Laterality = src.Laterality
+    else:
+        ds.BodyPartExamined = BODY_PART
+        if getattr(src, "Laterality", ""):
+            ds.Laterality = src.Laterality
 
 
 def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLike, *, series_number: int | None = None,
@@ -334,14 +425,10 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
         ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
         if "PatientPosition" in mr:
             ds.PatientPosition = mr.PatientPosition
-        ds.PositionReferenceIndicator = getattr(mr, "PositionReferenceIndicator", "")
+        _copy_body_part(ds, mr)
         ds.KVP = ""
         ds.AcquisitionNumber = ""
-        ds.ImagePositionPatient = [float(v) for v in src.affine_lps[:3, :3] @ [0, 0, k] + src.affine_lps[:3, 3]]
-        ds.ImageOrientationPatient = [float(v) for v in mr.ImageOrientationPatient]
-        ds.PixelSpacing = [float(v) for v in mr.PixelSpacing]
-        ds.SliceThickness = float(np.linalg.norm(src.affine_lps[:3, 2]))
-        ds.SliceLocation = float(np.asarray(ds.ImagePositionPatient) @ (src.affine_lps[:3, 2] / ds.SliceThickness))
+        _set_plane(ds, src.affine_lps, k)
         ds.Rows, ds.Columns = int(mr.Rows), int(mr.Columns)
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -443,8 +530,7 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID
-    _copy_source(ds, first)
-    del ds.FrameOfReferenceUID  # RTSTRUCT has it only in its referenced frame of reference sequence
+    _copy_source(ds, first)  # the Frame of Reference module too: planning systems and validators expect it
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = series_number if series_number is not None else int(getattr(first, "SeriesNumber", 0) or 0) + 3000
