@@ -92,3 +92,13 @@ def test_training_with_the_demo_config_is_refused_before_it_writes(tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ckpt_dir:") and str(DEMO) in last, res.stderr[-2000:]
     assert _state(DEMO) == before
+
+
+def test_atomic_writers_leave_files_readable_like_any_other(tmp_path):
+    """mkstemp's private 0600 must not reach the output: metrics and figures are shared like the NIfTI files."""
+    mask = os.umask(0o022)
+    try:
+        out = atomic_write_json({"a": 1}, tmp_path / "summary.json")
+    finally:
+        os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -181,9 +181,6 @@ def export_onnx(network: ExportNetwork, path: str | os.PathLike, ckpt_path: str 
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation note
         torch.onnx.export(scripted, (example,), str(tmp), dynamo=False, input_names=["image"], output_names=["pred"],
                           dynamic_axes={"image": axes, "pred": axes}, opset_version=int(opset_version))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # a model file to share, not a private temporary
     logger.info("ONNX network written to %s", path)
     return Path(path)
 
