@@ -20,6 +20,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from typing import Any
 
 import nibabel as nib
 
-__all__ = ["atomic_write", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "shipped_files",
+__all__ = ["atomic_write", "atomic_save_nifti", "atomic_write_json", "atomic_write_text", "json_finite", "shipped_files",
            "refuse_shipped", "verify_shipped", "writable_dir"]
 
 LARGE_FILES = "large_files.yml"
@@ -140,6 +141,17 @@ def atomic_save_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
     with atomic_write(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def json_finite(obj: Any) -> Any:
+    """``obj`` with every NaN / infinite float replaced by None (JSON has neither), through dicts and lists."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_finite(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike, *, indent: int = 2) -> Path:

@@ -24,7 +24,7 @@ import torch
 from monai.metrics import PSNRMetric, compute_dice
 from monai.networks.utils import one_hot
 
-from mtl_med.io import atomic_write, atomic_write_json
+from mtl_med.io import atomic_write, atomic_write_json, json_finite
 from mtl_med.pelvis import CT_RANGE_HU, DICE_ORGANS, LABEL_TABLE, PSNR_ORGANS
 
 __all__ = [
@@ -180,15 +180,5 @@ def write_metrics_summary(rows: Sequence[Mapping[str, Any]], path: str | os.Path
         "metrics": summarize_cases(rows),
         **extra,
     }
-
-    def _clean(o):  # JSON has no NaN / inf
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: _clean(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [_clean(v) for v in o]
-        return o
-
-    atomic_write_json(_clean(summary), path)
+    atomic_write_json(json_finite(summary), path)
     return summary

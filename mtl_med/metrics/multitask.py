@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, mean_absolute_error, precision_score, recall_score
 
-from mtl_med.io import atomic_write_text
+from mtl_med.io import atomic_write_json, atomic_write_text, json_finite
 
 __all__ = [
     "LOWER_IS_BETTER",
@@ -202,15 +202,5 @@ def write_summary_json(
         }
     if extra:
         summary.update(extra)
-
-    def finite(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: finite(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [finite(v) for v in o]
-        return o
-
-    atomic_write_text(json.dumps(finite(summary), indent=2), path)
+    atomic_write_json(json_finite(summary), path)
     return summary

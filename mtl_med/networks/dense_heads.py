@@ -25,14 +25,9 @@ import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Dropout, Norm
 from torch import nn
 
+from .heads import _counts
+
 __all__ = ["UpsampledHeads", "ASPPHeads", "FCNHeads", "DENSE_HEADS"]
-
-
-def _counts(out_channels: Sequence[int]) -> list[int]:
-    counts = [int(c) for c in out_channels]
-    if not counts or min(counts) < 1:
-        raise ValueError(f"heads need at least one task and at least one output per task, got out_channels {counts}")
-    return counts
 
 
 class UpsampledHeads(nn.Module):
