@@ -15,7 +15,6 @@ baseline, the task ones of hard sharing) contribute exactly zero.
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from torch import nn
@@ -96,7 +95,6 @@ class SFG(MultiTaskNetwork):
         if run:
             layers.append(_Towers(nn.Sequential(*(r.build(f) for r in run)) for _ in range(T + 1)))
         self.layers = nn.ModuleList(layers)
-        self._register_load_state_dict_pre_hook(self._map_legacy_keys)
 
     @classmethod
     def refuse(cls, backbone: Backbone) -> str | None:
@@ -212,20 +210,3 @@ class SFG(MultiTaskNetwork):
     def export_architecture(self, path) -> None:
         with open(path, "w") as f:
             json.dump(self.architecture(), f, indent=2)
-
-    # ---- checkpoints of the former SFGHighResNet class (the demo weights): sfg.j / towers.s.g.b
-    _MONAI_BLOCK = {"layers.0.N.": "norm1.", "layers.0.A.": "act1.", "layers.1.conv.": "conv1.", "layers.2.N.": "norm2.", "layers.2.A.": "act2.", "layers.3.conv.": "conv2."}
-
-    def _map_legacy_keys(self, state_dict, prefix, *args):
-        sfg = [i for i, m in enumerate(self.layers) if isinstance(m, SFGConv)]
-        towers = [i for i, m in enumerate(self.layers) if isinstance(m, _Towers)]
-        pattern = re.compile(rf"^{re.escape(prefix)}(sfg|towers)\.(\d+)\.(.*)$")
-        for key in [k for k in state_dict if pattern.match(k)]:
-            kind, j, rest = pattern.match(key).groups()
-            if kind == "towers":
-                g, b, rest = rest.split(".", 2)
-                for old, new in self._MONAI_BLOCK.items():
-                    if rest.startswith(old):
-                        rest = new + rest[len(old):]
-                rest = f"{g}.{b}.{rest}"
-            state_dict[f"{prefix}layers.{(sfg if kind == 'sfg' else towers)[int(j)]}.{rest}"] = state_dict.pop(key)
