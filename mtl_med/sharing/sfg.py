@@ -178,8 +178,16 @@ class SFG(MultiTaskNetwork):
         """Layer name -> ``p`` of shape ``(kernels, T + 1)`` (detached, on CPU), for plotting."""
         return {name: m.groups.probabilities.detach().cpu() for name, m in self.sfg_layers()}
 
+    def group_probability_sums(self) -> dict[str, list[float]]:
+        """Layer name -> the sum of the kernels' class-wise probabilities per group ``G_1..G_T, G_s``, over the
+        number of kernels (section 5.3: "we computed the sum of class-wise probabilities per layer"). A layer
+        whose kernels are 75 % at p_s = 0.4 and 25 % at p_s = 0.9 is 52.5 % shared by this measure; counting
+        most probable groups (:meth:`group_proportions`) would call it 100 % or 25 % shared, by its argmaxes."""
+        return {name: (p.sum(0) / p.shape[0]).tolist() for name, p in self.grouping_probabilities().items()}
+
     def group_proportions(self) -> dict[str, list[float]]:
-        """Layer name -> fraction of kernels whose most probable group is each of ``G_1..G_T, G_s``."""
+        """Layer name -> fraction of kernels whose most probable group is each of ``G_1..G_T, G_s`` (argmax
+        counts; section 5.3's measure is :meth:`group_probability_sums`)."""
         out = {}
         for name, p in self.grouping_probabilities().items():
             counts = torch.bincount(p.argmax(-1), minlength=self.num_tasks + 1).float()
@@ -202,6 +210,7 @@ class SFG(MultiTaskNetwork):
                     "kernels": int(p.shape[0]),
                     "assignment": idx.tolist(),
                     "proportions": dict(zip(groups, (torch.bincount(idx, minlength=len(groups)).float() / len(idx)).tolist())),
+                    "probability_sums": dict(zip(groups, (p.sum(0) / p.shape[0]).tolist())),
                     "mean_entropy": float(torch.special.entr(p).sum(-1).mean()),
                 }
             )

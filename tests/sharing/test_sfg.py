@@ -151,6 +151,21 @@ def test_constant_mask_splits_kernels_in_thirds():
         assert p == pytest.approx([1 / 3] * 3), name
 
 
+def test_probability_sums_are_section_5_3s_measure_not_argmax_counts():
+    """75 % of a layer's kernels at p_s = 0.4 (0.3 for each task) and 25 % at p_s = 0.9: the class-wise
+    probability sums say 52.5 % shared, the argmax counts 100 %. Columns are [G_1, G_2, G_s]."""
+    model = _highresnet(features=(4, 8, 8))
+    name, layer = next(iter(model.sfg_layers()))
+    k = layer.groups.num_kernels
+    p = torch.tensor([[0.3, 0.3, 0.4]] * (3 * k // 4) + [[0.05, 0.05, 0.9]] * (k - 3 * k // 4))
+    with torch.no_grad():
+        layer.groups.theta.copy_(torch.log(torch.expm1(p)))  # softplus^-1: the layer's parametrisation
+    share = 0.4 * (3 * k // 4) / k + 0.9 * (k - 3 * k // 4) / k
+    assert model.group_probability_sums()[name] == pytest.approx([(1 - share) / 2, (1 - share) / 2, share], abs=1e-5)
+    assert model.group_proportions()[name][2] == 1.0
+    assert model.architecture()["layers"][0]["probability_sums"]["shared"] == pytest.approx(share, abs=1e-5)
+
+
 def test_cross_stitch_with_identity_units_equals_single_task():
     torch.manual_seed(0)
     cs = _highresnet(grouping="cross_stitch").eval()
