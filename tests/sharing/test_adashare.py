@@ -230,6 +230,20 @@ def test_task_specific_policy_and_soft_gates(backbone):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_tasks_loss_moves_only_its_own_policy_during_the_search(backbone):
+    """Section 3.2: each task samples its own soft gates from its own logits. With the loss of task "a" alone (no
+    regulariser), task "b"'s logits get exactly zero gradient and "a"'s do not; gates pooled over the tasks in
+    the search would give "b" the gradient of "a"'s loss (and make task-specific policies unlearnable)."""
+    net = _net(backbone).train()
+    set_policy_mode(net, "learn")
+    y = net(torch.randn(2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    y["a"].square().sum().backward()
+    grad = net.policy.logits.grad
+    assert grad[1].abs().sum() == 0
+    assert grad[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_learn_mode_is_soft_and_seeded(backbone):
     net = _net(backbone).train()
     set_policy_mode(net, "learn")
