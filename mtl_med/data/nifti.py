@@ -7,6 +7,12 @@ Every check raises :class:`~mtl_med.errors.InputError` whose message names the f
 anything is written. The roles, the label table and the datalist image keys are the pelvis application's
 (:mod:`mtl_med.pelvis`).
 
+Size limits: a volume is read only after its header is checked (:func:`check_claimed_size`), so a tiny file
+whose header claims a huge grid (a gzip "bomb", a corrupt header) is refused in one line instead of driving
+the process out of memory. A header may claim at most :data:`MAX_VOXELS` voxels (2^30: a 1024^3 grid, far
+above any pelvic scan; override with the environment variable ``MTL_MED_MAX_VOXELS`` or the ``max_voxels``
+argument) and no more bytes than the memory available.
+
 Typical use::
 
     img = check_volume("case/mr.nii.gz", role="mr")        # nibabel image, data verified
@@ -17,7 +23,9 @@ Typical use::
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,12 +33,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from mtl_med.errors import InputError  # noqa: F401  (also importable from here: the checks raise it)
+from mtl_med.errors import ConfigError, InputError  # noqa: F401  (InputError also importable from here)
 from mtl_med.pelvis import BINARY_ROLES, IMAGE_KEYS, LABEL_TABLE, SIGNAL_ROLES
 
 __all__ = [
     "InputError",
     "check_volume",
+    "read_header",
+    "check_claimed_size",
+    "check_series_size",
+    "voxel_limit",
+    "available_memory",
+    "MAX_VOXELS",
+    "MAX_VOXELS_ENV",
     "check_array",
     "check_overlap",
     "check_case",
@@ -42,6 +57,141 @@ __all__ = [
 
 # datalist keys that may name a DICOM series folder instead of a NIfTI file, and the series' modality
 DICOM_ROLES = {"mr": "MR", "ct": "CT"}
+
+# voxels a header may claim: 2^30 (a 1024^3 grid, 2 GB of int16) is far above any real scan, far below a bomb
+MAX_VOXELS = 2**30
+MAX_VOXELS_ENV = "MTL_MED_MAX_VOXELS"
+
+
+def voxel_limit(limit: int | None = None) -> int:
+    """The voxel limit in force: ``limit`` if given, else ``$MTL_MED_MAX_VOXELS`` (a whole number or ``2^N``),
+    else :data:`MAX_VOXELS`.
+
+    Raises:
+        ConfigError: naming ``MTL_MED_MAX_VOXELS`` (or ``max_voxels``) when the value is not a positive number.
+    """
+    name, value = ("max_voxels", limit) if limit is not None else (MAX_VOXELS_ENV, os.environ.get(MAX_VOXELS_ENV))
+    if value is None or value == "":
+        return MAX_VOXELS
+    text = str(value).strip()
+    power = re.fullmatch(r"2\s*(?:\^|\*\*)\s*(\d+)", text)
+    try:
+        n = 2 ** int(power.group(1)) if power else int(text)
+    except ValueError:
+        n = 0
+    if isinstance(value, bool) or n < 1:
+        raise ConfigError(name, f"must be a positive whole number of voxels (or 2^N), got {value!r}")
+    return n
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _sysconf_available() -> int | None:
+    try:
+        pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this container's memory limit (cgroup v2, then v1): a container is killed there,
+    however much memory the host has."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+            if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+                return max(0, int(limit) - int(usage))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable (Linux; free pages elsewhere), less where a
+    container's memory limit is lower; None where the system does not say (the memory check is then skipped)."""
+    known = [m for m in (_meminfo_available() or _sysconf_available(), _cgroup_headroom()) if m is not None]
+    return min(known) if known else None
+
+
+def _one_line(err: BaseException) -> str:
+    # nibabel's messages may span lines ("... got 480 bytes from \n - could the file be damaged?")
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _size_text(nbytes: int) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}" if nbytes < 1000 * 1e15 else f"{nbytes:.2g} bytes"
+    return f"{nbytes} bytes"
+
+
+def _limit_text(limit: int) -> str:
+    power = limit.bit_length() - 1
+    return f"2^{power}" if limit == 2**power else f"{limit:,}"
+
+
+def check_claimed_size(path: Any, shape: Sequence[int], dtype: Any, *, max_voxels: int | None = None) -> None:
+    """Refuse a grid that a header claims before anything is allocated for it.
+
+    Args:
+        path: the file (or DICOM folder) named in the error.
+        shape: the claimed dimensions (header only; nothing is read).
+        dtype: the stored voxel type (numpy dtype or anything ``np.dtype`` takes).
+        max_voxels: the voxel limit (None: ``$MTL_MED_MAX_VOXELS``, else :data:`MAX_VOXELS`; see :func:`voxel_limit`).
+
+    Raises:
+        InputError: one line naming ``path`` and the claimed size, for a dimension below 1 (empty or corrupt
+            header), more voxels than the limit, or more bytes than :func:`available_memory`.
+    """
+    dims = [int(n) for n in shape]
+    if any(n < 0 for n in dims):
+        raise InputError(path, f"corrupt header: it claims shape {tuple(dims)}, a negative dimension")
+    if any(n == 0 for n in dims):
+        raise InputError(path, f"empty volume (the header claims shape {tuple(dims)})")
+    dtype = np.dtype(dtype)
+    voxels = math.prod(dims)  # Python ints: no overflow however absurd the claim
+    nbytes = voxels * dtype.itemsize
+    claim = f"header claims {' x '.join(map(str, dims))} voxels of {dtype} ({_size_text(nbytes)})"
+    limit = voxel_limit(max_voxels)
+    if voxels > limit:
+        raise InputError(path, f"{claim}, more than the limit of {_limit_text(limit)} voxels ({MAX_VOXELS_ENV})")
+    memory = available_memory()
+    if memory is not None and nbytes > memory:
+        raise InputError(path, f"{claim}, more than the {_size_text(memory)} of memory available")
+
+
+def check_series_size(folder: Any, datasets: Sequence[Any], *, max_voxels: int | None = None) -> None:
+    """:func:`check_claimed_size` for a DICOM series from its headers (pydicom datasets, no pixel data): columns
+    x rows x files (x samples per pixel), at the largest size any slice claims, in the stored integer type.
+    Attributes that are missing or unreadable are left to :func:`mtl_med.dicom.read_headers`'s own checks."""
+    def largest(attr: str, default: int) -> int:
+        values = []
+        for ds in datasets:
+            try:
+                values.append(int(getattr(ds, attr, default)))
+            except (TypeError, ValueError):
+                values.append(default)
+        return max(values, default=default)
+
+    shape = [largest("Columns", 1), largest("Rows", 1), len(datasets)]
+    if largest("SamplesPerPixel", 1) > 1:  # colour: each pixel holds several samples
+        shape.append(largest("SamplesPerPixel", 1))
+    bits = largest("BitsAllocated", 16)
+    nbytes = next((n for n in (1, 2, 4) if 8 * n >= bits), 8)  # the numpy integer ITK reads the samples into
+    dtype = np.dtype(f"{'i' if largest('PixelRepresentation', 0) == 1 else 'u'}{nbytes}")
+    check_claimed_size(folder, shape, dtype, max_voxels=max_voxels)
 
 
 def _series_geometry(path: Any, role: str) -> tuple[tuple[int, ...], np.ndarray]:
@@ -110,11 +260,12 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
             raise InputError(path, f"{role} mask must be binary (0/1), found values {values[:10].tolist()}")
 
 
-def check_volume(path: str | os.PathLike, *, role: str = "mr") -> nib.Nifti1Image:
-    """Load a NIfTI volume and check it; returns the nibabel image (data already read and verified).
+def read_header(path: str | os.PathLike, *, role: str = "mr", max_voxels: int | None = None) -> Any:
+    """Open an image file lazily (nibabel reads the header only) and check the size it claims; returns the
+    nibabel image, its voxels still unread.
 
     Raises:
-        InputError: missing, unreadable or truncated file; not 3D; empty; NaN / inf; see :func:`check_array`.
+        InputError: missing file, unreadable header, a claim beyond the limits (see :func:`check_claimed_size`).
     """
     path = Path(path)
     if not path.is_file():
@@ -122,7 +273,22 @@ def check_volume(path: str | os.PathLike, *, role: str = "mr") -> nib.Nifti1Imag
     try:
         img = nib.load(str(path))
     except Exception as err:  # nibabel raises several types for a bad header
-        raise InputError(path, f"cannot read as NIfTI ({type(err).__name__}: {err})") from err
+        raise InputError(path, f"cannot read as NIfTI ({_one_line(err)})") from err
+    check_claimed_size(path, img.header.get_data_shape(), img.header.get_data_dtype(), max_voxels=max_voxels)
+    return img
+
+
+def check_volume(path: str | os.PathLike, *, role: str = "mr", max_voxels: int | None = None) -> nib.Nifti1Image:
+    """Load a NIfTI volume and check it; returns the nibabel image (data already read and verified). The
+    header is checked before any voxel is read: at most ``max_voxels`` voxels (None: ``$MTL_MED_MAX_VOXELS``,
+    else :data:`MAX_VOXELS` = 2^30) and no more bytes than the memory available.
+
+    Raises:
+        InputError: missing, unreadable or truncated file; a header claiming too large (or an empty / negative)
+            grid; not 3D; NaN / inf; see :func:`check_claimed_size` and :func:`check_array`.
+    """
+    path = Path(path)
+    img = read_header(path, role=role, max_voxels=max_voxels)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
     if len(img.shape) != 3:
@@ -130,7 +296,7 @@ def check_volume(path: str | os.PathLike, *, role: str = "mr") -> nib.Nifti1Imag
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated gzip stream / short file
-        raise InputError(path, f"truncated or corrupt voxel data ({type(err).__name__}: {err})") from err
+        raise InputError(path, f"truncated or corrupt voxel data ({_one_line(err)})") from err
     check_array(data, path, role=role, spatial_ndim=3)
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:

@@ -13,7 +13,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, MapTransform
 
-from mtl_med.data.nifti import check_array, check_overlap, source_name
+from mtl_med.data.nifti import check_array, check_claimed_size, check_overlap, source_name
 from mtl_med.errors import InputError
 
 __all__ = ["as_metatensor", "LoadVolumesd", "CheckVolumesd", "CheckGeometryd", "AddMaskd", "CheckedCompose", "unwrap_input_error"]
@@ -51,6 +51,8 @@ def as_metatensor(obj: Any, affine: Any = None, name: str = "<in-memory volume>"
             aff = np.asarray(orientation_ras_lps(aff), float)
         name = source_name(obj, name)
     elif isinstance(obj, (nib.Nifti1Image, nib.Nifti2Image)):
+        if nib.is_proxy(obj.dataobj):  # still on disk: its header's claim is checked before the read
+            check_claimed_size(obj.get_filename() or name, obj.header.get_data_shape(), obj.get_data_dtype())
         arr, aff = np.asanyarray(obj.dataobj), obj.affine
         meta["original_affine"] = np.asarray(obj.affine, float)
     elif type(obj).__module__.startswith("SimpleITK"):
@@ -104,20 +106,26 @@ class LoadVolumesd(MapTransform):
     series folder is read by :func:`mtl_med.dicom.load_series` (headers checked, MONAI's ``ITKReader``), so
     training and evaluation take DICOM wherever inference does.
 
+    Whether or not ``check`` is set, each file's header is read first and a volume claiming more than
+    ``max_voxels`` voxels or more bytes than the memory available is refused before any voxel is read
+    (:func:`mtl_med.data.nifti.check_claimed_size`).
+
     Args:
         keys: keys holding file paths ("mr", "ct", "label", ...).
         check: run the checks (a second read of the header; the voxels are read once by the checks and once
             by MONAI, cheap next to N4).
         allow_missing_keys: skip keys absent from the item (inference-only items have no "ct" / "label").
+        max_voxels: the most voxels a header may claim (None: ``$MTL_MED_MAX_VOXELS``, else 2^30).
     """
 
     def __init__(self, keys: KeysCollection = ("mr", "ct", "label"), check: bool = True,
-                 allow_missing_keys: bool = True) -> None:
+                 allow_missing_keys: bool = True, max_voxels: int | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.check = check
+        self.max_voxels = max_voxels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from mtl_med.data.nifti import DICOM_ROLES, check_volume
+        from mtl_med.data.nifti import DICOM_ROLES, check_volume, read_header
 
         d = dict(data)
         for key in self.key_iterator(d):  # a DICOM series folder (mr, ct): checked headers, then MONAI's ITK reader
@@ -132,9 +140,11 @@ class LoadVolumesd(MapTransform):
         for key in self.key_iterator(d):  # volumes given in memory (see as_metatensor) are used as they are
             if key not in files and not isinstance(d[key], MetaTensor):
                 d[key] = as_metatensor(d[key], name=f"<in-memory {key}>")
-        if self.check:
-            for key in files:
-                check_volume(d[key], role=str(key))
+        for key in files:  # the header's claim first, the voxels after (a tiny file may claim terabytes)
+            if self.check:
+                check_volume(d[key], role=str(key), max_voxels=self.max_voxels)
+            else:
+                read_header(d[key], role=str(key), max_voxels=self.max_voxels)
         if not files:
             return d
         try:
