@@ -14,6 +14,12 @@ highdicom, contourpy).
 
 Every output is marked research use only (series description, image comments, derivation description): a
 synthetic CT and automatic contours from this package are not a clinical device.
+
+Every output names what made it (``provenance``: a :class:`~mtl_med.provenance.ModelIdentity`, the package
+alone when none is given): a Contributing Equipment Sequence item (purpose DCM 109102 "Processing Equipment";
+model name; Software Versions: the package, the model, the weights' MD5; the weights' MD5 as the Device Serial
+Number), the CT series' Derivation Description and the SEG's Algorithm Identification (version, and the
+weights' MD5 among its parameters) too.
 """
 
 from __future__ import annotations
@@ -370,6 +376,35 @@ def _copy_source(ds: Any, src: Any) -> None:
     ds.PositionReferenceIndicator = getattr(src, "PositionReferenceIndicator", "")
 
 
+def _identity(provenance: Any) -> Any:
+    from mtl_med.provenance import package_identity
+
+    return provenance if provenance is not None else package_identity()
+
+
+def _weights(ident: Any) -> str:
+    return f"weights MD5 {ident.weights_md5}" if ident.weights_md5 else "weights not from a file"
+
+
+def _contributing_equipment(ident: Any, what: str) -> Any:
+    """One Contributing Equipment Sequence item (SOP Common module): this package as the processing equipment
+    that made ``what`` from the source series, with the model and the weights' MD5."""
+    from pydicom.dataset import Dataset
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "109102", "DCM", "Processing Equipment"
+    eq = Dataset()
+    eq.Manufacturer = MANUFACTURER
+    eq.ManufacturerModelName = ident.model[:64]
+    eq.DeviceSerialNumber = ident.weights_md5 or "none"
+    eq.SoftwareVersions = ident.software_versions()
+    eq.ContributionDateTime = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
+    eq.ContributionDescription = (f"{what} by {MODEL_NAME} ({ident.model}, mtl_med {ident.package_version}, "
+                                  f"{_weights(ident)}); {RESEARCH_ONLY}")
+    eq.PurposeOfReferenceCodeSequence = [code]
+    return eq
+
+
 def _copy_body_part(ds: Any, src: Any) -> None:
     """Body Part Examined and Laterality (General Series). Laterality (type 2C) belongs to a paired body part
     only, and validators judge it by Body Part Examined: so both are copied as the source states them, and a
@@ -385,7 +420,7 @@ def _copy_body_part(ds: Any, src: Any) -> None:
 
 
 def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLike, *, series_number: int | None = None,
-                    description: str = "Synthetic CT from MR") -> list[Path]:
+                    description: str = "Synthetic CT from MR", provenance: Any = None) -> list[Path]:
     """The synthetic CT as a CT series, one file per slice of the source grid (same positions, orientation and
     spacing), stored as unsigned 16 bit with Rescale Slope 1 and Intercept -1024 (HU = stored - 1024; HU are
     rounded to integers), in the source's patient, study and frame of reference, each slice referencing its MR
@@ -397,6 +432,8 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
     from mtl_med import __version__
 
     hu = _check_grid(hu, src, "synthetic CT")
+    ident = _identity(provenance)
+    equipment = _contributing_equipment(ident, "Synthetic CT predicted from the MR series")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stored = np.clip(np.rint(hu) - CT_INTERCEPT, 0, np.iinfo(np.uint16).max).astype(np.uint16)
@@ -418,11 +455,13 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, number, k + 1
         ds.SeriesDescription = f"{description} - {RESEARCH_ONLY}"[:64]
         ds.ImageComments = f"{RESEARCH_ONLY}: synthetic CT computed from MR series {mr.SeriesInstanceUID}"
-        ds.DerivationDescription = f"Synthetic CT predicted by {MODEL_NAME} ({MANUFACTURER}); {RESEARCH_ONLY}"
+        ds.DerivationDescription = (f"Synthetic CT predicted by {MODEL_NAME} ({MANUFACTURER} {ident.package_version}, "
+                                    f"{ident.model}, {_weights(ident)}); {RESEARCH_ONLY}")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.SeriesDate = ds.ContentDate = date
         ds.SeriesTime = ds.ContentTime = time
         ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
+        ds.ContributingEquipmentSequence = [equipment]
         if "PatientPosition" in mr:
             ds.PatientPosition = mr.PatientPosition
         _copy_body_part(ds, mr)
@@ -451,7 +490,7 @@ def _label_slices(labels: np.ndarray, src: SeriesHeaders) -> np.ndarray:
 
 
 def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
-              label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None) -> Path:
+              label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None, provenance: Any = None) -> Path:
     """The label map as a binary DICOM SEG (highdicom), one segment per organ of ``label_table`` (SNOMED CT
     codes), frames referencing the source MR slices."""
     import highdicom as hd
@@ -463,8 +502,10 @@ def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *
     logging.getLogger("highdicom").setLevel(max(logging.getLogger("highdicom").level, logging.WARNING))  # a line per module
     frames = _label_slices(labels, src)
     organs = [lab for lab in sorted(label_table) if lab > 0]
-    algo = hd.AlgorithmIdentificationSequence(name=MODEL_NAME, version=__version__,
-                                              family=codes.cid7162.ArtificialIntelligence)
+    ident = _identity(provenance)
+    params = {"mtl_med": ident.package_version, "model": ident.model, "weights_md5": ident.weights_md5 or "none"}
+    algo = hd.AlgorithmIdentificationSequence(name=MODEL_NAME, version=f"{ident.model} (mtl_med {ident.package_version})"[:64],
+                                              family=codes.cid7162.ArtificialIntelligence, parameters=params)
     descs = []
     for n, lab in enumerate(organs, start=1):
         value, meaning = ORGAN_CODES.get(lab, ("91723000", "Anatomical Structure"))
@@ -483,11 +524,13 @@ def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *
         source_images=list(src.datasets), pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=number,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME, software_versions=__version__, device_serial_number="none",
+        manufacturer_model_name=MODEL_NAME, software_versions=__version__, device_serial_number=ident.weights_md5 or "none",
         series_description=f"Organs - {RESEARCH_ONLY}"[:64], content_label="ORGANS",
         content_description=RESEARCH_ONLY[:64], omit_empty_frames=False,
     )
     seg.ImageComments = f"{RESEARCH_ONLY}: automatic segmentation of MR series {first.SeriesInstanceUID}"
+    seg.ContributingEquipmentSequence = [*seg.get("ContributingEquipmentSequence", []),
+                                         _contributing_equipment(ident, "Organ segmentation predicted from the MR series")]
     path = Path(path)
     seg.save_as(path)
     return path
@@ -506,7 +549,8 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
-                   label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None) -> Path:
+                   label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None,
+                   provenance: Any = None) -> Path:
     """The label map as an RT Structure Set: one ROI per organ of ``label_table``, closed planar contours per
     slice in patient coordinates, each referencing its MR slice.
 
@@ -521,6 +565,7 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     from mtl_med import __version__
 
     frames = _label_slices(labels, src)
+    ident = _identity(provenance)
     first = src.datasets[0]
     date, time = _now()
     meta = FileMetaDataset()
@@ -542,6 +587,7 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     ds.StructureSetDate = ds.SeriesDate = date
     ds.StructureSetTime = ds.SeriesTime = time
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
+    ds.ContributingEquipmentSequence = [_contributing_equipment(ident, "Organ contours predicted from the MR series")]
     ds.OperatorsName = ""
     ds.ApprovalStatus = "UNAPPROVED"
 

@@ -47,6 +47,7 @@ from mtl_med.errors import CaseFailures, InputError, as_bool
 from mtl_med.inference.cases import case_identity, case_output_paths, check_case_name, check_unique_cases
 from mtl_med.inference.posterior import AUTO_LABEL_TOL, AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES, AUTO_REGRESSION_TOL, PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
+from mtl_med.provenance import RUN_RECORD
 from mtl_med.transforms.intensity import network_to_hu
 from mtl_med.transforms.io import as_metatensor, unwrap_input_error
 from mtl_med.transforms.spatial import invert_to_input
@@ -577,6 +578,7 @@ class VolumePredictor:
         (``data``: its preprocessing done already, e.g. in a DataLoader worker)."""
         t0 = time.perf_counter()
         pre = "done before"
+        data_given = data is not None
         if data is None:
             logger.info("%s: preprocessing (orientation, N4, histogram standardisation, resampling)", item.get("name"))
             data = self.preprocess(item)
@@ -591,12 +593,18 @@ class VolumePredictor:
         t2 = time.perf_counter()
         out = self.to_input_grid(data, maps)
         metrics = self.metrics(data, maps, item)
+        passes: dict[str, Any] = {"num_samples": self.num_samples, "adaptive": adaptive}
         if adaptive:
             used = self.sampler.passes_used()
             metrics = {**metrics, "passes": used["mean"]}
+            passes["per_slice_batch"] = used
             logger.info("%s: %.1f passes per slice batch on average (%d-%d)", item.get("name"), used["mean"], used["min"], used["max"])
+        t3 = time.perf_counter()
         logger.info("%s: preprocessing %s, %s-sample inference %.1f s, resampling back %.1f s",
-                    item.get("name", item["mr"]), pre, "adaptive" if adaptive else self.num_samples, t2 - t1, time.perf_counter() - t2)
+                    item.get("name", item["mr"]), pre, "adaptive" if adaptive else self.num_samples, t2 - t1, t3 - t2)
+        # for the case's run record (write): seconds per step, the passes made
+        self._case_info = {"case": item.get("name"), "passes": passes, "timings": {
+            "preprocess": None if data_given else t1 - t0, "inference": t2 - t1, "resampling": t3 - t2}}
         return out, maps, metrics, data
 
     # ---- writing
@@ -608,16 +616,29 @@ class VolumePredictor:
         if self.save_png:
             names["overview"] = "overview.png"
         names.update(DICOM_OUTPUTS[choice] for choice in self.dicom_outputs)
+        names["run_record"] = RUN_RECORD  # written last, so a case folder with it is the complete set
         return case_output_paths(output_dir if output_dir is not None else self.output_dir, case, names)
 
     def write(self, case: str, item: Mapping[str, Any], out: Mapping[str, np.ndarray],
               output_dir: str | os.PathLike | None = None, metrics: Mapping[str, float] | None = None,
-              reference: Any = None) -> dict[str, Path]:
+              reference: Any = None, source: Mapping[str, Any] | None = None,
+              timings: Mapping[str, Any] | None = None) -> dict[str, Path]:
         """Write a case's outputs with the input MR's geometry (its NIfTI header when it is a file, else
         ``reference``: the input as a MetaTensor; DICOM outputs on the grid of the series ``item["dicom_mr"]``),
         whole or not at all: every file goes into a private temporary folder beside the case folder, which
         replaces the case folder only when all are written
-        (:func:`publish_folder`). A killed run leaves only that temporary folder, which the next run removes."""
+        (:func:`publish_folder`). A killed run leaves only that temporary folder, which the next run removes.
+
+        Every NIfTI's ``descrip`` names the package, model and weights (:mod:`mtl_med.provenance`); the run
+        record ``<case>_run.json``, written last into the same folder, holds the digests of the inputs
+        (``source``: the item as given, before DICOM reading; default ``item``), the weights, the settings,
+        the software, the machine and the seconds of each step (``timings``, added to those :meth:`predict_item`
+        kept for this case)."""
+        from mtl_med import provenance
+
+        t_write = time.perf_counter()
+        ident = provenance.model_identity(self)
+        descrip = ident.descrip()
         paths = self.output_paths(case, output_dir)
         case_dir = paths[next(iter(self.postfixes))].parent
         mr = item["mr"]
@@ -642,6 +663,7 @@ class VolumePredictor:
                 img = nib.Nifti1Image(arr, affine, header=header)
                 img.set_data_dtype(dtypes[key])
                 img.header.set_slope_inter(1.0, 0.0)
+                img.header["descrip"] = descrip
                 nib.save(img, str(tmp / path.name))
             if "overview" in paths:
                 from mtl_med.inference.overview import save_overview
@@ -652,7 +674,14 @@ class VolumePredictor:
                               affine=affine, sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
                               title=case, metrics=metrics, uncertainty_name=self.uncertainty)
             if self.dicom_outputs:
-                self._write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()})
+                self._write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()}, identity=ident)
+            info = getattr(self, "_case_info", None) or {}
+            info = info if info.get("case") == case else {}
+            steps = {**info.get("timings", {}), **dict(timings or {}), "writing": time.perf_counter() - t_write}
+            record = provenance.run_record(self, case, source if source is not None else item,
+                                           [p.name for p in paths.values()], timings=steps,
+                                           passes=info.get("passes"), metrics=metrics, identity=ident)
+            provenance.write_run_record(record, tmp / paths["run_record"].name)
             # DICOM outputs of an earlier run with other settings are ours too: never carried over stale
             ours = [p.name for p in paths.values()] + [f"{case}_{name}" for _, name in DICOM_OUTPUTS.values()]
             publish_folder(tmp, case_dir, ours)
@@ -661,19 +690,25 @@ class VolumePredictor:
             raise
         return paths
 
-    def _write_dicom(self, item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path]) -> None:
+    def _write_dicom(self, item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
+                     identity: Any = None) -> None:
+        """The DICOM outputs, each naming the package, model and weights' MD5 (``identity``, a
+        :class:`~mtl_med.provenance.ModelIdentity`) as its contributing equipment."""
         from mtl_med import dicom
+        from mtl_med.provenance import model_identity
+
+        ident = identity if identity is not None else model_identity(self)
 
         src = item.get("dicom_mr")
         if src is None:
             raise InputError(item.get("mr", "<MR>"), "DICOM outputs need a DICOM MR series as input")
         seg = np.rint(out["seg"]).astype(np.uint8)
         if "dicom_ct" in paths:
-            dicom.write_ct_series(out["sct"], src, paths["dicom_ct"])
+            dicom.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=ident)
         if "dicom_seg" in paths:
-            dicom.write_seg(seg, src, paths["dicom_seg"])
+            dicom.write_seg(seg, src, paths["dicom_seg"], provenance=ident)
         if "dicom_rtstruct" in paths:
-            dicom.write_rtstruct(seg, src, paths["dicom_rtstruct"])
+            dicom.write_rtstruct(seg, src, paths["dicom_rtstruct"], provenance=ident)
 
     # ---- runs
     def predict_case(self, mr: Any, affine: Any = None, output_dir: str | os.PathLike | None = None,
@@ -698,14 +733,18 @@ class VolumePredictor:
         it = {"name": name, "mr": mr_in,
               **{k: (str(v) if isinstance(v, (str, os.PathLike)) else as_metatensor(v, name=f"<in-memory {k}>"))
                  for k, v in item.items()}}
+        given = it
+        t_read = time.perf_counter()
         it = self.read_dicom_inputs(it)
+        t_read = time.perf_counter() - t_read
         with tqdm(total=None, desc=f"{name} slice passes", unit="img", leave=False, disable=not self.progress) as bar:
             out, _, metrics, _ = self.predict_item(it, progress=bar)
         result: dict[str, Any] = dict(out)
         result["seg"] = np.rint(out["seg"]).astype(np.uint8)
         if output_dir is not None:
             ref = None if isinstance(it["mr"], str) else it["mr"]
-            result["paths"] = {k: str(v) for k, v in self.write(name, it, out, output_dir, metrics, ref).items()}
+            written = self.write(name, it, out, output_dir, metrics, ref, source=given, timings={"read_dicom": t_read})
+            result["paths"] = {k: str(v) for k, v in written.items()}
         if sitk_layout:
             result = {k: np.ascontiguousarray(np.transpose(v, (2, 1, 0))) if isinstance(v, np.ndarray) else v
                       for k, v in result.items()}
@@ -785,7 +824,10 @@ class VolumePredictor:
         done: dict[str, Any] = {}
         failed: dict[str, str] = {}
         bar = tqdm(total=len(mine), desc="cases", unit="case", disable=not self.progress)
+        t_wait = time.perf_counter()
         for item, loaded, data, error in self._prepared(mine, num_workers):
+            # reading + preprocessing in this process, or (num_workers > 0) the wait for a worker's case
+            waited = {"read_and_preprocess" if num_workers <= 0 else "waiting_for_workers": time.perf_counter() - t_wait}
             case = item["name"]
             bar.set_postfix_str(case)
             try:
@@ -795,7 +837,7 @@ class VolumePredictor:
                               disable=not self.progress)
                 with passes:
                     out, maps, metrics, _ = self.predict_item(loaded, progress=passes, data=data)
-                paths = self.write(case, loaded, out, out_root, metrics) if save_outputs else {}
+                paths = self.write(case, loaded, out, out_root, metrics, source=item, timings=waited) if save_outputs else {}
                 done[case] = {"paths": {k: str(v) for k, v in paths.items()}, "metrics": metrics}
                 if on_case is not None:
                     on_case(case, done[case])
@@ -810,6 +852,7 @@ class VolumePredictor:
                 logger.error("case %s failed: %s", case, msg)
                 logger.debug("traceback of %s", case, exc_info=True)
             bar.update(1)
+            t_wait = time.perf_counter()
         bar.close()
         logger.info("%d case(s) done, %d skipped, %d failed%s", len(done), len(skipped), len(failed),
                     f" on rank {rank}" if world > 1 else "")
