@@ -63,7 +63,13 @@ def Predictor(bundle: str | os.PathLike | None = None, config_file: Any = None, 
 
     ``overrides`` are config ids, e.g. ``num_samples=10, ckpt_path="model.pt", device="cpu", seed=1``.
     """
-    predictor = bundle_parser(bundle, config_file, **overrides).get_parsed_content("predictor")
+    from mtl_med.provenance import set_config_source
+
+    parser = bundle_parser(bundle, config_file, **overrides)
+    predictor = parser.get_parsed_content("predictor")
+    root = Path(bundle) if bundle is not None else default_bundle()
+    files = config_file if config_file is not None else root / "configs" / "inference.json"
+    set_config_source(predictor, root, files if isinstance(files, (list, tuple)) else [files], overrides)
     predictor.setup()
     return predictor
 

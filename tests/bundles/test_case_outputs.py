@@ -54,7 +54,8 @@ def test_dotted_names_are_separate_cases_and_resume(env):
     assert sorted(res["cases"]) == sorted(CASES)
     for case in CASES:
         files = sorted(p.name for p in (out / case).iterdir())
-        assert files == sorted(f"{case}_{k}.nii.gz" for k in ("sct", "seg", "sct_std", "seg_uncertainty"))
+        assert files == sorted([*(f"{case}_{k}.nii.gz" for k in ("sct", "seg", "sct_std", "seg_uncertainty")),
+                                f"{case}_run.json"])
         mine = nib.load(str(inp / f"{case}.nii.gz")).shape
         assert nib.load(str(out / case / f"{case}_sct.nii.gz")).shape == mine  # its own, not another case's
     assert sorted(p.name for p in out.iterdir()) == sorted(CASES)

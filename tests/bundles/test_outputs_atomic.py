@@ -41,7 +41,7 @@ CHILD_TIMEOUT_S = 120
 
 
 def _names(case):
-    return sorted(f"{case}_{k}.nii.gz" for k in OUTPUTS)
+    return sorted([*(f"{case}_{k}.nii.gz" for k in OUTPUTS), f"{case}_run.json"])
 
 
 @pytest.fixture(scope="module", autouse=True)

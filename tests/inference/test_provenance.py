@@ -97,8 +97,8 @@ def _record(folder: Path, case: str) -> dict:
 # ----------------------------------------------------------------------------------------------- NIfTI
 def test_every_nifti_names_the_package_model_and_weights(env):
     md5 = env["md5"][:8]
-    want = {"out": f"mtl_med {mtl_med.__version__} SFG md5:{md5}",  # no bundle known: the network class
-            "dcm_out": f"mtl_med {mtl_med.__version__} sfg_highresnet_pelvis 0.1.0 md5:{md5}"}  # built from its config
+    bundle = f"mtl_med {mtl_med.__version__} sfg_highresnet_pelvis 0.1.0 md5:{md5}"  # Predictor: built from its config
+    want = {"out": bundle, "dcm_out": bundle}
     for folder, case in (("out", "case"), ("dcm_out", "t2")):
         for key in NIFTI_OUTPUTS:
             img = nib.load(env["root"] / folder / case / f"{case}_{key}.nii.gz")
