@@ -80,6 +80,7 @@ def cases(shared: Path) -> dict[str, tuple[list[str], dict[str, bytes]]]:
         "random_bytes_checkpoint": (pelvis_cmd(shared, "--ckpt_path", "garbage.pt"),
                                     {"garbage.pt": np.random.default_rng(1).bytes(4096)}),
         "save_png_string": (pelvis_cmd(shared, "--save_png", "false"), {}),
+        "misspelt_id": (pelvis_cmd(shared, "--num_sample", "3"), {}),
         "output_not_creatable": (pelvis_cmd(shared, "--output_dir", "blocker/out"), {"blocker": b"a regular file\n"}),
         "too_small_mr": (pelvis_cmd(shared, "--input_dir", str(shared / "tiny"), "--n4", "True"), {}),
         "vision_flag_string": (vision_cmd(["train.json", "multi_gpu_train.json"], "--ddp_find_unused_parameters", "false"), {}),
@@ -209,6 +210,15 @@ def test_lower_case_boolean_flag_refused_before_inference(runs, case, flag):
     assert "'false'" in line and f"--{flag} False" in line, line
     assert not r.output.exists()  # refused in "initialize", before the run touches the output folder
     assert "ConfigError" in r.log.read_text()
+
+
+def test_misspelt_config_id_is_refused_with_the_closest_one(runs):
+    """MONAI's parser would add the unknown id and run 50 samples; the bundle's "initialize" refuses it first."""
+    r = result(runs, "misspelt_id")
+    line = r.error_line()
+    assert line.startswith("error: num_sample: unknown config id; did you mean 'num_samples'?"), line
+    assert "ConfigError" in r.log.read_text()
+    assert not r.output.exists()  # refused before the run touches the output folder
 
 
 def test_output_folder_that_cannot_be_created_is_named(runs):
