@@ -92,9 +92,24 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_ids(p: argparse.ArgumentParser, ids: dict) -> None:
+def config_defaults(*files: str) -> dict[str, Any]:
+    """The bundle's own value of each top-level config id in ``files`` (of its configs folder, merged in order),
+    for ``--help``: plain values only (an ``@`` reference or a ``$`` expression is shown as such)."""
+    out: dict[str, Any] = {}
+    cfg = default_bundle() / "configs"
+    for name in files:
+        try:
+            out.update(json.loads((cfg / name).read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _add_ids(p: argparse.ArgumentParser, ids: dict, defaults: dict[str, Any] | None = None) -> None:
     for cid, (opt, kind, text, *choices) in ids.items():
-        help_ = f"{text} [config id: {cid}]"
+        shown = (defaults or {}).get(cid)
+        default = f"; bundle default: {json.dumps(shown)}" if shown is not None and not isinstance(shown, dict) else ""
+        help_ = f"{text} [config id: {cid}{default}]".replace("%", "%%")
         more = {"choices": choices[0], "metavar": "{" + ",".join(choices[0]) + "}"} if choices else {}
         if kind == "flag":
             p.add_argument(opt, dest=cid, action="store_const", const=True, default=None, help=help_)
@@ -106,7 +121,7 @@ def _add_ids(p: argparse.ArgumentParser, ids: dict) -> None:
             p.add_argument(opt, dest=cid, type=kind, default=None, help=help_, **more)
 
 
-def _add_common(p: argparse.ArgumentParser, ids: dict | None = None) -> None:
+def _add_common(p: argparse.ArgumentParser, ids: dict | None = None, defaults: dict[str, Any] | None = None) -> None:
     p.add_argument("--bundle", type=Path, default=None,
                    help="bundle folder (default: $MTL_MED_BUNDLE or the checkout's bundles/sfg_highresnet_pelvis) "
                         "[config id: bundle_root]")
@@ -116,13 +131,18 @@ def _add_common(p: argparse.ArgumentParser, ids: dict | None = None) -> None:
                    help="any other config id (VALUE as JSON, else text); repeatable")
     p.add_argument("--print-command", action="store_true",
                    help="print the equivalent python -m monai.bundle command and exit")
-    _add_ids(p, ids if ids is not None else COMMON_IDS)
+    _add_ids(p, ids if ids is not None else COMMON_IDS, defaults)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl-med", description="The common jobs of the pelvis bundle, each a thin "
                                      "layer over its configs; `mtl-med <job> --help` names the config ids an option sets.")
+    from mtl_med import __version__
+
+    parser.add_argument("--version", action="version", version=f"mtl-med {__version__}")
     sub = parser.add_subparsers(dest="job", required=True, metavar="{predict,evaluate,train,prepare}")
+    infer, evaluate, train = (config_defaults("inference.json"), config_defaults("inference.json", "evaluate.json"),
+                              config_defaults("train.json"))
 
     p = sub.add_parser("predict", help="synthetic CT, labels and uncertainty for MR volumes (configs/inference.json)",
                        description="Posterior inference of the bundle on a NIfTI file, a folder of NIfTI files "
@@ -133,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--section", default=None, help="datalist section (default test) [config id: datalist_section]")
     p.add_argument("--nproc", type=int, default=1, help="processes under torchrun, one per GPU "
                                                         "(configs/multi_gpu_inference.json)")
-    _add_ids(p, PREDICT_IDS)
-    _add_common(p)
+    _add_ids(p, PREDICT_IDS, infer)
+    _add_common(p, defaults=infer)
 
     e = sub.add_parser("evaluate", help="Table 2 metrics over a datalist section (configs/evaluate.json)",
                        description="Per-case metrics CSV (written as it goes) and a summary JSON.")
@@ -144,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-outputs", dest="save_outputs", action="store_const", const=True, default=None,
                    help="also write the volumes [config id: save_outputs]")
     e.add_argument("--nproc", type=int, default=1, help="processes under torchrun (configs/multi_gpu_evaluate.json)")
-    _add_ids(e, {k: v for k, v in PREDICT_IDS.items() if k not in ("dicom_outputs",)})
-    _add_common(e)
+    _add_ids(e, {k: v for k, v in PREDICT_IDS.items() if k not in ("dicom_outputs",)}, evaluate)
+    _add_common(e, defaults=evaluate)
 
     t = sub.add_parser("train", help="train the network (configs/train.json)",
                        description="Training with the bundle's train.json; a variant adds configs/variants/<name>.json.")
@@ -155,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "without .json (a wrong name lists them)")
     t.add_argument("--demo", action="store_true", help="the demonstration settings (configs/demo.json)")
     t.add_argument("--nproc", type=int, default=1, help="processes under torchrun (configs/multi_gpu_train.json)")
-    _add_common(t, TRAIN_IDS)
+    _add_common(t, TRAIN_IDS, train)
 
     pr = sub.add_parser("prepare", help="data tools: phantoms, converters, landmarks (python -m data_prep.<tool>)",
                         description="Runs python -m data_prep.<tool> with the remaining arguments; "

@@ -382,3 +382,18 @@ def test_launcher_is_stopped_when_mtl_med_is_killed(tmp_path):
         child = int(_lines(rec)[0].split()[1]) if _lines(rec) else None
         if child and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_version_and_bundle_defaults_in_help(capsys):
+    import mtl_med
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"mtl-med {mtl_med.__version__}"
+    with pytest.raises(SystemExit):
+        cli.main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[config id: num_samples; bundle default: 50]" in text
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "bundle default:" in capsys.readouterr().out
