@@ -111,8 +111,10 @@ def missing(files):
     train, *variants = (json.load(open(f)) for f in files)
     ns, out = {}, []
     for cfg in [train] + sorted(variants, key=lambda c: len(c.get("imports", []))):
-        for line in cfg.get("imports", []):
-            exec(line[1:], ns)
+        # "$import ..." items run where they stand: in "imports", or first in "initialize"
+        for line in [*cfg.get("imports", []), *cfg.get("initialize", [])]:
+            if isinstance(line, str) and line.startswith(("$import", "$from")):
+                exec(line[1:], ns)
         for ref in sorted({r for e in expressions(cfg) for r in re.findall(r"\bmtl_med(?:\.\w+)+", e)}):
             obj = ns["mtl_med"]
             for part in ref.split(".")[1:]:
