@@ -4,6 +4,7 @@
     mtl-med evaluate DATALIST -o OUT [--skip-existing]                          # + configs/evaluate.json
     mtl-med train DATALIST [--variant cross_stitch] [--demo]                    # configs/train.json
     mtl-med prepare phantoms --out demo_data --cases 8                          # python -m data_prep.phantoms
+    mtl-med serve --port 11112 --ae-title MTLMED --destination PACS@host:4242 --work-dir node  # a DICOM node
 
 Every option sets one config id (``--help`` names it); ``--set ID=VALUE`` sets any other (VALUE as JSON, else
 text), exactly as ``python -m monai.bundle run ... --ID VALUE`` would. ``--print-command`` shows that command.
@@ -96,7 +97,8 @@ def config_defaults(*files: str) -> dict[str, Any]:
     """The bundle's own value of each top-level config id in ``files`` (of its configs folder, merged in order),
     for ``--help``: plain values only (an ``@`` reference or a ``$`` expression is shown as such)."""
     out: dict[str, Any] = {}
-    cfg = default_bundle() / "configs"
+    env = os.environ.get("MTL_MED_BUNDLE")  # read as default_bundle would, without importing anything
+    cfg = (Path(env) if env else Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis") / "configs"
     for name in files:
         try:
             out.update(json.loads((cfg / name).read_text()))
@@ -108,8 +110,8 @@ def config_defaults(*files: str) -> dict[str, Any]:
 def _add_ids(p: argparse.ArgumentParser, ids: dict, defaults: dict[str, Any] | None = None) -> None:
     for cid, (opt, kind, text, *choices) in ids.items():
         shown = (defaults or {}).get(cid)
-        default = f"; bundle default: {json.dumps(shown)}" if shown is not None and not isinstance(shown, dict) else ""
-        help_ = f"{text} [config id: {cid}{default}]".replace("%", "%%")
+        default = f" (bundle default: {json.dumps(shown)})" if shown is not None and not isinstance(shown, dict) else ""
+        help_ = f"{text}{default} [config id: {cid}]".replace("%", "%%")
         more = {"choices": choices[0], "metavar": "{" + ",".join(choices[0]) + "}"} if choices else {}
         if kind == "flag":
             p.add_argument(opt, dest=cid, action="store_const", const=True, default=None, help=help_)
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mtl_med import __version__
 
     parser.add_argument("--version", action="version", version=f"mtl-med {__version__}")
-    sub = parser.add_subparsers(dest="job", required=True, metavar="{predict,evaluate,train,prepare}")
+    sub = parser.add_subparsers(dest="job", required=True, metavar="{predict,evaluate,train,prepare,serve}")
     infer, evaluate, train = (config_defaults("inference.json"), config_defaults("inference.json", "evaluate.json"),
                               config_defaults("train.json"))
 
@@ -184,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("tool", choices=sorted(PREPARE_TOOLS), help="the data tool")
     pr.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
+    from mtl_med.serve import add_serve_parser
+
+    add_serve_parser(sub)
     parser.job_parsers = {"predict": p, "evaluate": e, "train": t, "prepare": pr}  # for refusals after parsing
     return parser
 
@@ -367,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.job == "prepare":
         rest = [a for a in args.args if a != "--"] if args.args[:1] == ["--"] else list(args.args)
         return subprocess.call([sys.executable, "-m", f"data_prep.{args.tool}", *rest])
+    if args.job == "serve":  # a long-running DICOM node (mtl_med.serve), not one bundle run
+        from mtl_med.serve import serve_main
+
+        return serve_main(args)
     root = (args.bundle.expanduser().resolve() if args.bundle is not None else default_bundle())
     _check_variant(parser, args, root)
     files, overrides = job_configs(args, root)

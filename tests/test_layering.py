@@ -9,7 +9,8 @@ imports made by bundle configs (``"$from data_prep.landmarks import ..."`` in tr
 * no import statement anywhere in mtl_med's source (function bodies included) names data_prep.
 
 Within mtl_med, the errors, the atomic writers and the pelvis constants are leaves: importing one of them
-imports no other module of the package, so any module can use them without an import cycle.
+imports no other module of the package, so any module can use them without an import cycle (the writers raise
+the errors' classes, imported where they raise: a leaf may use another leaf).
 """
 
 from __future__ import annotations
@@ -132,10 +133,11 @@ def test_leaf_modules_import_nothing_else_from_the_package():
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout.strip().splitlines()[-1]) == ["mtl_med", leaf], leaf
-    for leaf in LEAVES:  # and no import inside a function body either
+    for leaf in LEAVES:  # and no import inside a function body either, but of another leaf (io raises errors')
         path = ROOT / (leaf.replace(".", "/") + ".py")
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.ImportFrom):
-                assert node.level == 0 and not (node.module or "").startswith("mtl_med"), (leaf, node.lineno)
+                module = node.module or ""
+                assert node.level == 0 and (not module.startswith("mtl_med") or module in LEAVES), (leaf, node.lineno)
             elif isinstance(node, ast.Import):
-                assert not any(a.name.startswith("mtl_med") for a in node.names), (leaf, node.lineno)
+                assert not any(a.name.startswith("mtl_med") and a.name not in LEAVES for a in node.names), (leaf, node.lineno)

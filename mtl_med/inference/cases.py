@@ -113,7 +113,7 @@ def case_output_paths(root: str | os.PathLike, case: str, names: Mapping[str, st
         InputError: a case name that cannot be a folder name, or a file name that leaves the case folder.
     """
     root = Path(root).expanduser().resolve()
-    case_dir = root / check_case_name(case, case)
+    case_dir = root / check_case_name(case, root)
     if path_inside(root, case_dir).parent != root:
         raise InputError(case_dir, f"case folder is not directly inside the output folder {root}")
     paths = {key: case_dir / f"{case}_{name}" for key, name in names.items()}
