@@ -51,7 +51,7 @@ import posterior_inference as pi  # noqa: E402  the benchmark's timers, sampler 
 
 from mtl_med.inference import PosteriorAggregator, sampling_mode  # noqa: E402
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss  # noqa: E402
-from mtl_med.networks import build_network  # noqa: E402
+from mtl_med.build import build_network  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = 3

@@ -50,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from mtl_med.data.phantoms import generate_phantom  # noqa: E402
 from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode  # noqa: E402
 from mtl_med.inference.posterior import native_bfloat16  # noqa: E402
-from mtl_med.networks import build_network  # noqa: E402
+from mtl_med.build import build_network  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis"
 

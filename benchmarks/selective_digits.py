@@ -61,7 +61,7 @@ def settings(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str
 
 def plain_parameters(method: str) -> int:
     """Parameters of a plain method's network on the ten digit tasks (all of them are active)."""
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
 
     names = [f"digit_{d}" for d in range(10)]
     net = build_network("mnist_cnn", PLAIN[method], names, {t: 2 for t in names}, in_channels=1, head_hidden=100)

@@ -16,7 +16,7 @@ import torch
 from monai.networks.nets import HighResNet
 
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 
 
 def step_time(model, forward, loss_fn, x, targets, repeats, device):

@@ -21,7 +21,7 @@ import torch
 
 from mtl_med import cli
 from mtl_med.data.phantoms import generate_phantom, write_phantom
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -393,7 +393,19 @@ def test_version_and_bundle_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         cli.main(["predict", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "[config id: num_samples; bundle default: 50]" in text
+    assert "(bundle default: 50) [config id: num_samples]" in text
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     assert "bundle default:" in capsys.readouterr().out
+
+
+def test_serve_is_a_job_of_the_command(capsys, monkeypatch):
+    import mtl_med.serve
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--help"])
+    assert info.value.code == 0 and "DICOM storage node" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(mtl_med.serve, "serve_main", lambda args: seen.append(args) or 0)
+    assert cli.main(["serve", "--port", "11112", "--destination", "PACS@127.0.0.1:4242", "--work-dir", "node"]) == 0
+    assert seen and seen[0].port == 11112

@@ -50,7 +50,7 @@ def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path):
     assert r["epochs"] == 1 and set(r["tasks"]) == {"seg", "depth", "normal"}
     m = json.loads((tmp_path / "out" / "hard_sharing" / "seed0" / "eval" / "metrics.json").read_text())
     assert m["split"] == "test" and m["backbone"] == "resnet34" and m["dataset"] == "adashare_nyuv2"
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
 
     # the 16 basic blocks of ResNet-34 at full width (AdaShare's NYU v2 backbone), 7x7 stride-2 stem, max-pool
     net = build_network("resnet34", "hard_sharing", ["seg", "depth", "normal"], [40, 1, 3], head="aspp", head_hidden=256,

@@ -1,6 +1,6 @@
 """Sharing methods, each one module behind one interface (:class:`~mtl_med.sharing.base.MultiTaskNetwork`).
 
-``METHODS`` maps a name to its class; :func:`mtl_med.networks.build_network` puts any of them on
+``METHODS`` maps a name to its class; :func:`mtl_med.build.build_network` puts any of them on
 any backbone whose structure its paper needs.
 """
 

@@ -321,7 +321,7 @@ def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, see
     Its weights are newly initialised (re-trained from scratch, section 3.3); ``seed`` seeds the
     initialisation (torch's global RNG is used and restored).
     """
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
 
     policy_module(model)  # a clear error for a network without a policy
     base = _unwrap(model)

@@ -622,7 +622,7 @@ def selective_mnist(task_names: Sequence[str] = tuple(f"digit_{k}" for k in rang
     the hard-shared FC layer of 640 units ("as a feature cutoff point, we apply a 640 unit fully
     connected layer"; the PyTorch MNIST example it cites flattens into its first FC layer); per task
     a branch FC 100 -> FC 50 and the output layer. Ten one-vs-all tasks by default."""
-    from mtl_med.networks.build import build_network
+    from mtl_med.build import build_network
 
     kwargs = {"shared_width": 640, "branch_widths": (100, 50), "pooled_size": 4, **kwargs}
     return build_network("mnist_cnn", "selective", list(task_names), out_channels, spatial_dims=2, in_channels=in_channels, **kwargs)

@@ -25,7 +25,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import ConfigError, as_bool
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 REPO = Path(__file__).resolve().parents[2]

@@ -110,7 +110,7 @@ def test_each_variant_trains_a_few_iterations_and_writes_a_checkpoint(trained):
     # a checkpoint restores the network it was written from (weights-only loading is slow: one is enough)
     root, wf = trained["cross_stitch"]
     state = torch.load(root / "models" / "model_final.pt", map_location="cpu", weights_only=True)["model"]
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
 
     build_network(**wf.parser.get_parsed_content("network_def").build_args).load_state_dict(state)
     assert trained["sfg"][1].parser.get_parsed_content("network_def").name == "sfg"

@@ -14,7 +14,7 @@ import torch
 
 from mtl_med.inference import ConcatTaskOutputs
 from mtl_med.inference.volume import ExportNetwork
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "sfg_highresnet_pelvis" / "configs"

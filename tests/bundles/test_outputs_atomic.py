@@ -27,7 +27,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, volume
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked child process (POSIX only)")

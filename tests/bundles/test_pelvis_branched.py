@@ -102,7 +102,7 @@ def test_affinity_writes_single_task_networks_affinity_tree_and_figures(branched
 
 
 def test_branched_variant_trains_the_tree_of_tree_json(branched):
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
     from mtl_med.sharing.branched import load_tree_json
 
     tree = load_tree_json(branched / "affinity" / "tree.json")

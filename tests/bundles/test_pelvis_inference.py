@@ -17,7 +17,7 @@ import torch
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import CaseFailures, ConcatTaskOutputs, Predictor, bundle_parser, load_checkpoint, predict_case
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
 REPO = Path(__file__).resolve().parents[2]

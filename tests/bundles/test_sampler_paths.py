@@ -12,7 +12,7 @@ import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, evaluate_cases, sample_posterior
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 from mtl_med.pelvis import CT_SCALE
 from mtl_med.transforms import learn_landmarks, save_landmarks
 from mtl_med.transforms.intensity import network_to_hu

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from mtl_med.engines import AdaShareSearch, MultiTaskPrepareBatch
 from mtl_med.losses import MultiTaskLoss
 from mtl_med.losses.adashare import AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss, policy_loss_scales
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 
 TINY = dict(widths=(2, 2, 4, 4), conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
 

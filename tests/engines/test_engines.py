@@ -16,7 +16,7 @@ from mtl_med.engines import (
 )
 from mtl_med.layers import ExponentialTemperature
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 
 
 def _batches(n=3, seed=0):
@@ -69,7 +69,7 @@ def test_trainer_runs_multitask_loss_with_mask_regularizer_and_temperature():
 
 
 def test_trainer_with_one_task_per_minibatch():
-    from mtl_med.networks import build_network
+    from mtl_med.build import build_network
 
     net = build_network("resnet18", "routing", ("sct", "seg"), (1, 1), in_channels=1, widths=(4, 4, 8, 8))
     tasks = iter(["seg", "sct", "seg"])

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mtl_med.inference import PosteriorSampler, sample_posterior
 from mtl_med.inference.compact import CompactSFG, compact_unsupported
 from mtl_med.layers.sfg import SHARING_MODES
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtl_med.inference import PosteriorAggregator, sample_posterior
-from mtl_med.networks import sfg_highresnet
+from mtl_med.build import sfg_highresnet
 
 
 def test_regression_mean_and_std_in_chunks():

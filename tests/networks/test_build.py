@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from mtl_med.networks import BACKBONES, HEADS, DenseHeads, PooledHeads, allowed_pairs, build_network, describe_backbone
+from mtl_med.networks import BACKBONES, HEADS, DenseHeads, PooledHeads, describe_backbone
+from mtl_med.build import allowed_pairs, build_network
 from mtl_med.sharing import METHODS
 
 TASKS = ["a", "b", "c"]

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from mtl_med.networks import BACKBONES, build_network
+from mtl_med.networks import BACKBONES
+from mtl_med.build import build_network
 from mtl_med.networks.dense_heads import ASPPHeads, FCNHeads
 from mtl_med.sharing import METHODS
 

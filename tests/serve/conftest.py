@@ -159,7 +159,7 @@ def tiny_bundle(tmp_path_factory):
     import torch
 
     from mtl_med.data.phantoms import generate_phantom
-    from mtl_med.networks import sfg_highresnet
+    from mtl_med.build import sfg_highresnet
     from mtl_med.transforms import learn_landmarks, save_landmarks
 
     root = tmp_path_factory.mktemp("tiny_bundle")

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from mtl_med.layers.gumbel import StepTemperature
 from mtl_med.losses import MultiTaskLoss
 from mtl_med.losses.adashare import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss
-from mtl_med.networks import HEADS, build_network, describe_backbone
+from mtl_med.networks import HEADS, describe_backbone
+from mtl_med.build import build_network
 from mtl_med.networks.blocks import BasicBlock, HighResBlock
 from mtl_med.sharing import AdaShare
 from mtl_med.sharing.adashare import (

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mtl_med.layers.cross_stitch import CrossStitch as CrossStitchUnit
-from mtl_med.networks import build_network, describe_backbone
+from mtl_med.networks import describe_backbone
+from mtl_med.build import build_network
 from mtl_med.sharing import CrossStitch
 
 TASKS = ["a", "b", "c"]

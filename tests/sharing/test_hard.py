@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 from mtl_med.sharing import HardSharing
 
 RESNET = dict(widths=(4, 4, 8, 8), conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mtl_med.networks.blocks import HighResBlock, Trunk
-from mtl_med.networks.build import allowed_pairs, build_network, describe_backbone
+from mtl_med.build import allowed_pairs, build_network, describe_backbone
 from mtl_med.networks.heads import DenseHeads, PooledHeads
 from mtl_med.sharing import METHODS
 from mtl_med.sharing.adashare import GatedBlock

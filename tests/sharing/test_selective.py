@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 from mtl_med.sharing import METHODS, SelectiveSharing
 from mtl_med.sharing.selective import (
     FactorAccumulator,

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from mtl_med.layers.sfg import SFGConv
-from mtl_med.networks import build_network, vgg
+from mtl_med.networks import vgg
+from mtl_med.build import build_network
 from mtl_med.sharing import SFG
 from mtl_med.sharing.sfg import _Towers
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 from mtl_med.sharing import SingleTask
 
 TASKS = ["a", "b", "c"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.networks import build_network
+from mtl_med.build import build_network
 from mtl_med.sharing.branched.affinity import (
     AffinityResult,
     affinity_image,

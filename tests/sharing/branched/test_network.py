@@ -5,7 +5,8 @@ forward runs only its path."""
 import pytest
 import torch
 
-from mtl_med.networks import build_network, describe_backbone
+from mtl_med.networks import describe_backbone
+from mtl_med.build import build_network
 from mtl_med.sharing.branched import save_tree_json, tree_params
 
 TASKS = ["a", "b", "c"]

@@ -1,52 +1,29 @@
-"""The registry of backbones and ``build_network``: any backbone, any sharing method, one head per task.
+"""The registry: backbones (:data:`BACKBONES`), sharing methods (:data:`METHODS`) and ``build_network``, which puts
+any method on any backbone with one head per task.
 
-``build_network(backbone, sharing, task_names, out_channels)`` describes the backbone
-(:data:`BACKBONES`), makes the heads (:data:`~mtl_med.networks.heads.HEADS`) and hands both to
-the sharing method (:data:`mtl_med.sharing.METHODS`), which refuses, with its paper's reason, a
-backbone it cannot use. :func:`allowed_pairs` lists what builds.
+``build_network(backbone, sharing, task_names, out_channels)`` describes the backbone, makes the heads
+(:data:`~mtl_med.networks.heads.HEADS`) and hands both to the sharing method, which refuses, with its paper's
+reason, a backbone it cannot use. :func:`allowed_pairs` lists what builds. This module sits above both
+``networks`` and ``sharing``: neither imports it.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
-from functools import partial
 
 from torch import nn
 
-from .blocks import Backbone
-from .dense_heads import DENSE_HEADS
-from .heads import HEADS
-from .highresnet import highresnet
-from .resnet import resnet18, resnet34
-from .small_cnn import mnist_cnn
-from .vgg import vgg
+from mtl_med.networks.backbones import BACKBONES, describe_backbone
+from mtl_med.networks.dense_heads import DENSE_HEADS
+from mtl_med.networks.heads import HEADS
+from mtl_med.sharing import METHODS
 
-__all__ = ["BACKBONES", "build_network", "sfg_highresnet", "describe_backbone", "allowed_pairs"]
-
-#: name -> function returning the backbone's description (:class:`~mtl_med.networks.blocks.Backbone`)
-BACKBONES = {
-    "highresnet": highresnet,
-    "resnet18": resnet18,
-    "resnet34": resnet34,
-    "vgg11": partial(vgg, 11, False),
-    "vgg11_bn": partial(vgg, 11, True),
-    "vgg16": partial(vgg, 16, False),
-    "vgg16_bn": partial(vgg, 16, True),
-    "mnist_cnn": mnist_cnn,
-}
+__all__ = ["BACKBONES", "METHODS", "build_network", "sfg_highresnet", "describe_backbone", "allowed_pairs"]
 
 
 def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
-
-
-def describe_backbone(name: str, spatial_dims: int = 2, **kwargs) -> Backbone:
-    """The description of backbone ``name`` (its units, branch points, layers)."""
-    name = str(name).lower()
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    return BACKBONES[name](spatial_dims=spatial_dims, **kwargs)
 
 
 def _outs(out_channels, task_names: Sequence[str]) -> list[int]:
@@ -93,8 +70,6 @@ def build_network(
             ``grouping``/``shared_init``/``lambda1`` for SFG, ``tau``/``policy`` for AdaShare,
             ``bn_inference`` for all).
     """
-    from mtl_med.sharing import METHODS  # the methods build on this package's blocks
-
     backbone, sharing = str(backbone).lower(), str(sharing).lower()
     if sharing not in METHODS:
         raise ValueError(f"unknown sharing {sharing!r}; expected one of {sorted(METHODS)}")
@@ -142,8 +117,6 @@ def sfg_highresnet(task_names: Sequence[str] = ("sct", "seg"), out_channels=(1, 
 
 def allowed_pairs(spatial_dims: int = 2) -> dict[tuple[str, str], str | None]:
     """``(backbone, sharing)`` -> ``None`` where the pair builds, else the reason it is refused."""
-    from mtl_med.sharing import METHODS
-
     out = {}
     for b in BACKBONES:
         spec = describe_backbone(b, spatial_dims)
