@@ -326,7 +326,7 @@ class Node:
         its first DICOM read (seconds), and import the SEG writer's package."""
         import numpy as np
 
-        from mtl_med import dicom
+        from mtl_med.data import dicom
 
         folder = self.work / ".warm-up"
         t0 = time.perf_counter()

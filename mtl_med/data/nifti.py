@@ -1,7 +1,7 @@
 """Checks on NIfTI inputs and datalists, shared by the data tools, the transforms and inference.
 
 The "mr" and "ct" entries of a datalist may also name a DICOM series folder (:data:`DICOM_ROLES`), checked by
-:func:`mtl_med.dicom.read_headers` and read by MONAI's ITK reader.
+:func:`mtl_med.data.dicom.read_headers` and read by MONAI's ITK reader.
 
 Every check raises :class:`~mtl_med.errors.InputError` whose message names the file and the problem, before
 anything is written. The roles, the label table and the datalist image keys are the pelvis application's
@@ -175,7 +175,7 @@ def check_claimed_size(path: Any, shape: Sequence[int], dtype: Any, *, max_voxel
 def check_series_size(folder: Any, datasets: Sequence[Any], *, max_voxels: int | None = None) -> None:
     """:func:`check_claimed_size` for a DICOM series from its headers (pydicom datasets, no pixel data): columns
     x rows x files (x samples per pixel), at the largest size any slice claims, in the stored integer type.
-    Attributes that are missing or unreadable are left to :func:`mtl_med.dicom.read_headers`'s own checks."""
+    Attributes that are missing or unreadable are left to :func:`mtl_med.data.dicom.read_headers`'s own checks."""
     def largest(attr: str, default: int) -> int:
         values = []
         for ds in datasets:
@@ -196,7 +196,7 @@ def check_series_size(folder: Any, datasets: Sequence[Any], *, max_voxels: int |
 
 def _series_geometry(path: Any, role: str) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and RAS+ affine of a DICOM series folder, its voxels read and checked like a NIfTI volume's."""
-    from mtl_med.dicom import load_series, read_headers
+    from mtl_med.data.dicom import load_series, read_headers
 
     hdr = read_headers(path, role=role, modality=DICOM_ROLES[role])
     img = load_series(path, role=role, headers=hdr)
@@ -437,7 +437,7 @@ def check_datalist(
             for key in IMAGE_KEYS:
                 if key in item and item[key] is not None and not Path(item[key]).is_file():
                     if key in DICOM_ROLES and Path(item[key]).is_dir():
-                        from mtl_med.dicom import is_series_folder
+                        from mtl_med.data.dicom import is_series_folder
 
                         if not is_series_folder(item[key]):
                             raise InputError(item[key], f'folder listed as "{key}" in {sec}[{idx}] of {name} holds '

@@ -63,7 +63,7 @@ def Predictor(bundle: str | os.PathLike | None = None, config_file: Any = None, 
 
     ``overrides`` are config ids, e.g. ``num_samples=10, ckpt_path="model.pt", device="cpu", seed=1``.
     """
-    from mtl_med.provenance import set_config_source
+    from mtl_med.inference.provenance import set_config_source
 
     parser = bundle_parser(bundle, config_file, **overrides)
     predictor = parser.get_parsed_content("predictor")
@@ -78,7 +78,7 @@ def predict_case(mr: Any, affine: Any = None, *, bundle: str | os.PathLike | Non
                  config_file: Any = None, predictor: VolumePredictor | None = None, **overrides: Any) -> dict:
     """One volume through the bundle's inference: ``mr`` a NIfTI path, a DICOM MR series folder, a nibabel image
     or an array (+ ``affine``); ``dicom_outputs=["ct", "seg", "rtstruct"]`` with a series and ``output_dir`` adds
-    the DICOM outputs (:mod:`mtl_med.dicom`).
+    the DICOM outputs (:mod:`mtl_med.data.dicom`).
 
     Returns ``{"sct", "seg", "sct_std", "seg_uncertainty"}`` (numpy, on the input grid; HU / uint8 labels),
     ``"metrics"`` (Table 2, when ``ct=`` and / or ``label=`` file paths are given) and, with ``output_dir``,

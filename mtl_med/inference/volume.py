@@ -10,7 +10,7 @@ maps (``sct_mean``, ``sct_std``, ``seg_votes``) that the inferer stitches into 3
 volumes. The maps are converted to HU / labels / uncertainty and resampled back to the input grid (MONAI
 ``Invertd``, labels nearest), then written atomically as ``output_dir/<case>/<case>_<postfix>.nii.gz``.
 
-An input may be a DICOM MR series folder (:mod:`mtl_med.dicom`: read by MONAI's ITK reader, its slice geometry
+An input may be a DICOM MR series folder (:mod:`mtl_med.data.dicom`: read by MONAI's ITK reader, its slice geometry
 carried by the affine into the same orientation handling); ``dicom_outputs`` then adds the synthetic CT as a CT
 series and the organs as DICOM SEG and / or RTSTRUCT on the series' own grid, beside the NIfTI files.
 
@@ -47,7 +47,7 @@ from mtl_med.errors import CaseFailures, InputError, as_bool
 from mtl_med.inference.cases import case_identity, case_output_paths, check_case_name, check_unique_cases
 from mtl_med.inference.posterior import AUTO_LABEL_TOL, AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES, AUTO_REGRESSION_TOL, PosteriorSampler
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, IMAGE_KEYS, NUM_LABELS, SCT_TASK, SEG_TASK
-from mtl_med.provenance import RUN_RECORD
+from mtl_med.inference.provenance import RUN_RECORD
 from mtl_med.transforms.intensity import network_to_hu
 from mtl_med.transforms.io import as_metatensor, unwrap_input_error
 from mtl_med.transforms.spatial import invert_to_input
@@ -260,7 +260,7 @@ def list_cases(
     Raises:
         InputError: a missing input, no inputs, a name that cannot be a folder, two inputs of one name.
     """
-    from mtl_med.dicom import is_series_folder, series_folders
+    from mtl_med.data.dicom import is_series_folder, series_folders
 
     if datalist:
         if isinstance(datalist, (str, os.PathLike)):  # relative to the current directory
@@ -351,7 +351,7 @@ class VolumePredictor:
         progress: show tqdm bars.
         dicom_outputs: for a DICOM MR series input, also write any of ``"ct"`` (the synthetic CT as a CT series
             folder ``<case>_sct_dicom``), ``"seg"`` (DICOM SEG ``<case>_seg.dcm``) and ``"rtstruct"``
-            (``<case>_rtstruct.dcm``), see :mod:`mtl_med.dicom`; needs the ``dicom`` extra.
+            (``<case>_rtstruct.dcm``), see :mod:`mtl_med.data.dicom`; needs the ``dicom`` extra.
 
     ``sampler`` (a :class:`~mtl_med.inference.posterior.PosteriorSampler` built here) holds the sampling settings:
     ``num_samples``, ``max_batch``, ``margin``, ``inference_mode`` and ``amp`` read them from it.
@@ -468,10 +468,10 @@ class VolumePredictor:
 
     # ---- one case, in memory
     def read_dicom_inputs(self, item: Mapping[str, Any]) -> dict:
-        """The item with its DICOM series folders ("mr", "ct") read into MetaTensors (:func:`mtl_med.dicom.load_series`)
+        """The item with its DICOM series folders ("mr", "ct") read into MetaTensors (:func:`mtl_med.data.dicom.load_series`)
         and the MR series' headers under ``"dicom_mr"`` (what the DICOM writers reference). An item that asks
         for ``dicom_outputs`` without an MR series is refused here, before any work."""
-        from mtl_med.dicom import is_series_folder, load_series, read_headers
+        from mtl_med.data.dicom import is_series_folder, load_series, read_headers
 
         it = dict(item)
         for key, modality in DICOM_ROLES.items():
@@ -629,12 +629,12 @@ class VolumePredictor:
         replaces the case folder only when all are written
         (:func:`publish_folder`). A killed run leaves only that temporary folder, which the next run removes.
 
-        Every NIfTI's ``descrip`` names the package, model and weights (:mod:`mtl_med.provenance`); the run
+        Every NIfTI's ``descrip`` names the package, model and weights (:mod:`mtl_med.inference.provenance`); the run
         record ``<case>_run.json``, written last into the same folder, holds the digests of the inputs
         (``source``: the item as given, before DICOM reading; default ``item``), the weights, the settings,
         the software, the machine and the seconds of each step (``timings``, added to those :meth:`predict_item`
         kept for this case)."""
-        from mtl_med import provenance
+        from mtl_med.inference import provenance
 
         t_write = time.perf_counter()
         ident = provenance.model_identity(self)
@@ -693,9 +693,9 @@ class VolumePredictor:
     def _write_dicom(self, item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
                      identity: Any = None) -> None:
         """The DICOM outputs, each naming the package, model and weights' MD5 (``identity``, a
-        :class:`~mtl_med.provenance.ModelIdentity`) as its contributing equipment."""
-        from mtl_med import dicom
-        from mtl_med.provenance import model_identity
+        :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment."""
+        from mtl_med.inference import dicom_outputs
+        from mtl_med.inference.provenance import model_identity
 
         ident = identity if identity is not None else model_identity(self)
 
@@ -704,11 +704,11 @@ class VolumePredictor:
             raise InputError(item.get("mr", "<MR>"), "DICOM outputs need a DICOM MR series as input")
         seg = np.rint(out["seg"]).astype(np.uint8)
         if "dicom_ct" in paths:
-            dicom.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=ident)
+            dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=ident)
         if "dicom_seg" in paths:
-            dicom.write_seg(seg, src, paths["dicom_seg"], provenance=ident)
+            dicom_outputs.write_seg(seg, src, paths["dicom_seg"], provenance=ident)
         if "dicom_rtstruct" in paths:
-            dicom.write_rtstruct(seg, src, paths["dicom_rtstruct"], provenance=ident)
+            dicom_outputs.write_rtstruct(seg, src, paths["dicom_rtstruct"], provenance=ident)
 
     # ---- runs
     def predict_case(self, mr: Any, affine: Any = None, output_dir: str | os.PathLike | None = None,

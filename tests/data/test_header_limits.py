@@ -190,7 +190,7 @@ def test_corrupt_or_absurd_header_is_one_line(tmp_path, shape, header, problem):
 def test_dicom_series_claim_is_checked_before_pixels_are_read(tmp_path, monkeypatch):
     """read_headers (and load_series, the datalist check and the loader, which start with it) refuses
     rows x columns x files beyond the limit."""
-    from mtl_med.dicom import load_series, read_headers, write_mr_series
+    from mtl_med.data.dicom import load_series, read_headers, write_mr_series
 
     folder = tmp_path / "series"
     write_mr_series(np.random.default_rng(0).integers(1, 500, (8, 6, 4)).astype(np.float32), np.eye(4), folder)

@@ -17,9 +17,10 @@ import pytest
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 
-from mtl_med import dicom
+from mtl_med.data import dicom
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.errors import InputError
+from mtl_med.inference import dicom_outputs
 
 pytest.importorskip("highdicom")
 
@@ -57,9 +58,9 @@ def outputs(tmp_path_factory):
     return {
         "root": root, "src": src, "affine": aff, "hu": hu,
         "mr": mr_files,
-        "ct": dicom.write_ct_series(hu, src, root / "ct"),
-        "seg": [dicom.write_seg(ph.label, src, root / "seg.dcm")],
-        "rtstruct": [dicom.write_rtstruct(ph.label, src, root / "rtstruct.dcm")],
+        "ct": dicom_outputs.write_ct_series(hu, src, root / "ct"),
+        "seg": [dicom_outputs.write_seg(ph.label, src, root / "seg.dcm")],
+        "rtstruct": [dicom_outputs.write_rtstruct(ph.label, src, root / "rtstruct.dcm")],
     }
 
 
@@ -109,9 +110,9 @@ def test_writers_pass_pydicoms_strict_writing_validation(outputs, tmp_path, monk
     ph = generate_phantom(5, shape=(24, 20, 6))
     dicom.write_mr_series(ph.mr, outputs["affine"], tmp_path / "mr")
     src = dicom.read_headers(tmp_path / "mr")
-    dicom.write_ct_series(outputs["hu"], src, tmp_path / "ct")
-    dicom.write_seg(ph.label, src, tmp_path / "seg.dcm")
-    dicom.write_rtstruct(ph.label, src, tmp_path / "rtstruct.dcm")
+    dicom_outputs.write_ct_series(outputs["hu"], src, tmp_path / "ct")
+    dicom_outputs.write_seg(ph.label, src, tmp_path / "seg.dcm")
+    dicom_outputs.write_rtstruct(ph.label, src, tmp_path / "rtstruct.dcm")
 
 
 def test_ct_series_keeps_the_source_geometry_and_hu_through_the_rounding(outputs):
@@ -164,10 +165,10 @@ def test_files_beside_a_series_that_are_not_dicom_are_ignored_with_one_warning(o
             "Thumbs.db": bytes(range(256)) * 4, "report.pdf": b"%PDF-1.4\n" + bytes(300)}
     for name, data in junk.items():
         (tmp_path / "mr" / name).write_bytes(data)
-    with caplog.at_level(logging.WARNING, logger="mtl_med.dicom"):
+    with caplog.at_level(logging.WARNING, logger="mtl_med.data.dicom"):
         img = dicom.load_series(tmp_path / "mr")
     assert tuple(img.shape[1:]) == outputs["src"].shape
-    warnings = [r for r in caplog.records if r.name == "mtl_med.dicom" and r.levelno >= logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "mtl_med.data.dicom" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     message = warnings[0].getMessage()
     assert str(tmp_path / "mr") in message and all(name in message for name in junk)

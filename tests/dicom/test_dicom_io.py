@@ -18,7 +18,8 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mtl_med import dicom
+from mtl_med.data import dicom
+from mtl_med.inference import dicom_outputs
 from mtl_med.data.nifti import check_datalist
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.errors import ConfigError, InputError
@@ -226,7 +227,7 @@ def test_ct_series_headers(env):
     assert len(cts) == len(src)
     by_sop = {s.SOPInstanceUID: s for s in src}
     for ds in cts:
-        assert ds.Modality == "CT" and ds.SOPClassUID == dicom.CT_IMAGE_STORAGE
+        assert ds.Modality == "CT" and ds.SOPClassUID == dicom_outputs.CT_IMAGE_STORAGE
         for key in ("PatientName", "PatientID", "StudyInstanceUID", "FrameOfReferenceUID", "StudyDate"):
             assert ds[key].value == src[0][key].value, key
         assert ds.SeriesInstanceUID != src[0].SeriesInstanceUID
@@ -286,8 +287,8 @@ def test_writers_keep_every_organ_exactly(tmp_path):
     idx = np.indices(labels.shape).reshape(3, -1)
     on_grid[tuple(np.rint(m[:3, :3] @ idx + m[:3, 3:]).astype(int))] = labels.reshape(-1)
     assert len(np.unique(on_grid)) >= 4
-    dicom.write_rtstruct(on_grid, src, tmp_path / "rt.dcm")
-    dicom.write_seg(on_grid, src, tmp_path / "seg.dcm")
+    dicom_outputs.write_rtstruct(on_grid, src, tmp_path / "rt.dcm")
+    dicom_outputs.write_seg(on_grid, src, tmp_path / "seg.dcm")
     expected = on_grid.transpose(2, 1, 0)
     present = {int(v): LABEL_TABLE[int(v)] for v in np.unique(on_grid) if v > 0}
     back = rasterise_rtstruct(tmp_path / "rt.dcm", sitk.Cast(_sitk_series(tmp_path / "mr"), sitk.sitkFloat32), present)
@@ -326,7 +327,7 @@ def test_a_failing_dicom_writer_leaves_no_outputs(env, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(dicom, "write_rtstruct", broken)
+    monkeypatch.setattr(dicom_outputs, "write_rtstruct", broken)
     res = env["pred"].run(input_dir=str(env["root"] / "in" / "oblique"), output_dir=str(tmp_path),
                           raise_on_failure=False)
     assert "disk full" in res["failed"]["oblique"]

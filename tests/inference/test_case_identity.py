@@ -175,7 +175,7 @@ def test_a_file_input_is_exactly_that_file(tmp_path):
     _nifti(tmp_path / "scan1.nii.gz")  # what the glob 'scan[1].nii.gz' matches
     series = tmp_path / "series"
     series.mkdir()
-    from mtl_med.dicom import write_mr_series
+    from mtl_med.data.dicom import write_mr_series
 
     write_mr_series(np.zeros((4, 4, 2), np.float32), np.eye(4), series)
     items = list_cases(input_dir=target)

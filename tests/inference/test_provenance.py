@@ -27,7 +27,8 @@ import torch
 import yaml
 
 import mtl_med
-from mtl_med import dicom, provenance
+from mtl_med.data import dicom
+from mtl_med.inference import dicom_outputs, provenance
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor
 from mtl_med.inference.volume import evaluate_cases

@@ -141,8 +141,8 @@ SHAPE = (32, 32, 8)
 @pytest.fixture(scope="session")
 def make_series():
     """``make_series(folder, seed)``: a phantom MR (32 x 32 x 8) written as a DICOM MR series of its own study
-    and frame of reference (:func:`mtl_med.dicom.write_mr_series`); returns the folder's files."""
-    from mtl_med import dicom
+    and frame of reference (:func:`mtl_med.data.dicom.write_mr_series`); returns the folder's files."""
+    from mtl_med.data import dicom
     from mtl_med.data.phantoms import generate_phantom
 
     def make(folder: Path, seed: int) -> list[Path]:

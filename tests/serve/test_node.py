@@ -451,5 +451,5 @@ def test_stored_files_pass_dciodvfy(e2e, orthanc, node, tmp_path):
         from_node = {m: sorted(e - writer_errors.get(m, set())) for m, e in errors.items()
                      if e - writer_errors.get(m, set())}
         assert not from_node, f"errors in what Orthanc stored that the bundle's own files do not have: {from_node}"
-        pytest.xfail(f"dciodvfy errors that the file writers (mtl_med/dicom.py) produce: "
+        pytest.xfail(f"dciodvfy errors that the file writers (mtl_med/inference/dicom_outputs.py) produce: "
                      f"{ {m: sorted(e) for m, e in errors.items()} }")

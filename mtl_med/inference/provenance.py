@@ -9,7 +9,7 @@ Three places carry it:
 * the case's run record ``<case>/<case>_run.json``, written with the case's other outputs (and published with
   them, whole): :func:`run_record`;
 * the DICOM outputs' Contributing Equipment Sequence and the SEG's Algorithm Identification
-  (:mod:`mtl_med.dicom`, from :meth:`ModelIdentity.software_versions`).
+  (:mod:`mtl_med.data.dicom`, from :meth:`ModelIdentity.software_versions`).
 
 The predictor knows its bundle when it was built from one with :func:`set_config_source` called on it (the
 bundle folder, config files and overrides, recorded as given), else from the checkpoint's place: a checkpoint (or
@@ -82,7 +82,7 @@ def file_digest(path: str | os.PathLike, algo: str = "md5") -> str:
 
 
 def _series_files(folder: Path) -> list[Path]:
-    from mtl_med.dicom import _is_dicom_file
+    from mtl_med.data.dicom import _is_dicom_file
 
     return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _is_dicom_file(p)),
                   key=lambda p: p.name)
