@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.utils.enums import CommonKeys as Keys
 
+from mtl_med.engines.vision import _as_list
 from mtl_med.io import atomic_write_text
 from mtl_med.losses.dense import dense_losses
 from mtl_med.metrics.dense import DenseMeters, DepthMeter, NormalMeter, SegmentationMeter, dense_delta_m
@@ -290,7 +291,7 @@ class DensePredictionWriter:
         n = next(iter(pred.values())).shape[0]
         batch = engine.state.batch
         index = batch.get(self.index_key) if isinstance(batch, Mapping) else None
-        index = list(range(self.count, self.count + n)) if index is None else torch.as_tensor(index).tolist()
+        index = list(range(self.count, self.count + n)) if index is None else _as_list(index)
         self.count += n
         for t, kind in self.kinds.items():
             if t not in pred:

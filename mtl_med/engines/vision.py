@@ -32,6 +32,8 @@ __all__ = [
     "MultiTaskReport",
     "PredictionWriter",
     "load_baseline",
+    "image_files",
+    "match_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -277,7 +279,7 @@ class PredictionWriter:
         pred = engine.state.output[Keys.PRED]
         index = engine.state.batch.get(self.index_key) if isinstance(engine.state.batch, Mapping) else None
         n = next(iter(pred.values())).shape[0]
-        index = list(range(len(self.rows), len(self.rows) + n)) if index is None else torch.as_tensor(index).tolist()
+        index = list(range(len(self.rows), len(self.rows) + n)) if index is None else _as_list(index)
         cols = []
         for t, kind in self.task_types.items():
             p = pred[t].detach().float().cpu()
@@ -302,3 +304,60 @@ class PredictionWriter:
         w.writerows(self.rows)
         atomic_write_text(buf.getvalue(), self.output_file)
         log.info("%d predictions written to %s", len(self.rows), self.output_file)
+
+
+#: suffixes an image file's name loses to give its case name (the longest first: dots inside a name are kept)
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy", ".nrrd", ".mha")
+
+
+def _as_list(index) -> list:
+    """Item names or indices of a batch as a list (names stay strings)."""
+    if isinstance(index, (list, tuple)):
+        return [i.item() if isinstance(i, torch.Tensor) else i for i in index]
+    return torch.as_tensor(index).tolist()
+
+
+def image_files(dataset_dir: str | os.PathLike | None, pattern: str = "*", image_key: str = "image",
+                name_key: str = "index") -> list[dict]:
+    """The items of a folder of a user's images for inference: ``{image_key: path, name_key: name}`` per file
+    matching ``pattern`` (sorted), the name being the file name without its known image suffix. An empty
+    ``dataset_dir`` gives no items; a missing folder, a folder without images, or two files with one name
+    raise ``FileNotFoundError`` / ``ValueError`` naming the folder."""
+    if not dataset_dir:
+        return []
+    import fnmatch
+
+    root = os.fspath(dataset_dir)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: dataset_dir is not a folder")
+    items, seen = [], {}
+    for f in sorted(os.listdir(root)):
+        low = f.lower()
+        suffix = next((x for x in IMAGE_SUFFIXES if low.endswith(x)), None)
+        if suffix is None or not fnmatch.fnmatch(f, pattern) or not os.path.isfile(os.path.join(root, f)):
+            continue
+        name = f[: -len(suffix)]
+        if name in seen:
+            raise ValueError(f"{root}: {seen[name]} and {f} have the same name {name!r}")
+        seen[name] = f
+        items.append({image_key: os.path.join(root, f), name_key: name})
+    if not items:
+        raise ValueError(f"{root}: no image files matching {pattern!r} ({', '.join(IMAGE_SUFFIXES)})")
+    return items
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """A channel-first image with the network's ``channels``: colour to grey by the channel mean, grey to
+    colour by repetition, an alpha channel dropped; other mismatches raise ``ValueError``."""
+    c = int(image.shape[0])
+    if c == channels:
+        return image
+    if c == 4 and channels in (1, 3):  # RGBA
+        image, c = image[:3], 3
+    if channels == 1 and c == 3:
+        return image.mean(0, keepdim=True)
+    if channels == 3 and c == 1:
+        return image.repeat(3, *([1] * (image.ndim - 1)))
+    if c == channels:
+        return image
+    raise ValueError(f"the image has {int(image.shape[0])} channels and the network takes {channels}")
