@@ -1,8 +1,6 @@
-"""Glue to MONAI / ignite engines: multi-task batches, losses and sharing-specific handlers."""
+"""Glue to MONAI / ignite engines: multi-task batches, losses and handlers. Generic: what a sharing
+method needs in training it brings itself (its ``train_handlers``, ``parameter_groups``, ``regularizer``)."""
 
-from .handlers import ExampleSlicesHandler, GroupingHandler, TemperatureHandler, rank_zero_first, simplex_image
-from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer, grouping_param_groups, loss_terms, task_output
+from .handlers import ExampleSlicesHandler, rank_zero_first
+from .multitask import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer, loss_terms, parameter_groups, task_output
 from .vision import MultiTaskReport, MultiTaskScore, PredictionWriter, RegressionLoss, load_baseline, task_losses, task_out_channels
-from .adashare import AdaShareSearch, PolicyImageHandler
-from .branched import BranchedSearch
-from .selective import SelectiveSharingHandler

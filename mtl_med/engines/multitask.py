@@ -12,7 +12,7 @@ from monai.utils.enums import CommonKeys as Keys
 
 from ..networks.utils import batch_norm_statistics
 
-__all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output", "grouping_param_groups"]
+__all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output", "parameter_groups"]
 
 
 class MultiTaskPrepareBatch:
@@ -164,20 +164,11 @@ def task_output(task: str, pred_transform: Callable | None = None, label_transfo
     return transform
 
 
-def grouping_param_groups(network: torch.nn.Module, lr: float, grouping_lr_scale: float = 1.0):
-    """The optimiser's parameters with the SFG grouping logits (``*.groups.theta``) at
-    ``lr * grouping_lr_scale``. The paper trains every parameter at one rate (A.1: Adam, 1e-3) for
-    200k iterations; a larger rate on the logits lets the grouping form in a CPU-sized schedule.
-    ``1.0`` returns the plain parameter list (one group, as the paper; checkpoints keep their layout)."""
-    try:
-        scale = float(grouping_lr_scale)
-    except (TypeError, ValueError):
-        scale = float("nan")
-    if not scale > 0:  # NaN and non-numbers too
-        raise ValueError(f"grouping_lr_scale must be a number > 0, got {grouping_lr_scale!r}")
-    if scale == 1.0:
-        return list(network.parameters())
-    grouping = [p for n, p in network.named_parameters() if n.endswith("groups.theta")]
-    ids = {id(p) for p in grouping}
-    rest = [p for p in network.parameters() if id(p) not in ids]
-    return [{"params": rest}, {"params": grouping, "lr": float(lr) * scale}]
+def parameter_groups(network: torch.nn.Module, lr: float, **options) -> list:
+    """The optimiser's parameters (or parameter groups with their own rates) as the network says:
+    ``network.parameter_groups(lr, **options)`` (a sharing method's hook; ``options`` are its
+    settings, e.g. a rate scale of some of its parameters), else every parameter in one group.
+    A wrapped network (DDP) is asked through its ``module``."""
+    net = getattr(network, "module", network)
+    hook = getattr(net, "parameter_groups", None)
+    return hook(lr, **options) if callable(hook) else list(network.parameters())

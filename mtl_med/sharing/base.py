@@ -97,6 +97,11 @@ class MultiTaskNetwork(nn.Module):
         """MONAI / ignite handlers the method needs while training (none here)."""
         return []
 
+    def parameter_groups(self, lr: float, **options) -> list:
+        """The optimiser's parameters, or groups of them with their own rates (SFG: its grouping
+        logits at a scaled rate); ``options`` are the method's settings, ignored here: one group."""
+        return list(self.parameters())
+
     def set_inference(self, mode: str = "sample", per_example: bool | None = None) -> None:
         """How a stochastic method draws at test time (SFG); a deterministic one has nothing to set."""
 

@@ -68,7 +68,7 @@ def branched(tmp_path_factory, phantoms):
 
 
 def test_held_out_slices_are_seeded_slices_of_one_size():
-    from mtl_med.engines.branched import held_out_slices
+    from mtl_med.sharing.branched import held_out_slices
 
     volumes = [{"mr": torch.arange(2 * 5 * 3 * 4.0).reshape(2, 5, 3, 4)}, {"mr": torch.ones(2, 7, 9, 6)}]
     x = held_out_slices(volumes, num_images=7, seed=1, size=(4, 4))

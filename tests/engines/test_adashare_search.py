@@ -10,10 +10,11 @@ import torch
 from ignite.metrics import Metric
 from torch.utils.data import DataLoader, Dataset
 
-from mtl_med.engines import AdaShareSearch, MultiTaskPrepareBatch
+from mtl_med.engines import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer
 from mtl_med.losses import MultiTaskLoss
 from mtl_med.losses.adashare import AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss, policy_loss_scales
 from mtl_med.build import build_network
+from mtl_med.sharing.adashare import AdaShareSearch
 
 TINY = dict(widths=(2, 2, 4, 4), conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
 
@@ -68,7 +69,8 @@ def _net():
 
 def _search(net, data, **kw):
     loss = MultiTaskLoss({"a": torch.nn.L1Loss(), "b": torch.nn.L1Loss()})
-    args = dict(batch_size=4, warmup_epochs=0, policy_epochs=1, seed=0, prepare_batch=MultiTaskPrepareBatch("image", "targets"))
+    args = dict(batch_size=4, warmup_epochs=0, policy_epochs=1, seed=0, prepare_batch=MultiTaskPrepareBatch("image", "targets"),
+                trainer_type=MultiTaskTrainer, evaluator_type=MultiTaskEvaluator)
     return AdaShareSearch(net, data, loss, **{**args, **kw})
 
 

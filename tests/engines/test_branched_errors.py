@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtl_med.engines.branched import BranchedSearch, held_out_slices
+from mtl_med.sharing.branched import BranchedSearch, held_out_slices
 from mtl_med.errors import ConfigError, user_error
 
 

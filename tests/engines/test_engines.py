@@ -4,19 +4,17 @@ from monai.handlers import MeanAbsoluteError
 from torch.utils.tensorboard import SummaryWriter
 
 from mtl_med.engines import (
-    GroupingHandler,
     MultiTaskEvaluator,
     MultiTaskPrepareBatch,
     MultiTaskTrainer,
-    TemperatureHandler,
-    grouping_param_groups,
     loss_terms,
-    simplex_image,
+    parameter_groups,
     task_output,
 )
 from mtl_med.layers import ExponentialTemperature
 from mtl_med.losses import MaskedDiceCELoss, MaskedRMSELoss, MultiTaskLoss
-from mtl_med.build import sfg_highresnet
+from mtl_med.build import build_network, sfg_highresnet
+from mtl_med.sharing.sfg import GroupingHandler, TemperatureHandler, simplex_image
 
 
 def _batches(n=3, seed=0):
@@ -132,17 +130,25 @@ def test_simplex_image_places_points_by_probability():
     assert green(top) > 0 and green(bottom) == 0  # all shared: the points sit at the top corner
 
 
-def test_grouping_param_groups_speed_up_the_grouping_logits_only():
+def test_parameter_groups_speed_up_the_grouping_logits_only():
     net = sfg_highresnet(features=(4, 8, 8))
     params = list(net.parameters())
-    assert grouping_param_groups(net, 1e-3, 1.0) == params  # the paper's single rate: one plain group
-    rest, logits = grouping_param_groups(net, 1e-3, 20.0)
+    assert parameter_groups(net, 1e-3, grouping_lr_scale=1.0) == params  # the paper's single rate: one plain group
+    rest, logits = parameter_groups(net, 1e-3, grouping_lr_scale=20.0)
     assert logits["lr"] == pytest.approx(2e-2) and "lr" not in rest
     names = {id(p): n for n, p in net.named_parameters()}
     assert logits["params"] and all(names[id(p)].endswith("groups.theta") for p in logits["params"])
     assert len(rest["params"]) + len(logits["params"]) == len(params)
-    opt = torch.optim.Adam(grouping_param_groups(net, 1e-3, 20.0), lr=1e-3)
+    opt = torch.optim.Adam(parameter_groups(net, 1e-3, grouping_lr_scale=20.0), lr=1e-3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 2e-2])
     for bad in (0, -1.0, float("nan"), "fast", None):
         with pytest.raises(ValueError, match="grouping_lr_scale must be a number > 0"):
-            grouping_param_groups(net, 1e-3, bad)
+            parameter_groups(net, 1e-3, grouping_lr_scale=bad)
+
+
+def test_parameter_groups_of_a_method_without_its_own_rates_are_one_plain_group():
+    net = build_network("highresnet", "hard_sharing", ["sct", "seg"], [1, 6], features=(4, 8, 8))
+    assert parameter_groups(net, 1e-3, grouping_lr_scale=20.0) == list(net.parameters())
+    wrapped = torch.nn.Module()
+    wrapped.module = net  # as DDP: the wrapped network is asked
+    assert parameter_groups(wrapped, 1e-3) == list(net.parameters())

@@ -1,5 +1,5 @@
 """AdaShare: the gated network on HighResNet and ResNet, policy losses, curriculum, alternating
-optimisation, re-training, policy export."""
+optimisation (the search's), re-training, policy export."""
 
 import json
 import math
@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from mtl_med.layers.gumbel import StepTemperature
 from mtl_med.losses import MultiTaskLoss
 from mtl_med.losses.adashare import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss
 from mtl_med.networks import HEADS, describe_backbone
@@ -18,7 +17,6 @@ from mtl_med.networks.blocks import BasicBlock, HighResBlock
 from mtl_med.sharing import AdaShare
 from mtl_med.sharing.adashare import (
     GatedBlock,
-    alternate_epoch,
     apply_curriculum,
     build_retrain_network,
     curriculum_num_blocks,
@@ -395,40 +393,28 @@ def test_parameter_split_separates_policy_logits():
     assert len(weights) + 1 == len(list(net.parameters()))
 
 
-def _loaders():
+def _items(n=10):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(10, 1, 8, 8, generator=g)
-    ya, yb = torch.randn(10, 1, generator=g), torch.randn(10, 1, generator=g)
-    ds = TensorDataset(x, ya, yb)
-    w, p = split_weight_policy_data(ds, 0.8, seed=0)
-    return DataLoader(w, batch_size=4), DataLoader(p, batch_size=4)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    ya, yb = torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g)
+    return [{"image": x[k], "targets": {"a": ya[k], "b": yb[k]}} for k in range(n)]
 
 
-def _prepare(batch):
-    x, ya, yb = batch
-    return x, {"a": ya, "b": yb}
+@pytest.mark.parametrize("weight_lr, policy_lr", [(0.0, 0.1), (0.1, 0.0)])
+def test_the_alternation_steps_the_weights_and_the_logits_each_with_its_own_optimiser(monkeypatch, weight_lr, policy_lr):
+    from mtl_med.engines import MultiTaskPrepareBatch, MultiTaskTrainer
+    from mtl_med.sharing.adashare import AdaShareSearch, network as ada_network
 
-
-def test_alternating_epoch_updates_each_group_on_its_own_data():
     net = _net()
-    set_policy_mode(net, "learn")
-    apply_curriculum(net, 99)
-    wl, pl = _loaders()
-    loss = MultiTaskLoss({"a": torch.nn.L1Loss(), "b": torch.nn.L1Loss()})
-    w_opt, p_opt = make_optimizers(net, weight_lr=0.1)
-    tau = StepTemperature()
+    monkeypatch.setattr(ada_network, "build_retrain_network", lambda model, policy, seed=None: model)  # keep the searched weights
     w0 = [p.detach().clone() for p in net.weight_parameters()]
     l0 = net.policy.logits.detach().clone()
-    # policy data only: weights unchanged, logits changed
-    res = alternate_epoch(net, [], pl, loss, w_opt, p_opt, tau, _prepare, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(w0, net.weight_parameters()))
-    assert not torch.equal(l0, net.policy.logits)
-    assert math.isclose(res["tau"], 5.0 * 0.965) and math.isclose(float(net.policy.tau), 5.0 * 0.965, rel_tol=1e-6)
-    # weight data only: logits unchanged, weights changed
-    l1 = net.policy.logits.detach().clone()
-    alternate_epoch(net, wl, [], loss, w_opt, p_opt, prepare_batch=_prepare)
-    assert torch.equal(l1, net.policy.logits)
-    assert not all(torch.equal(a, b) for a, b in zip(w0, net.weight_parameters()))
+    loss = MultiTaskLoss({"a": torch.nn.L1Loss(), "b": torch.nn.L1Loss()})
+    AdaShareSearch(net, _items(), loss, MultiTaskPrepareBatch("image", "targets"), MultiTaskTrainer, batch_size=4,
+                   warmup_epochs=0, policy_epochs=1, weight_lr=weight_lr, policy_lr=policy_lr, seed=0).run()
+    weights_moved = not all(torch.equal(a, b) for a, b in zip(w0, net.weight_parameters()))
+    logits_moved = not torch.equal(l0, net.policy.logits)
+    assert (weights_moved, logits_moved) == (weight_lr > 0, policy_lr > 0)
     assert all(p.requires_grad for p in net.parameters())
 
 

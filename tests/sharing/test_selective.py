@@ -394,7 +394,7 @@ def test_handler_captures_every_iteration_clusters_and_records_each_epoch(tmp_pa
 def test_handler_merges_into_the_lowest_loss_branch_locks_and_resumes(tmp_path, monkeypatch):
     import json
 
-    import mtl_med.engines.selective as engine_module
+    import mtl_med.sharing.selective.handler as engine_module
 
     plan = {1: [0, -1, 0, -1]}  # seed (the settings' 0 + the epoch) -> labels: branches 0 and 2 group at epoch 1
     monkeypatch.setattr(engine_module, "cluster_branches", lambda points, condition, seed, **kw: np.array(plan.get(seed, [-1] * len(points))))
@@ -424,7 +424,7 @@ def test_handler_merges_into_the_lowest_loss_branch_locks_and_resumes(tmp_path, 
 def test_handler_skips_non_finite_gradients_and_refuses_other_networks():
     from types import SimpleNamespace
 
-    from mtl_med.engines import SelectiveSharingHandler
+    from mtl_med.sharing.selective import SelectiveSharingHandler
 
     net = _net()
     (handler,) = net.train_handlers()

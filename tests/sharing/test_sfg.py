@@ -14,7 +14,7 @@ from mtl_med.layers.sfg import SFGConv
 from mtl_med.networks import vgg
 from mtl_med.build import build_network
 from mtl_med.sharing import SFG
-from mtl_med.sharing.sfg import _Towers
+from mtl_med.sharing.sfg.network import _Towers
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS = ROOT / "bundles" / "sfg_highresnet_pelvis" / "models" / "demo" / "model.pt"

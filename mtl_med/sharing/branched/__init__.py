@@ -6,8 +6,8 @@ branched network of a tree on any backbone with branch points.
   beam search, ``tree.json``.
 - :mod:`.affinity`: features at the branchable blocks, RDMs, the affinity tensor, figures.
 - :mod:`.network`: :class:`Branched`, the sharing method.
-The stage that trains the single-task networks and runs the search in a bundle is
-:class:`mtl_med.engines.BranchedSearch`.
+- :mod:`.search`: :class:`BranchedSearch`, the bundle stage that trains the single-task networks and
+  runs the search.
 """
 
 from .trees import (
@@ -44,3 +44,4 @@ from .affinity import (
     tree_image,
 )
 from .network import Branched
+from .search import BranchedSearch, held_out_slices

@@ -6,7 +6,9 @@ and 20% for the policy logits, temperature annealed towards 0, the policy scored
 after each epoch), samples a discrete select-or-skip policy from the best one, and re-initialises
 the network with it. The re-training phase is then the ordinary multi-task trainer run on the same
 network object, so the bundle's trainer, validation, checkpoints and logging serve it unchanged.
-The pieces of :mod:`mtl_med.sharing.adashare` do the work.
+The pieces of :mod:`.network` do the work; the engines it runs are the caller's (``trainer_type``,
+``evaluator_type``: the bundles pass :class:`mtl_med.engines.MultiTaskTrainer` and
+:class:`mtl_med.engines.MultiTaskEvaluator`), so this package needs no engine module.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtl_med.errors import as_bool
 from mtl_med.layers.gumbel import StepTemperature
-from mtl_med.sharing import adashare as ada
 
-from .multitask import MultiTaskEvaluator, MultiTaskTrainer, loss_terms
+from . import network as ada
 
 __all__ = ["AdaShareSearch", "PolicyImageHandler"]
 
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 def _unwrap(network: nn.Module) -> nn.Module:
     return getattr(network, "module", network)
+
+
+def _loss_terms(output: Mapping) -> dict[str, float]:
+    """The total loss and each task's term of a multi-task trainer's output, as scalars."""
+    terms = {f"loss/{k}": float(v) for k, v in output.get("terms", {}).items()}
+    terms["loss/total"] = float(output["loss"].detach())
+    return terms
 
 
 class PolicyImageHandler:
@@ -78,11 +86,14 @@ class AdaShareSearch:
     Args:
         network: an AdaShare network (``build_network(<backbone>, "adashare", ...)``),
             possibly wrapped in DDP.
+        trainer_type, evaluator_type: the engine classes the phases run on, called as
+            :class:`mtl_med.engines.MultiTaskTrainer` and :class:`mtl_med.engines.MultiTaskEvaluator`
+            are (the trainer's output holds ``loss`` and ``terms``).
         train_dataset: the training set; split 80/20 for weights / policy (``weight_fraction``);
             the warm-up uses all of it (the authors' code).
         loss_function: :class:`~mtl_med.losses.MultiTaskLoss` (adds the eq. 5-6 policy losses
             through the network's ``regularizer()``).
-        prepare_batch: e.g. :class:`~mtl_med.engines.MultiTaskPrepareBatch`.
+        prepare_batch: e.g. :class:`mtl_med.engines.MultiTaskPrepareBatch`.
         device: torch device.
         batch_size, num_workers: of the training loaders.
         warmup_epochs: epochs over the training set with every block executed (hard sharing).
@@ -125,6 +136,8 @@ class AdaShareSearch:
         train_dataset: Dataset,
         loss_function: Callable,
         prepare_batch: Callable,
+        trainer_type: Callable,
+        evaluator_type: Callable | None = None,
         device: torch.device | str = "cpu",
         batch_size: int = 32,
         num_workers: int = 0,
@@ -164,7 +177,10 @@ class AdaShareSearch:
         if val_data_loader is not None and len(key_metric or {}) != 1:
             raise ValueError(f"validation data needs exactly one key_metric to rank the epochs by, got {list(key_metric or {})}")
         ada.policy_module(network)  # a clear error for a network without a policy
+        if val_data_loader is not None and evaluator_type is None:
+            raise ValueError("validation data needs an evaluator_type to score the epochs with")
         self.network, self.dataset, self.loss_function, self.prepare_batch = network, train_dataset, loss_function, prepare_batch
+        self.trainer_type, self.evaluator_type = trainer_type, evaluator_type
         self.device = torch.device(device)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.warmup_epochs, self.policy_epochs = int(warmup_epochs), int(policy_epochs)
@@ -188,8 +204,8 @@ class AdaShareSearch:
         g = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, self.batch_size, shuffle=True, num_workers=self.num_workers, generator=g)
 
-    def _trainer(self, loader, optimizer, epochs: int, tag: str, generator, epoch_length: int | None = None) -> MultiTaskTrainer:
-        trainer = MultiTaskTrainer(
+    def _trainer(self, loader, optimizer, epochs: int, tag: str, generator, epoch_length: int | None = None):
+        trainer = self.trainer_type(
             device=self.device,
             max_epochs=epochs,
             epoch_length=epoch_length or self.epoch_length,
@@ -202,12 +218,12 @@ class AdaShareSearch:
         )
         losses: list[float] = []
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: losses.clear())
-        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(loss_terms(e.state.output)["loss/total"]))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(_loss_terms(e.state.output)["loss/total"]))
         trainer.epoch_losses = losses  # type: ignore[attr-defined]
         if self.writer is not None:
 
             def log_terms(e):
-                for k, v in loss_terms(e.state.output).items():
+                for k, v in _loss_terms(e.state.output).items():
                     self.writer.add_scalar(f"adashare_{tag}/{k}", v, e.state.iteration)
 
             trainer.add_event_handler(Events.ITERATION_COMPLETED, log_terms)
@@ -227,10 +243,10 @@ class AdaShareSearch:
         factor = self.tau_factor if self.tau_factor is not None else min(1.0, (self.tau_final / self.tau) ** (1.0 / policy_epochs))
         return StepTemperature(factor=factor, max_tau=self.tau, min_tau=min(self.tau_final, self.tau) if self.tau_factor is None else 1e-6)
 
-    def _evaluator(self) -> MultiTaskEvaluator | None:
+    def _evaluator(self):
         if self.val_data_loader is None:
             return None
-        return MultiTaskEvaluator(
+        return self.evaluator_type(
             device=self.device,
             val_data_loader=self.val_data_loader,
             network=self.network,

@@ -7,19 +7,19 @@ losses while the policy is learned. The strategy, as reusable pieces: warm up th
 every block shared (``set_policy_mode(model, "warmup")``), then in each epoch ``l = 1, 2, ...``
 learn the policy of the last ``l`` blocks only (:func:`apply_curriculum`), alternating 80% of the
 training data for the weights (SGD) and 20% for the policy logits (Adam)
-(:func:`split_weight_policy_data`, :func:`make_optimizers`, :func:`alternate_epoch`), annealing the
-temperature after each alternation. Re-training phase: sample a discrete policy
+(:func:`split_weight_policy_data`, :func:`make_optimizers`), annealing the temperature after each
+alternation. Re-training phase: sample a discrete policy
 (:func:`sample_policy`) and train the network it defines from scratch
 (:func:`build_retrain_network`). The policy is saved with :func:`export_policy_json` and drawn as
 the paper's fig. 3 grid by :func:`policy_figure` / :func:`policy_image`. The search as a MONAI
-engine run: :class:`mtl_med.engines.AdaShareSearch`.
+engine run: :class:`~mtl_med.sharing.adashare.search.AdaShareSearch`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from mtl_med.layers.block_gate import BlockPolicy
 from mtl_med.losses.adashare import ADASHARE_HPARAMS, DEFAULT_LAMBDA_SHARING, DEFAULT_LAMBDA_SPARSITY, AdaShareRegularizer
 from mtl_med.networks.blocks import Backbone, LayerFactory, Residual, Trunk
 
-from .base import MultiTaskNetwork, TaskContext
+from ..base import MultiTaskNetwork, TaskContext
 
 __all__ = [
     "AdaShare",
@@ -43,7 +43,6 @@ __all__ = [
     "split_parameters",
     "make_optimizers",
     "split_weight_policy_data",
-    "alternate_epoch",
     "sample_policy",
     "build_retrain_network",
     "export_policy_json",
@@ -51,7 +50,6 @@ __all__ = [
     "policy_figure",
     "policy_image",
 ]
-
 
 
 class GatedBlock(nn.Module):
@@ -243,71 +241,6 @@ def split_weight_policy_data(dataset: Dataset, weight_fraction: float = 0.8, see
         raise ValueError(f"a dataset of {n} items cannot be split {weight_fraction:.0%}/{1 - weight_fraction:.0%}")
     w, p = random_split(dataset, [n_weight, n - n_weight], generator=torch.Generator().manual_seed(int(seed)))
     return w, p
-
-
-def _default_prepare(batch) -> tuple[torch.Tensor, Mapping[str, torch.Tensor]]:
-    return batch["image"], batch["targets"]
-
-
-def alternate_epoch(
-    model: nn.Module,
-    weight_loader: Iterable,
-    policy_loader: Iterable,
-    loss_fn: Callable,
-    weight_optimizer: torch.optim.Optimizer,
-    policy_optimizer: torch.optim.Optimizer,
-    temperature=None,
-    prepare_batch: Callable = _default_prepare,
-    device: torch.device | str | None = None,
-    generator: torch.Generator | None = None,
-) -> dict[str, float]:
-    """One alternation of the policy-learning phase (section 3.3).
-
-    The weights are updated on ``weight_loader`` with the policy logits fixed, then the logits on
-    ``policy_loader`` with the weights fixed; both use soft Gumbel-Softmax decisions. ``loss_fn``
-    is called as ``loss_fn(outputs, targets, model=model)`` and returns a scalar or
-    ``(total, terms)`` (as :class:`mtl_med.losses.MultiTaskLoss`, whose ``model`` argument adds the
-    policy regulariser). ``temperature`` (e.g. ``StepTemperature()``) is stepped once at the end
-    and written to the network. Returns the mean weight and policy losses.
-    """
-    policy = policy_module(model)
-    if policy.mode != "learn":
-        raise RuntimeError(f"alternate_epoch needs the policy in 'learn' mode, it is {policy.mode!r}")
-    weights, logits = split_parameters(model)
-    flags = {id(p): p.requires_grad for p in weights + logits}
-    model.train()
-    means = {}
-    try:
-        for name, loader, opt, train_p, frozen_p in (
-            ("weight_loss", weight_loader, weight_optimizer, weights, logits),
-            ("policy_loss", policy_loader, policy_optimizer, logits, weights),
-        ):
-            for p in frozen_p:
-                p.requires_grad_(False)
-            for p in train_p:
-                p.requires_grad_(flags[id(p)])
-            total, count = 0.0, 0
-            for batch in loader:
-                x, targets = prepare_batch(batch)
-                if device is not None:
-                    x = x.to(device)
-                    targets = {k: v.to(device) for k, v in targets.items()}
-                out = model(x, generator=generator)
-                loss = loss_fn(out, targets, model=model)
-                loss = loss[0] if isinstance(loss, tuple) else loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()), count + 1
-            means[name] = total / max(count, 1)
-    finally:
-        for p in weights + logits:
-            p.requires_grad_(flags[id(p)])
-    if temperature is not None:
-        value = float(temperature.step())
-        policy.set_tau(value)
-        means["tau"] = value
-    return means
 
 
 def sample_policy(model: nn.Module, generator: torch.Generator | None = None, deterministic: bool = False) -> torch.Tensor:

@@ -25,18 +25,8 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from mtl_med.errors import ConfigError
-from mtl_med.sharing.branched import (
-    affinity_image,
-    budget_from_fraction,
-    pareto_image,
-    save_affinity,
-    save_tree_json,
-    search_beam,
-    search_exhaustive,
-    task_affinity,
-    tree_image,
-)
-from mtl_med.sharing.branched.affinity import select_images
+from .affinity import affinity_image, pareto_image, save_affinity, select_images, task_affinity, tree_image
+from .trees import budget_from_fraction, save_tree_json, search_beam, search_exhaustive
 
 __all__ = ["BranchedSearch", "held_out_slices"]
 

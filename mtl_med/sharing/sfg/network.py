@@ -19,7 +19,7 @@ import json
 import torch
 from torch import nn
 
-from .base import MultiTaskNetwork
+from ..base import MultiTaskNetwork
 from mtl_med.layers.sfg import SHARING_MODES as GROUPINGS
 from mtl_med.layers.sfg import SFGConv, _channel_mask
 from mtl_med.networks.blocks import Backbone, ConvUnit, PoolUnit, Residual
@@ -140,8 +140,9 @@ class SFG(MultiTaskNetwork):
         """The temperature annealing of the Gumbel-Softmax (``schedule``, default A.1's
         ``max(0.1, exp(-1e-5 t))``) and the TensorBoard views of the grouping; ``network`` is the
         trained module when it wraps this one (DDP)."""
-        from mtl_med.engines.handlers import GroupingHandler, TemperatureHandler
         from mtl_med.layers.gumbel import ExponentialTemperature
+
+        from .handlers import GroupingHandler, TemperatureHandler
 
         net = self if network is None else network
         schedule = ExponentialTemperature() if schedule is None else schedule
@@ -149,6 +150,24 @@ class SFG(MultiTaskNetwork):
             TemperatureHandler(schedule, net, summary_writer=summary_writer, log_every=log_every),
             GroupingHandler(summary_writer=summary_writer, network=net, interval=grouping_interval),
         ]
+
+    def parameter_groups(self, lr: float, grouping_lr_scale: float = 1.0, **options) -> list:
+        """The optimiser's parameters with the grouping logits (``*.groups.theta``) at
+        ``lr * grouping_lr_scale``. The paper trains every parameter at one rate (A.1: Adam, 1e-3) for
+        200k iterations; a larger rate on the logits lets the grouping form in a CPU-sized schedule.
+        ``1.0`` returns the plain parameter list (one group, as the paper; checkpoints keep their layout)."""
+        try:
+            scale = float(grouping_lr_scale)
+        except (TypeError, ValueError):
+            scale = float("nan")
+        if not scale > 0:  # NaN and non-numbers too
+            raise ValueError(f"grouping_lr_scale must be a number > 0, got {grouping_lr_scale!r}")
+        if scale == 1.0:
+            return list(self.parameters())
+        grouping = [p for n, p in self.named_parameters() if n.endswith("groups.theta")]
+        ids = {id(p) for p in grouping}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        return [{"params": rest}, {"params": grouping, "lr": float(lr) * scale}]
 
     def set_temperature(self, tau: float) -> None:
         """Gumbel-Softmax temperature of every SFG layer (a buffer: checkpoints keep it)."""

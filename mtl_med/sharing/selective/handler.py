@@ -1,7 +1,7 @@
 """The training side of Selective Sharing (Strezoski et al., fig. 3): gradient capture every iteration,
 clustering and branch merging at every epoch end, until the architecture is locked.
 
-:class:`SelectiveSharingHandler` attaches to :class:`~mtl_med.engines.MultiTaskTrainer` (the
+:class:`SelectiveSharingHandler` attaches to a multi-task trainer such as :class:`mtl_med.engines.MultiTaskTrainer` (the
 network's :meth:`~mtl_med.sharing.selective.SelectiveSharing.train_handlers` makes it):
 
 - ``IterationEvents.BACKWARD_COMPLETED`` (after ``backward``, before ``optimizer.step``): the first-FC
@@ -36,9 +36,11 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from mtl_med.io import atomic_write_json
-from mtl_med.sharing.selective import (
+
+from .network import (
     CONDITIONS,
     FactorAccumulator,
+    SelectiveSharing,
     StopRule,
     cluster_branches,
     merge_groups,
@@ -140,7 +142,7 @@ class SelectiveSharingHandler:
 
     def __init__(self, network, summary_writer=None, record_file: str | os.PathLike | None = None, images: bool = True, **settings):
         net = _net(network)
-        if getattr(net, "name", None) != "selective":
+        if not isinstance(net, SelectiveSharing):
             raise ValueError(f"SelectiveSharingHandler needs a 'selective' network, got {type(net).__name__}")
         unknown = set(settings) - set(net.settings)
         if unknown:

@@ -21,7 +21,7 @@ This module holds the method and its pieces:
   :func:`merge_groups` and :class:`StopRule`.
 
 The training side (gradient capture, clustering, merging, records) is
-:class:`mtl_med.engines.selective.SelectiveSharingHandler`, which :meth:`SelectiveSharing.train_handlers`
+:class:`mtl_med.sharing.selective.handler.SelectiveSharingHandler`, which :meth:`SelectiveSharing.train_handlers`
 returns.
 """
 
@@ -41,7 +41,7 @@ from torch import nn
 from mtl_med.networks.blocks import Backbone, Trunk
 from mtl_med.networks.heads import DenseHeads, PooledHeads
 
-from .base import MultiTaskNetwork
+from ..base import MultiTaskNetwork
 
 __all__ = [
     "SelectiveSharing",
@@ -608,10 +608,10 @@ class SelectiveSharing(MultiTaskNetwork):
     # --- training ----------------------------------------------------------------------------------
     def train_handlers(self, summary_writer=None, network: nn.Module | None = None, record_file=None, images: bool = True, **settings) -> list:
         """The handler that captures the branch gradients, clusters and merges at epoch ends, and writes
-        ``record_file`` (JSON, one record per epoch) and TensorBoard views (:class:`~mtl_med.engines.selective.SelectiveSharingHandler`);
+        ``record_file`` (JSON, one record per epoch) and TensorBoard views (:class:`~mtl_med.sharing.selective.handler.SelectiveSharingHandler`);
         ``settings`` override this network's (condition, tt_rank, ...); ``network`` is the trained
         module when it wraps this one (DDP)."""
-        from mtl_med.engines.selective import SelectiveSharingHandler
+        from .handler import SelectiveSharingHandler
 
         return [SelectiveSharingHandler(self if network is None else network, summary_writer=summary_writer, record_file=record_file, images=images, **settings)]
 
