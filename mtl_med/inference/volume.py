@@ -348,7 +348,7 @@ class VolumePredictor:
         ct_clip: HU range of the synthetic CT (A.3: [-1024, 2500]).
         bone_threshold_hu: bone region of the metrics when the item has no "bone" mask.
         metrics_keys: item keys compared when present ("ct", "label", "bone").
-        progress: show tqdm bars.
+        progress: show tqdm bars (on a terminal only: a log file gets no bar lines).
         dicom_outputs: for a DICOM MR series input, also write any of ``"ct"`` (the synthetic CT as a CT series
             folder ``<case>_sct_dicom``), ``"seg"`` (DICOM SEG ``<case>_seg.dcm``) and ``"rtstruct"``
             (``<case>_rtstruct.dcm``), see :mod:`mtl_med.data.dicom`; needs the ``dicom`` extra.
@@ -737,7 +737,7 @@ class VolumePredictor:
         t_read = time.perf_counter()
         it = self.read_dicom_inputs(it)
         t_read = time.perf_counter() - t_read
-        with tqdm(total=None, desc=f"{name} slice passes", unit="img", leave=False, disable=not self.progress) as bar:
+        with tqdm(total=None, desc=f"{name} slice passes", unit="img", leave=False, disable=None if self.progress else True) as bar:
             out, _, metrics, _ = self.predict_item(it, progress=bar)
         result: dict[str, Any] = dict(out)
         result["seg"] = np.rint(out["seg"]).astype(np.uint8)
@@ -823,7 +823,7 @@ class VolumePredictor:
         self.setup()
         done: dict[str, Any] = {}
         failed: dict[str, str] = {}
-        bar = tqdm(total=len(mine), desc="cases", unit="case", disable=not self.progress)
+        bar = tqdm(total=len(mine), desc="cases", unit="case", disable=None if self.progress else True)
         t_wait = time.perf_counter()
         for item, loaded, data, error in self._prepared(mine, num_workers):
             # reading + preprocessing in this process, or (num_workers > 0) the wait for a worker's case
@@ -834,7 +834,7 @@ class VolumePredictor:
                 if error is not None:
                     raise error
                 passes = tqdm(total=None, desc=f"{case} slice passes", unit="img", leave=False,
-                              disable=not self.progress)
+                              disable=None if self.progress else True)
                 with passes:
                     out, maps, metrics, _ = self.predict_item(loaded, progress=passes, data=data)
                 paths = self.write(case, loaded, out, out_root, metrics, source=item, timings=waited) if save_outputs else {}

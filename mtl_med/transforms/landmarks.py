@@ -52,7 +52,7 @@ def learn_from_datalist(
                                 n4_cache_dir=n4_cache_dir, pixdim=None)
     images, failed = [], []
     with logging_redirect_tqdm():
-        for item in tqdm(items, desc="landmarks", unit="image", disable=not progress):
+        for item in tqdm(items, desc="landmarks", unit="image", disable=None if progress else True):
             path = item[key]
             try:
                 logger.info("reading %s%s", path, " (N4)" if n4 else "")
