@@ -37,6 +37,7 @@ __all__ = [
     "summarize_cases",
     "write_case_csv",
     "write_metrics_summary",
+    "uncertainty_quality",
 ]
 
 PSNR_DATA_RANGE_HU = CT_RANGE_HU[1] - CT_RANGE_HU[0]  # 3524 HU (A.3: [-1024, 2500])
@@ -182,3 +183,36 @@ def write_metrics_summary(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     }
     atomic_write_json(json_finite(summary), path)
     return summary
+
+
+def uncertainty_quality(sct_std: Any, sct_abs_error: Any, seg_uncertainty: Any, seg_wrong: Any, mask: Any = None,
+                        bins: int = 10) -> dict[str, Any]:
+    """Whether the posterior's uncertainty points at its errors (SFG paper, section 5.2's uncertainty maps), over
+    the voxels of ``mask`` (default: all):
+
+    - ``std_error_spearman``: Spearman's rho between the per-voxel sCT standard deviation and absolute error;
+    - ``error_by_std_decile``: the mean absolute error (HU) in each tenth of the voxels ordered by their std,
+      and ``std_decile_edges`` (HU);
+    - ``label_error_auc``: the area under the ROC curve of the segmentation's uncertainty (e.g. vote entropy)
+      as a detector of wrong labels (0.5: no better than chance; NaN when every label is right or wrong), and
+      ``label_error_rate``.
+    """
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    keep = np.ones(np.shape(sct_std), bool) if mask is None else np.asarray(mask, bool)
+    std, err = np.asarray(sct_std, float)[keep], np.asarray(sct_abs_error, float)[keep]
+    unc, wrong = np.asarray(seg_uncertainty, float)[keep], np.asarray(seg_wrong, bool)[keep]
+    edges = np.quantile(std, np.linspace(0.0, 1.0, bins + 1))
+    which = np.clip(np.searchsorted(edges[1:-1], std, side="right"), 0, bins - 1)
+    by_bin = [float(err[which == b].mean()) if np.any(which == b) else math.nan for b in range(bins)]
+    both = 0 < wrong.sum() < wrong.size
+    return {
+        "voxels": int(keep.sum()),
+        "std_error_spearman": float(spearmanr(std, err).statistic),
+        "error_by_std_decile": by_bin,
+        "std_decile_edges": [float(e) for e in edges],
+        "label_error_auc": float(roc_auc_score(wrong, unc)) if both else math.nan,
+        "label_error_rate": float(wrong.mean()),
+    }
+

@@ -99,3 +99,22 @@ def test_summary_and_files(tmp_path):
     obj = json.loads((tmp_path / "m.json").read_text())  # strict JSON: NaN became null
     assert obj["num_cases"] == 2 and obj["metrics"]["psnr_overall"]["std"] == 5.0
     assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_uncertainty_quality_tells_informative_from_uninformative_uncertainty():
+    from mtl_med.metrics.medical import uncertainty_quality
+
+    rng = np.random.default_rng(0)
+    std = rng.uniform(1, 100, 5000)
+    err = std * rng.uniform(0.5, 1.5, 5000)  # error grows with the std
+    unc = rng.uniform(0, 1, 5000)
+    wrong = unc > 0.8  # exactly the most uncertain labels are wrong
+    good = uncertainty_quality(std, err, unc, wrong)
+    assert good["std_error_spearman"] > 0.8 and good["label_error_auc"] == 1.0
+    dec = good["error_by_std_decile"]
+    assert len(dec) == 10 and all(a < b for a, b in zip(dec, dec[1:]))  # error rises decile by decile
+    noise = uncertainty_quality(std, rng.permutation(err), unc, rng.permutation(wrong))
+    assert abs(noise["std_error_spearman"]) < 0.1 and abs(noise["label_error_auc"] - 0.5) < 0.05
+    masked = uncertainty_quality(std, err, unc, wrong, mask=std > 50)
+    assert masked["voxels"] == int((std > 50).sum())
+    assert np.isnan(uncertainty_quality(std, err, unc, np.zeros(5000, bool))["label_error_auc"])
