@@ -35,7 +35,7 @@ def refusal(overrides, files=INFERENCE) -> str:
     ("num_sample", INFERENCE, "num_samples"),                          # a top-level id
     ("network_export_def::mod", INFERENCE, "network_export_def::mode"),  # a sibling in a component
     ("network_export_def#mod", INFERENCE, "network_export_def#mode"),    # in the legacy spelling the user wrote
-    ("network_def::features", INFERENCE, "features"),                  # an expression has no ids under it
+    ("inferer::roi_size", INFERENCE, "roi_size"),                      # an expression has no ids under it
     ("optimizer::weight_decy", TRAIN, "optimizer::weight_decay"),       # a keyword of the component's target
     ("train::dataloader::pin_memry", TRAIN, "train::dataloader::pin_memory"),  # ... of its base class
 ])
@@ -58,6 +58,7 @@ def test_an_id_close_to_nothing_names_the_config_files():
 @pytest.mark.parametrize("key, files", [
     ("network_export_def::mode", INFERENCE),         # a nested id
     ("network_export_def#mode", INFERENCE),          # legacy separator
+    ("network_def::features", INFERENCE),            # network_def's arguments (monai.bundle.load's net_override)
     ("roi_size_3d::2", INFERENCE),                   # a list index
     ("_meta_::version", INFERENCE),                  # metadata
     ("bundle_root", INFERENCE),                      # set at run time, by every bundle command

@@ -59,7 +59,7 @@ def branched(tmp_path_factory, phantoms):
     try:
         root = tmp_path_factory.mktemp("branched")
         # two iterations per single-task network: enough for their features to drift apart a little
-        _run(root, phantoms, CONFIGS / "affinity.json", encoder_config=[str(CONFIGS / "train.json")], affinity_images=K,
+        _run(root, phantoms, CONFIGS / "affinity.json", encoder_config=[str(CONFIGS / "train.json"), str(CONFIGS / "affinity_encoder.json")], affinity_images=K,
              samples_per_volume=2)
         _run(root, phantoms, VARIANT)
         yield root
