@@ -142,6 +142,26 @@ def test_evaluate_with_delta_m_and_inference_writes_per_task_predictions(trained
     assert np.load(pred / "depth" / "0.npy").shape == (SIZE, SIZE) and (pred / "depth" / "0.png").is_file()
 
 
+def test_inference_on_a_folder_of_the_users_images(trained, scenes, tmp_path):
+    """dataset_dir: PNG files of any size read with LoadImaged; predictions named after the files, at their size."""
+    from PIL import Image
+
+    root = trained["hard_sharing"][0]
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i, size in enumerate([(SIZE, SIZE), (24, 16)]):
+        rgb = (np.load(scenes / "val" / "image" / f"{i}.npy") * 255).astype(np.uint8)
+        Image.fromarray(rgb).resize(size).save(images / f"room.{i}.png")
+    out = tmp_path / "out"
+    run(["train.json", "variants/hard_sharing.json", "inference.json"], root, data_root=str(scenes),
+        dataset_dir=str(images), output_dir=str(out), **{**FAST, "val_epoch_length": None})
+    pred = out / "predictions"
+    assert np.load(pred / "seg" / "room.0.npy").shape == (SIZE, SIZE)
+    assert np.load(pred / "depth" / "room.1.npy").shape == (16, 24)  # rows, columns of the 24 x 16 image
+    normal = np.load(pred / "normal" / "room.1.npy")
+    assert normal.shape == (16, 24, 3) and np.allclose(np.linalg.norm(normal, axis=-1), 1, atol=1e-4)
+
+
 def test_missing_synthetic_data_says_how_to_make_it(tmp_path):
     from mtl_med.data.dense import DenseFileNotFoundError
 

@@ -182,6 +182,37 @@ def test_inference_writes_one_prediction_row_per_test_image(trained):
     assert all(r["digit_4"] in ("0", "1") and 0.0 <= float(r["digit_4_prob"]) <= 1.0 for r in rows)
 
 
+def test_inference_on_a_folder_of_the_users_images_names_each_row_after_its_file(trained, tmp_path):
+    """dataset_dir: PNG files (8-bit, any size, RGB or grey) read with LoadImaged, predicted as the test split."""
+    import numpy as np
+    from PIL import Image
+    from mtl_med.data.vision import load_digits_tasks
+
+    root, _ = trained["hard_sharing"]
+    test = load_digits_tasks("test")
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i in range(3):
+        img = (test[i]["image"][0].numpy() * 255).astype(np.uint8)
+        pil = Image.fromarray(img).resize((24, 24))
+        (pil.convert("RGB") if i == 1 else pil).save(images / f"case.{i}.png")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "mine.csv"
+    run(["train.json", "variants/hard_sharing.json", "inference.json"], root, dataset_dir=str(images),
+        prediction_file=str(out), **{**FAST, "val_epoch_length": None})
+    rows = list(csv.DictReader(out.open()))
+    assert [r["index"] for r in rows] == ["case.0", "case.1", "case.2"]  # only the known suffix removed
+    assert all(r["digit_4"] in ("0", "1") and 0.0 <= float(r["digit_4_prob"]) <= 1.0 for r in rows)
+
+
+def test_inference_on_a_missing_folder_names_it(trained, tmp_path):
+    root, _ = trained["hard_sharing"]
+    with pytest.raises(Exception) as info:
+        run(["train.json", "variants/hard_sharing.json", "inference.json"], root, dataset_dir=str(tmp_path / "nope"),
+            prediction_file=str(tmp_path / "p.csv"), **FAST)
+    assert str(tmp_path / "nope") in messages(info.value) and not (tmp_path / "p.csv").exists()
+
+
 @pytest.mark.parametrize(
     "variant,override,words",
     [
