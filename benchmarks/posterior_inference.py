@@ -7,7 +7,7 @@ Timed methods (random-init weights at ``--features``: the time does not depend o
    statistics (what the original tool did).
 2. dense: the sampler on the network's own forward (``engine="dense"``): every slice batch runs all S
    samples, ``max_batch // slices`` copies per forward call, each copy with its own group assignment.
-3. compact fp32: the sampler's compacted pass (:mod:`mtl_med.inference.compact`), float32, channels-last.
+3. compact fp32: the sampler's compacted pass (:mod:`mtl_med.sharing.sfg.compact`), float32, channels-last.
 4. compact bf16: the same in bfloat16 (native only where the CPU has AMX-BF16 / AVX512-BF16; on CUDA float16).
 5. one deterministic pass (argmax groups).
 

@@ -44,7 +44,7 @@ from tqdm import tqdm  # noqa: E402
 from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom  # noqa: E402
 from mtl_med.errors import InputError  # noqa: E402
 from mtl_med.inference.bundle import Predictor, default_bundle  # noqa: E402
-from mtl_med.layers.sfg import StochasticFilterGroups  # noqa: E402
+from mtl_med.sharing.sfg.layers import StochasticFilterGroups  # noqa: E402
 from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK  # noqa: E402
 
 KEYS = ("mae_overall", "psnr_overall", "dice_mean")

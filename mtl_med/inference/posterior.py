@@ -1,11 +1,13 @@
-"""Test-time posterior sampling of SFG networks (section 5, Tables 1-2: 50 stochastic passes;
-mean of the regression outputs, mode of the labels).
+"""Test-time posterior sampling of stochastic multi-task networks (the SFG paper's section 5, Tables 1-2:
+50 stochastic passes; mean of the regression outputs, mode of the labels).
 
 One sampler, :class:`PosteriorSampler`, serves the Python API (:func:`sample_posterior`, a batch of
 images) and the bundles (the "network" of a MONAI inferer over a whole volume). Samples are aggregated
 on the fly by :class:`PosteriorAggregator` (running mean and variance, per-class vote counts), so memory
 does not grow with the number of samples, and several samples run as one batch: with per-example
-sampling each copy of the input gets its own group assignment.
+sampling each copy of the input gets its own group assignment. What is particular to a method reaches the
+sampler through the network's hooks: ``sampling_state(mode, per_example)`` (how it draws at test time) and
+``fast_sampler(mode, dtype, channels_last)`` (an exact faster engine, or ``None``).
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK, SEG_TASK
-
-from .compact import CompactSFG, compact_unsupported
 
 __all__ = [
     "PosteriorAggregator",
@@ -180,19 +180,16 @@ class PosteriorAggregator:
 
 @contextlib.contextmanager
 def sampling_mode(model: nn.Module, mode: str = "sample", per_example: bool = True):
-    """Put an SFG network in eval mode with the given assignment draws; restores afterwards."""
+    """Put a network in eval mode drawing as ``mode`` / ``per_example`` say (its ``sampling_state`` hook);
+    restores both afterwards."""
     net = getattr(model, "module", model)
-    layers = [m.groups for _, m in net.sfg_layers()] if hasattr(net, "sfg_layers") else []
-    saved = [(g.inference, g.per_example) for g in layers]
+    state = getattr(net, "sampling_state", None)
     was_training = model.training
     model.eval()
-    if layers:
-        net.set_inference(mode, per_example)
     try:
-        yield model
+        with state(mode, per_example) if callable(state) else contextlib.nullcontext():
+            yield model
     finally:
-        for g, (inference, pe) in zip(layers, saved):
-            g.inference, g.per_example = inference, pe
         model.train(was_training)
 
 
@@ -211,9 +208,10 @@ class PosteriorSampler:
     normalises with test-batch statistics (:func:`uses_batch_statistics`) runs one pass per call instead,
     one assignment for the whole batch. The passes feed one :class:`PosteriorAggregator`.
 
-    The passes run compacted (:class:`~mtl_med.inference.compact.CompactSFG`: each group's kernels on its
-    own inputs, the same numbers as the dense forward to float32 rounding, about half its FLOPs at the
-    paper's initial ``p`` and a plain network's at hard sharing) wherever the network allows it, else dense.
+    The passes run on the network's fast sampler (its ``fast_sampler`` hook; SFG's compacted pass: each
+    group's kernels on its own inputs, the same numbers as the dense forward to float32 rounding, about half
+    its FLOPs at the paper's initial ``p`` and a plain network's at hard sharing) wherever the network has
+    one and allows it, else dense.
 
     * :meth:`sample` (what :func:`sample_posterior` calls): the posterior summary of a batch, the keys of
       :meth:`PosteriorAggregator.result`.
@@ -241,7 +239,7 @@ class PosteriorSampler:
             image.
         forward: ``forward(network, batch, generator)`` replaces ``network(batch, generator=generator)`` (and
             the compacted path).
-        engine: ``"auto"`` (compacted where :func:`~mtl_med.inference.compact.compact_unsupported` allows),
+        engine: ``"auto"`` (the fast sampler where the network's ``fast_sampler_unsupported`` allows it),
             ``"compact"`` (an error where it does not) or ``"dense"`` (the network's own forward).
         dtype: ``"auto"`` (:func:`compute_dtype`), ``"float32"``, ``"bfloat16"`` or ``"float16"``: the
             compacted path computes in it; the dense path autocasts to it.
@@ -344,13 +342,13 @@ class PosteriorSampler:
             return torch.autocast(device.type, dtype=dtype)
         return contextlib.nullcontext()
 
-    def _compact(self, device: torch.device, dtype: torch.dtype) -> CompactSFG | None:
-        """The compacted engine for this call, or ``None`` for the dense path."""
+    def _compact(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
+        """The network's fast (compacted) engine for this call, or ``None`` for the dense path."""
         if self.engine == "dense" or self.forward is not None:
             return None
-        reason = compact_unsupported(self.network)
-        if reason is None and self.mode == "relaxed":
-            reason = "relaxed mode draws soft assignments"
+        net = getattr(self.network, "module", self.network)
+        unsupported = getattr(net, "fast_sampler_unsupported", None)
+        reason = unsupported(self.mode) if callable(unsupported) else f"{type(net).__name__} has no fast posterior sampler"
         if reason is not None:
             if self.engine == "compact":
                 raise ValueError(f"engine='compact' cannot run this network: {reason}")
@@ -358,7 +356,7 @@ class PosteriorSampler:
         # channels-last: faster for oneDNN on a CPU in every dtype (measured, docs/performance.md), for CUDA's
         # tensor cores in reduced precision
         cl = self.channels_last if self.channels_last is not None else (device.type == "cpu" or dtype != torch.float32)
-        return CompactSFG(self.network, dtype=dtype, channels_last=cl)
+        return net.fast_sampler(self.mode, dtype=dtype, channels_last=cl)
 
     def _crop(self, out: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
         m = self.margin

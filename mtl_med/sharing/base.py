@@ -97,6 +97,22 @@ class MultiTaskNetwork(nn.Module):
         """MONAI / ignite handlers the method needs while training (none here)."""
         return []
 
+    @contextlib.contextmanager
+    def sampling_state(self, mode: str = "sample", per_example: bool | None = None):
+        """Context: test-time draws as :meth:`set_inference` says, the previous settings restored
+        afterwards (SFG); a deterministic method has nothing to set."""
+        yield self
+
+    def fast_sampler_unsupported(self, mode: str = "sample") -> str | None:
+        """Why :meth:`fast_sampler` gives no engine (``None``: it gives one)."""
+        return f"sharing {self.name!r} has no fast posterior sampler"
+
+    def fast_sampler(self, mode: str = "sample", dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        """An exact faster engine for posterior passes (``engine(x, generator, copies=k)`` returning what
+        ``network(x.repeat(k, ...), generator=generator)`` returns, drawing alike), or ``None``: the
+        network's own forward runs (here: always)."""
+        return None
+
     def parameter_groups(self, lr: float, **options) -> list:
         """The optimiser's parameters, or groups of them with their own rates (SFG: its grouping
         logits at a scaled rate); ``options`` are the method's settings, ignored here: one group."""

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from mtl_med.layers import ExponentialTemperature, StepTemperature, StochasticFilterGroups, gumbel_softmax
+from mtl_med.layers import ExponentialTemperature, StepTemperature, gumbel_softmax
+from mtl_med.sharing.sfg.layers import StochasticFilterGroups
 
 
 def _frequencies(groups, draws, generator):

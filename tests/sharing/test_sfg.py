@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_med.layers.sfg import SFGConv
+from mtl_med.sharing.sfg.layers import SFGConv
 from mtl_med.networks import vgg
 from mtl_med.build import build_network
 from mtl_med.sharing import SFG

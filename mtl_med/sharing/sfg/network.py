@@ -1,7 +1,7 @@
 """Stochastic Filter Groups (Bragman et al., ICCV 2019) on any backbone of plain convolutions and
 width-preserving residual blocks, and the paper's baselines as SFG with fixed probabilities.
 
-Every convolution unit of the backbone becomes an :class:`~mtl_med.layers.sfg.SFGConv` that turns
+Every convolution unit of the backbone becomes an :class:`~mtl_med.sharing.sfg.layers.SFGConv` that turns
 ``T + 1`` streams ``[F_1 .. F_T, F_s]`` into ``T + 1`` streams; every run of residual blocks
 between two of them becomes one tower per group (fig. 5: each group has its own residual tower),
 applied to that group's stream and masked back to the group's channels; pooling acts on each
@@ -14,15 +14,18 @@ baseline, the task ones of hard sharing) contribute exactly zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import torch
 from torch import nn
 
-from ..base import MultiTaskNetwork
-from mtl_med.layers.sfg import SHARING_MODES as GROUPINGS
-from mtl_med.layers.sfg import SFGConv, _channel_mask
 from mtl_med.networks.blocks import Backbone, ConvUnit, PoolUnit, Residual
+
+from ..base import MultiTaskNetwork
+from .compact import CompactSFG, compact_unsupported
+from .layers import SHARING_MODES as GROUPINGS
+from .layers import SFGConv, _channel_mask
 
 __all__ = ["SFG", "GROUPINGS"]
 
@@ -46,10 +49,10 @@ class SFG(MultiTaskNetwork):
     Args:
         grouping: ``"sfg"`` (learned ``p``, A.1) or one of the paper's baselines as fixed ``p``
             (``"single_task"``, ``"hard_sharing"``, ``"constant_mask"``, ``"constant_p"``,
-            ``"cross_stitch"``; see :func:`~mtl_med.layers.sfg.grouping_init`).
+            ``"cross_stitch"``; see :func:`~mtl_med.sharing.sfg.layers.grouping_init`).
         shared_init: initial shared probability of learned layers (A.1: 0.6), or ``"dirichlet"`` /
-            ``"constant_mask"`` (the other starts of section 5.4; see :func:`~mtl_med.layers.sfg.grouping_init`).
-        hard, noise, per_example: see :class:`~mtl_med.layers.sfg.StochasticFilterGroups`.
+            ``"constant_mask"`` (the other starts of section 5.4; see :func:`~mtl_med.sharing.sfg.layers.grouping_init`).
+        hard, noise, per_example: see :class:`~mtl_med.sharing.sfg.layers.StochasticFilterGroups`.
         lambda1, lambda2: weights of eq. 5 (A.1: 1e-6 and 1e-5).
     """
 
@@ -191,6 +194,33 @@ class SFG(MultiTaskNetwork):
             m.groups.inference = mode
             if per_example is not None:
                 m.groups.per_example = per_example
+
+    @contextlib.contextmanager
+    def sampling_state(self, mode: str = "sample", per_example: bool | None = None):
+        """Context: draw as :meth:`set_inference` says (``mode``, ``per_example``); every layer's
+        drawing settings are restored afterwards."""
+        layers = [m.groups for _, m in self.sfg_layers()]
+        saved = [(g.inference, g.per_example) for g in layers]
+        self.set_inference(mode, per_example)
+        try:
+            yield self
+        finally:
+            for g, (inference, pe) in zip(layers, saved):
+                g.inference, g.per_example = inference, pe
+
+    def fast_sampler_unsupported(self, mode: str = "sample") -> str | None:
+        """Why the compacted pass (:mod:`.compact`) cannot draw in ``mode`` now, or ``None``."""
+        reason = compact_unsupported(self)
+        if reason is None and mode == "relaxed":
+            reason = "relaxed mode draws soft assignments"
+        return reason
+
+    def fast_sampler(self, mode: str = "sample", dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        """The exact compacted pass (:class:`~mtl_med.sharing.sfg.compact.CompactSFG`: each group's kernels
+        on its own inputs), or ``None`` where :meth:`fast_sampler_unsupported` gives a reason."""
+        if self.fast_sampler_unsupported(mode) is not None:
+            return None
+        return CompactSFG(self, dtype=dtype, channels_last=channels_last)
 
     # ---- introspection
     def grouping_probabilities(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mtl_med.layers import SFGConv, StochasticFilterGroups, grouping_init
+from mtl_med.sharing.sfg.layers import SFGConv, StochasticFilterGroups, grouping_init
 
 
 def test_grouping_init_modes():

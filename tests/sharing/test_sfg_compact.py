@@ -7,8 +7,8 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtl_med.inference import PosteriorSampler, sample_posterior
-from mtl_med.inference.compact import CompactSFG, compact_unsupported
-from mtl_med.layers.sfg import SHARING_MODES
+from mtl_med.sharing.sfg.compact import CompactSFG, compact_unsupported
+from mtl_med.sharing.sfg.layers import SHARING_MODES
 from mtl_med.build import build_network
 
 

@@ -21,8 +21,8 @@ from monai.networks.blocks import ADN
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from .cross_stitch import CrossStitch
-from .gumbel import gumbel_softmax
+from mtl_med.layers.cross_stitch import CrossStitch
+from mtl_med.layers.gumbel import gumbel_softmax
 
 __all__ = ["SHARING_MODES", "grouping_init", "StochasticFilterGroups", "SFGConv"]
 

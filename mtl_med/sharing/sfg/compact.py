@@ -1,6 +1,6 @@
 """The exact compacted forward pass of an SFG network for hard (one-hot) group assignments.
 
-The dense forward (:mod:`mtl_med.sharing.sfg`, section 3.1 as the paper implements it) convolves every one
+The dense forward (:mod:`mtl_med.sharing.sfg.network`, section 3.1 as the paper implements it) convolves every one
 of the ``T + 1`` streams with every kernel and masks afterwards. With a hard assignment the streams are
 disjoint in channels, so one tensor ``A`` holds them all (``A[C_g] = F_g[C_g]``) and each group's output
 channels can be computed from that group's inputs alone:
@@ -21,7 +21,7 @@ identical assignment; distinct ones run one call each, of at most :func:`rows_pe
 an image's activations in cache on a CPU.
 
 The results equal the dense path's to float32 rounding (tested, 2D / 3D, T = 2, 3, every grouping of
-:data:`~mtl_med.layers.sfg.SHARING_MODES`). ``dtype`` / ``channels_last`` run the same pass in bfloat16 or
+:data:`~mtl_med.sharing.sfg.layers.SHARING_MODES`). ``dtype`` / ``channels_last`` run the same pass in bfloat16 or
 float16 (the kernels and the elementwise work in that dtype; the heads in float32).
 """
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from mtl_med.layers.sfg import SFGConv
+from .layers import SFGConv
 from mtl_med.networks.blocks import HighResBlock
 
 __all__ = ["CompactSFG", "compact_unsupported", "rows_per_call"]
