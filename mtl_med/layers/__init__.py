@@ -3,5 +3,4 @@ live in its package under :mod:`mtl_med.sharing`)."""
 
 from .cross_stitch import CrossStitch
 from .gumbel import ExponentialTemperature, StepTemperature, gumbel_softmax, sample_gumbel
-from .block_gate import BlockPolicy
-from .task_routing import TaskRouting, TaskSampler, routing_masks, split_by_task
+from .tasks import TaskSampler, as_task_index, split_by_task

@@ -2,5 +2,4 @@
 
 from .masked import MaskedCrossEntropyLoss, MaskedDiceCELoss, MaskedRMSELoss
 from .multitask import MultiTaskLoss
-from .adashare import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss
 from .dense import DENSE_TASK_WEIGHTS, MaskedL1Loss, NormalCosineLoss, PixelCrossEntropyLoss, dense_losses, dense_task_weights

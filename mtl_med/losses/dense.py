@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adashare import ADASHARE_HPARAMS
-
 __all__ = ["PixelCrossEntropyLoss", "MaskedL1Loss", "NormalCosineLoss", "DENSE_LOSSES", "dense_losses",
            "DENSE_TASK_WEIGHTS", "dense_task_weights"]
 
@@ -103,11 +101,13 @@ def dense_losses(kinds: Mapping[str, str], ignore_index: int = -1) -> dict[str, 
     return out
 
 
-_KIND = {"seg": "seg", "sn": "normal", "depth": "depth", "kp": "keypoint", "edge": "edge"}
-#: AdaShare Table 7's task weights per benchmark, by task kind (the same table as
-#: :data:`mtl_med.losses.ADASHARE_HPARAMS`, whose keys are the paper's ``sn`` / ``kp``)
+#: The task weights per benchmark, by task kind, of AdaShare's Table 7 (the benchmark set-up the dense
+#: bundle follows; :data:`mtl_med.sharing.adashare.losses.ADASHARE_HPARAMS` reads its ``lambda`` from here)
 DENSE_TASK_WEIGHTS = {
-    name: {_KIND[k]: float(v) for k, v in h["lambda"].items()} for name, h in ADASHARE_HPARAMS.items()
+    "nyu_v2_2task": {"seg": 1.0, "normal": 20.0},
+    "cityscapes": {"seg": 1.0, "depth": 20.0},
+    "nyu_v2_3task": {"seg": 1.0, "normal": 20.0, "depth": 3.0},
+    "tiny_taskonomy": {"seg": 1.0, "normal": 3.0, "depth": 2.0, "keypoint": 7.0, "edge": 7.0},
 }
 
 

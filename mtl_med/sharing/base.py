@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mtl_med.layers.task_routing import as_task_index, split_by_task
+from mtl_med.layers.tasks import as_task_index, split_by_task
 from mtl_med.networks.blocks import Backbone
 from mtl_med.networks.utils import batch_norm_statistics
 
@@ -41,7 +41,7 @@ class MultiTaskNetwork(nn.Module):
     - ``task=None``: every task;
     - an ``int`` or a name: that task only (one task per mini-batch, Task Routing's algorithm 1);
     - a ``(B,)`` ``LongTensor`` of per-example task ids: ``{name: outputs of that task's examples}``
-      for the tasks present (group targets with :func:`mtl_med.layers.task_routing.split_by_task`).
+      for the tasks present (group targets with :func:`mtl_med.layers.tasks.split_by_task`).
 
     ``generator`` drives the method's randomness (SFG's group draws, AdaShare's Gumbel noise).
 

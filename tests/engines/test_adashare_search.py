@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtl_med.engines import MultiTaskEvaluator, MultiTaskPrepareBatch, MultiTaskTrainer
 from mtl_med.losses import MultiTaskLoss
-from mtl_med.losses.adashare import AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss, policy_loss_scales
+from mtl_med.sharing.adashare.losses import AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss, policy_loss_scales
 from mtl_med.build import build_network
 from mtl_med.sharing.adashare import AdaShareSearch
 

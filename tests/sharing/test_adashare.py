@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from mtl_med.losses import MultiTaskLoss
-from mtl_med.losses.adashare import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss
+from mtl_med.sharing.adashare.losses import ADASHARE_HPARAMS, AdaShareRegularizer, adashare_sharing_loss, adashare_sparsity_loss
 from mtl_med.networks import HEADS, describe_backbone
 from mtl_med.build import build_network
 from mtl_med.networks.blocks import BasicBlock, HighResBlock

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mtl_med.layers.task_routing import TaskRouting as TaskRoutingLayer
+from mtl_med.sharing.routing.layer import TaskRouting as TaskRoutingLayer
 from mtl_med.build import build_network
 from mtl_med.networks.blocks import BasicBlock
 from mtl_med.sharing import HardSharing, TaskRouting

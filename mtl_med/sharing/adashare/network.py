@@ -2,7 +2,7 @@
 of any backbone that has them (section 3.1), and its training strategy (section 3.3).
 
 The network: :class:`AdaShare`, a trunk whose residual blocks are gated by a
-:class:`~mtl_med.layers.block_gate.BlockPolicy`; its regulariser is eq. 7's sparsity and sharing
+:class:`~mtl_med.sharing.adashare.gate.BlockPolicy`; its regulariser is eq. 7's sparsity and sharing
 losses while the policy is learned. The strategy, as reusable pieces: warm up the weights with
 every block shared (``set_policy_mode(model, "warmup")``), then in each epoch ``l = 1, 2, ...``
 learn the policy of the last ``l`` blocks only (:func:`apply_curriculum`), alternating 80% of the
@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, random_split
 
 from mtl_med.io import atomic_write_text
-from mtl_med.layers.block_gate import BlockPolicy
-from mtl_med.losses.adashare import ADASHARE_HPARAMS, DEFAULT_LAMBDA_SHARING, DEFAULT_LAMBDA_SPARSITY, AdaShareRegularizer
 from mtl_med.networks.blocks import Backbone, LayerFactory, Residual, Trunk
 
 from ..base import MultiTaskNetwork, TaskContext
+from .gate import BlockPolicy
+from .losses import ADASHARE_HPARAMS, DEFAULT_LAMBDA_SHARING, DEFAULT_LAMBDA_SPARSITY, AdaShareRegularizer
 
 __all__ = [
     "AdaShare",
@@ -90,7 +90,7 @@ class AdaShare(MultiTaskNetwork):
         lambda_sparsity, lambda_sharing: eq. 7 weights of :meth:`regularizer` while the policy is
             learned (Table 7 defaults).
         normalize_policy_losses: scale eq. 5-6 to the number of tasks and blocks
-            (:func:`mtl_med.losses.adashare.policy_loss_scales`), so Table 7's weights keep their
+            (:func:`mtl_med.sharing.adashare.losses.policy_loss_scales`), so Table 7's weights keep their
             meaning on any set-up; ``False``: the raw sums of eq. 5-6.
         policy: a discrete ``(num_tasks, num_blocks)`` policy for re-training / inference.
 
@@ -172,7 +172,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def policy_module(model: nn.Module):
-    """The :class:`~mtl_med.layers.block_gate.BlockPolicy` of an AdaShare network."""
+    """The :class:`~mtl_med.sharing.adashare.gate.BlockPolicy` of an AdaShare network."""
     policy = getattr(_unwrap(model), "policy", None)
     if policy is None or not hasattr(policy, "logits"):
         raise ValueError(f"{type(_unwrap(model)).__name__} has no AdaShare policy (build it with sharing='adashare')")

@@ -1,13 +1,34 @@
 """Selective Sharing (Strezoski, van Noord and Worring, ICMR 2019): everything only about it.
 
-- :mod:`.network`: :class:`SelectiveSharing`, the sharing method (``build_network(..., "selective")``),
-  the TT-SVD of the branch gradients and their clustering;
+- :mod:`.network`: :class:`SelectiveSharing`, the sharing method (``build_network(..., "selective")``);
+- :mod:`.ttsvd`: the TT-SVD of the branch gradients (section 3.2);
+- :mod:`.clustering`: HDBSCAN over them, the merge and the stop rule (section 3.3-3.4, A.2);
 - :mod:`.handler`: :class:`SelectiveSharingHandler`, the training side (gradient capture, clustering,
   merging, records).
 """
 
-from .network import *  # noqa: F401,F403
-from .network import __all__ as _network_all
+from .clustering import CONDITIONS, StopRule, cluster_branches, merge_groups, mutual_reachability, pairwise_distances, pick_survivor
 from .handler import SelectiveSharingHandler, clusters_image, membership_image
+from .network import SelectiveSharing, selective_mnist
+from .ttsvd import FactorAccumulator, factor_vectors, tensorize_shape, tt_full_ranks, tt_reconstruct, tt_svd
 
-__all__ = [*_network_all, "SelectiveSharingHandler", "membership_image", "clusters_image"]
+__all__ = [
+    "SelectiveSharing",
+    "selective_mnist",
+    "CONDITIONS",
+    "tt_svd",
+    "tt_reconstruct",
+    "tt_full_ranks",
+    "tensorize_shape",
+    "factor_vectors",
+    "FactorAccumulator",
+    "pairwise_distances",
+    "mutual_reachability",
+    "cluster_branches",
+    "pick_survivor",
+    "merge_groups",
+    "StopRule",
+    "SelectiveSharingHandler",
+    "membership_image",
+    "clusters_image",
+]

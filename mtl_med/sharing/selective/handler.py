@@ -37,16 +37,9 @@ from monai.engines.utils import IterationEvents
 
 from mtl_med.io import atomic_write_json
 
-from .network import (
-    CONDITIONS,
-    FactorAccumulator,
-    SelectiveSharing,
-    StopRule,
-    cluster_branches,
-    merge_groups,
-    mutual_reachability,
-    pairwise_distances,
-)
+from .clustering import CONDITIONS, StopRule, cluster_branches, merge_groups, mutual_reachability, pairwise_distances
+from .network import SelectiveSharing
+from .ttsvd import FactorAccumulator
 
 __all__ = ["SelectiveSharingHandler", "membership_image", "clusters_image"]
 

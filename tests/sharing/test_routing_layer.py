@@ -5,7 +5,8 @@ import pytest
 import torch
 from monai.networks.layers.factories import Act, Conv, Norm
 
-from mtl_med.layers.task_routing import TaskRouting, TaskSampler, routing_masks, split_by_task
+from mtl_med.layers.tasks import TaskSampler, split_by_task
+from mtl_med.sharing.routing.layer import TaskRouting, routing_masks
 
 
 @pytest.mark.parametrize("act", ["prelu", "leakyrelu"])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import MultiTaskNetwork, TaskContext
-from mtl_med.layers.task_routing import TaskRouting as TaskRoutingLayer
 from mtl_med.networks.blocks import Backbone, LayerFactory, Trunk
+
+from ..base import MultiTaskNetwork, TaskContext
+from .layer import TaskRouting as TaskRoutingLayer
 
 __all__ = ["TaskRouting", "RoutedNorm"]
 
@@ -41,7 +42,7 @@ class TaskRouting(MultiTaskNetwork):
 
     Args:
         sigma: sharing ratio, the fraction of units shared by all tasks (paper convention: 1 is
-            hard sharing, 0 one subnetwork per task; see :mod:`mtl_med.layers.task_routing`).
+            hard sharing, 0 one subnetwork per task; see :mod:`mtl_med.sharing.routing.layer`).
         seed: seed of the masks, drawn in construction order from one generator.
         convention: ``"paper"`` (sigma = the fraction shared by all tasks) or ``"knockout"``
             (the authors' code: sigma = the fraction each task zeroes, drawn per task).

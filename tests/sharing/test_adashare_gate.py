@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl_med.layers import BlockPolicy
+from mtl_med.sharing.adashare.gate import BlockPolicy
 
 
 def test_modes_give_no_gates_the_policy_or_soft_samples():

@@ -3,7 +3,7 @@
 The task term of eq. 4, ``sum_k lambda_k L_k``, is :class:`mtl_med.losses.MultiTaskLoss` with
 ``weights=lambda``; the policy terms below enter through the network's ``regularizer()``.
 ``alpha`` is the ``(K, L)`` matrix of probabilities of executing block ``l`` for task ``k``
-(:meth:`mtl_med.layers.block_gate.BlockPolicy.select_probability`).
+(:meth:`mtl_med.sharing.adashare.gate.BlockPolicy.select_probability`).
 """
 
 from __future__ import annotations
@@ -11,26 +11,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl_med.losses.dense import DENSE_TASK_WEIGHTS
+
 __all__ = ["ADASHARE_HPARAMS", "adashare_sparsity_loss", "adashare_sharing_loss", "policy_loss_scales", "AdaShareRegularizer"]
 
 #: Table 7 of the paper: learning rates and loss weights per benchmark.
+#: The task weights (``lambda``, the paper's keys ``sn`` / ``kp``) are
+#: :data:`mtl_med.losses.dense.DENSE_TASK_WEIGHTS`, by task kind.
+_PAPER_KEY = {"seg": "seg", "normal": "sn", "depth": "depth", "keypoint": "kp", "edge": "edge"}
 ADASHARE_HPARAMS = {
-    "nyu_v2_2task": {"weight_lr": 0.001, "policy_lr": 0.01, "lambda": {"seg": 1, "sn": 20}, "lambda_sp": 0.05, "lambda_sh": 0.05},
-    "cityscapes": {"weight_lr": 0.0001, "policy_lr": 0.01, "lambda": {"seg": 1, "depth": 20}, "lambda_sp": 0.01, "lambda_sh": 0.1},
-    "nyu_v2_3task": {
-        "weight_lr": 0.001,
-        "policy_lr": 0.01,
-        "lambda": {"seg": 1, "sn": 20, "depth": 3},
-        "lambda_sp": 0.001,
-        "lambda_sh": 0.05,
-    },
-    "tiny_taskonomy": {
-        "weight_lr": 0.001,
-        "policy_lr": 0.01,
-        "lambda": {"seg": 1, "sn": 3, "depth": 2, "kp": 7, "edge": 7},
-        "lambda_sp": 0.001,
-        "lambda_sh": 0.005,
-    },
+    name: {**h, "lambda": {_PAPER_KEY[k]: v for k, v in DENSE_TASK_WEIGHTS[name].items()}}
+    for name, h in {
+        "nyu_v2_2task": {"weight_lr": 0.001, "policy_lr": 0.01, "lambda_sp": 0.05, "lambda_sh": 0.05},
+        "cityscapes": {"weight_lr": 0.0001, "policy_lr": 0.01, "lambda_sp": 0.01, "lambda_sh": 0.1},
+        "nyu_v2_3task": {"weight_lr": 0.001, "policy_lr": 0.01, "lambda_sp": 0.001, "lambda_sh": 0.05},
+        "tiny_taskonomy": {"weight_lr": 0.001, "policy_lr": 0.01, "lambda_sp": 0.001, "lambda_sh": 0.005},
+    }.items()
 }
 # defaults: the ResNet-18 set-up (NYU v2 2-task row of Table 7)
 DEFAULT_LAMBDA_SPARSITY = ADASHARE_HPARAMS["nyu_v2_2task"]["lambda_sp"]

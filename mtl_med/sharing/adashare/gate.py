@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .gumbel import gumbel_softmax
+from mtl_med.layers.gumbel import gumbel_softmax
 
 __all__ = ["BlockPolicy", "POLICY_MODES"]
 
