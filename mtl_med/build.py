@@ -19,7 +19,7 @@ from mtl_med.networks.dense_heads import DENSE_HEADS
 from mtl_med.networks.heads import HEADS
 from mtl_med.sharing import METHODS
 
-__all__ = ["BACKBONES", "METHODS", "build_network", "sfg_highresnet", "describe_backbone", "allowed_pairs"]
+__all__ = ["BACKBONES", "METHODS", "build_network", "sfg_highresnet", "selective_mnist", "describe_backbone", "allowed_pairs"]
 
 
 def _parameters(fn) -> set[str]:
@@ -106,6 +106,7 @@ def build_network(
     if hasattr(net.heads, "attach"):  # the network's own heads (a method may rebuild them)
         net.heads.attach(net)
     net.build_args = build_args
+    net.builder = build_network  # net.rebuild(): a method builds itself again without importing the registry
     return net
 
 
@@ -113,6 +114,16 @@ def sfg_highresnet(task_names: Sequence[str] = ("sct", "seg"), out_channels=(1, 
     """SFG-HighResNet (SFG paper, section 4.1 and appendix B): ``build_network("highresnet", "sfg", ...)``
     with the pelvis tasks' defaults, synthetic CT (1 channel) and 6-class labels."""
     return build_network("highresnet", "sfg", task_names, out_channels, spatial_dims=spatial_dims, in_channels=in_channels, **kwargs)
+
+
+def selective_mnist(task_names: Sequence[str] = tuple(f"digit_{k}" for k in range(10)), out_channels=2, in_channels: int = 1, **kwargs) -> nn.Module:
+    """Selective Sharing's MNIST network (section 4.2, fig. 7): two 5x5 convolutions of 20 and 40 channels with
+    batch-norm and max pooling; the 40 x 4 x 4 = 640 features of a 28 x 28 digit, flattened, into
+    the hard-shared FC layer of 640 units ("as a feature cutoff point, we apply a 640 unit fully
+    connected layer"; the PyTorch MNIST example it cites flattens into its first FC layer); per task
+    a branch FC 100 -> FC 50 and the output layer. Ten one-vs-all tasks by default."""
+    kwargs = {"shared_width": 640, "branch_widths": (100, 50), "pooled_size": 4, **kwargs}
+    return build_network("mnist_cnn", "selective", list(task_names), out_channels, spatial_dims=2, in_channels=in_channels, **kwargs)
 
 
 def allowed_pairs(spatial_dims: int = 2) -> dict[tuple[str, str], str | None]:

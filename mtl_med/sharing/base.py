@@ -77,6 +77,7 @@ class MultiTaskNetwork(nn.Module):
         self.heads = heads
         self.context = TaskContext()
         self.build_args: dict = {}  # set by build_network: how to build this network again
+        self.builder = None  # set by build_network: the registry's function that builds it from build_args
 
     # --- what a method says about itself --------------------------------------------------------
     @classmethod
@@ -120,6 +121,13 @@ class MultiTaskNetwork(nn.Module):
 
     def set_inference(self, mode: str = "sample", per_example: bool | None = None) -> None:
         """How a stochastic method draws at test time (SFG); a deterministic one has nothing to set."""
+
+    def rebuild(self, **overrides) -> MultiTaskNetwork:
+        """A fresh network built as this one was (:attr:`build_args`, by the registry's :attr:`builder`),
+        with ``overrides`` of its arguments; newly initialised weights (e.g. AdaShare's re-training)."""
+        if not self.build_args or self.builder is None:
+            raise ValueError(f"{type(self).__name__} was not made by build_network: no build_args to rebuild it from")
+        return self.builder(**{**self.build_args, **overrides})
 
     # --- common --------------------------------------------------------------------------------
     def heads_parameter(self) -> torch.Tensor:

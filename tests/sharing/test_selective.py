@@ -10,6 +10,7 @@ import torch
 
 from mtl_med.build import build_network
 from mtl_med.sharing import METHODS, SelectiveSharing
+from mtl_med.build import selective_mnist
 from mtl_med.sharing.selective import (
     FactorAccumulator,
     StopRule,
@@ -19,7 +20,6 @@ from mtl_med.sharing.selective import (
     mutual_reachability,
     pairwise_distances,
     pick_survivor,
-    selective_mnist,
     tensorize_shape,
     tt_full_ranks,
     tt_reconstruct,

@@ -249,24 +249,20 @@ def sample_policy(model: nn.Module, generator: torch.Generator | None = None, de
 
 
 def build_retrain_network(model: nn.Module, policy: torch.Tensor | Sequence, seed: int | None = None) -> nn.Module:
-    """A fresh network built as ``model`` was (its ``build_args``) with the discrete ``policy``.
+    """A fresh network built as ``model`` was (its ``build_args``, :meth:`~mtl_med.sharing.base.MultiTaskNetwork.rebuild`)
+    with the discrete ``policy``.
 
     Its weights are newly initialised (re-trained from scratch, section 3.3); ``seed`` seeds the
     initialisation (torch's global RNG is used and restored).
     """
-    from mtl_med.build import build_network
-
     policy_module(model)  # a clear error for a network without a policy
     base = _unwrap(model)
-    args = dict(getattr(base, "build_args", {}))
-    if not args:
-        raise ValueError(f"{type(base).__name__} was not made by build_network: no build_args to rebuild it from")
-    args["policy"] = torch.as_tensor(policy).bool().cpu()
+    policy = torch.as_tensor(policy).bool().cpu()
     if seed is None:
-        return build_network(**args)
+        return base.rebuild(policy=policy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        return build_network(**args)
+        return base.rebuild(policy=policy)
 
 
 def export_policy_json(

@@ -9,12 +9,11 @@
 
 from .clustering import CONDITIONS, StopRule, cluster_branches, merge_groups, mutual_reachability, pairwise_distances, pick_survivor
 from .handler import SelectiveSharingHandler, clusters_image, membership_image
-from .network import SelectiveSharing, selective_mnist
+from .network import SelectiveSharing
 from .ttsvd import FactorAccumulator, factor_vectors, tensorize_shape, tt_full_ranks, tt_reconstruct, tt_svd
 
 __all__ = [
     "SelectiveSharing",
-    "selective_mnist",
     "CONDITIONS",
     "tt_svd",
     "tt_reconstruct",

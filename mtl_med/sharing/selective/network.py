@@ -40,7 +40,7 @@ from mtl_med.networks.heads import DenseHeads, PooledHeads
 from ..base import MultiTaskNetwork
 from .clustering import CONDITIONS, StopRule
 
-__all__ = ["SelectiveSharing", "selective_mnist"]
+__all__ = ["SelectiveSharing"]
 
 
 # ---- the sharing method ----------------------------------------------------------------------------
@@ -237,15 +237,3 @@ class SelectiveSharing(MultiTaskNetwork):
         from .handler import SelectiveSharingHandler
 
         return [SelectiveSharingHandler(self if network is None else network, summary_writer=summary_writer, record_file=record_file, images=images, **settings)]
-
-
-def selective_mnist(task_names: Sequence[str] = tuple(f"digit_{k}" for k in range(10)), out_channels=2, in_channels: int = 1, **kwargs) -> SelectiveSharing:
-    """The paper's MNIST network (section 4.2, fig. 7): two 5x5 convolutions of 20 and 40 channels with
-    batch-norm and max pooling; the 40 x 4 x 4 = 640 features of a 28 x 28 digit, flattened, into
-    the hard-shared FC layer of 640 units ("as a feature cutoff point, we apply a 640 unit fully
-    connected layer"; the PyTorch MNIST example it cites flattens into its first FC layer); per task
-    a branch FC 100 -> FC 50 and the output layer. Ten one-vs-all tasks by default."""
-    from mtl_med.build import build_network
-
-    kwargs = {"shared_width": 640, "branch_widths": (100, 50), "pooled_size": 4, **kwargs}
-    return build_network("mnist_cnn", "selective", list(task_names), out_channels, spatial_dims=2, in_channels=in_channels, **kwargs)
