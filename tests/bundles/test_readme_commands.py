@@ -59,7 +59,7 @@ RULES: dict[str, list[tuple[str, object]]] = {
     "sfg_highresnet_pelvis": [
         (r"monai\.bundle (verify_metadata|verify_net_in_out|ckpt_export)", {"cwd": "repo"}),
         (r"run onnx_export", {"cwd": "repo", "needs": "onnx"}),
-        # the README makes demo/pelvis_phantoms in two sections: the second run writes over the first
+        # (--overwrite: one copy holds every section's phantom folders, as a user's checkout would)
         (r"data_prep\.phantoms", {"cwd": "repo", "set": {"--cases": "3", "--preset": "small", "--shape": "32 32 8",
                                                          "--quiet": "", "--overwrite": ""}}),
         (r"write_mr_series", {"cwd": "repo"}),
