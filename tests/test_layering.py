@@ -11,6 +11,10 @@ imports made by bundle configs (``"$from data_prep.landmarks import ..."`` in tr
 Within mtl_med, the errors, the atomic writers and the pelvis constants are leaves: importing one of them
 imports no other module of the package, so any module can use them without an import cycle (the writers raise
 the errors' classes, imported where they raise: a leaf may use another leaf).
+
+Sharing methods stay in their packages: no module outside mtl_med/sharing/ but the registry (mtl_med/build.py)
+imports a method's module, the engines never import mtl_med.sharing at all (a method's needs reach them through
+the network's hooks), and mtl_med's top-level packages import one another in no circle (function bodies included).
 """
 
 from __future__ import annotations
@@ -141,3 +145,89 @@ def test_leaf_modules_import_nothing_else_from_the_package():
                 assert node.level == 0 and (not module.startswith("mtl_med") or module in LEAVES), (leaf, node.lineno)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("mtl_med") and a.name not in LEAVES for a in node.names), (leaf, node.lineno)
+
+
+# ---- sharing methods stay in their packages ---------------------------------------------------------------------------
+def _imports_of(path: Path) -> set[str]:
+    """Every module an ``import`` statement of ``path`` names (function bodies included, relative imports resolved,
+    ``from X import y`` counted as ``X`` and ``X.y``)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    package = parts if parts[-1] == "__init__" else parts[:-1]
+    package = [p for p in package if p != "__init__"]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def _sources():
+    for path in sorted((ROOT / "mtl_med").rglob("*.py")):
+        yield path.relative_to(ROOT).as_posix(), _imports_of(path)
+
+
+def test_no_module_outside_sharing_imports_a_method_package_and_engines_never_import_sharing():
+    sharing = ROOT / "mtl_med" / "sharing"
+    methods = sorted(p.stem for p in sharing.iterdir() if (p.suffix == ".py" or (p / "__init__.py").exists())
+                     and p.stem not in ("__init__", "base", "__pycache__"))
+    assert {"sfg", "adashare", "selective", "branched", "routing"} <= set(methods), methods
+    allowed = {"mtl_med/build.py", "mtl_med/sharing/__init__.py"}
+    bad = {}
+    for rel, mods in _sources():
+        if rel.startswith("mtl_med/sharing/") and rel != "mtl_med/sharing/__init__.py" or rel in allowed:
+            continue
+        hits = sorted(m for m in mods if any(m == f"mtl_med.sharing.{k}" or m.startswith(f"mtl_med.sharing.{k}.") for k in methods))
+        if rel.startswith("mtl_med/engines/"):
+            hits += sorted(m for m in mods if m == "mtl_med.sharing" or m.startswith("mtl_med.sharing."))
+        if hits:
+            bad[rel] = sorted(set(hits))
+    assert not bad, f"modules outside mtl_med/sharing/ reach into a sharing method (or engines into sharing): {bad}"
+
+
+def test_no_import_circle_among_the_top_level_packages():
+    edges: dict[str, set[str]] = {}
+    for rel, mods in _sources():
+        parts = rel[: -len(".py")].split("/")
+        src = "mtl_med" if parts[1] == "__init__" else f"mtl_med.{parts[1]}"
+        for m in mods:
+            p = m.split(".")
+            if p[0] != "mtl_med":
+                continue
+            dst = f"mtl_med.{p[1]}" if len(p) > 1 and ((ROOT / "mtl_med" / p[1]).is_dir() or (ROOT / "mtl_med" / f"{p[1]}.py").exists()) else "mtl_med"
+            if dst != src:
+                edges.setdefault(src, set()).add(dst)
+    # Tarjan's strongly connected components: a component of more than one package is a circle
+    index, low, stack, on, circles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                circles.append(sorted(comp))
+
+    for v in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles among mtl_med's top-level packages: {circles}"
