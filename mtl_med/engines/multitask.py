@@ -10,7 +10,7 @@ from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
-from ..networks.utils import batch_norm_statistics
+from ..networks.utils import batch_norm_statistics, unwrap
 
 __all__ = ["MultiTaskPrepareBatch", "MultiTaskTrainer", "MultiTaskEvaluator", "loss_terms", "task_output", "parameter_groups"]
 
@@ -169,6 +169,6 @@ def parameter_groups(network: torch.nn.Module, lr: float, **options) -> list:
     ``network.parameter_groups(lr, **options)`` (a sharing method's hook; ``options`` are its
     settings, e.g. a rate scale of some of its parameters), else every parameter in one group.
     A wrapped network (DDP) is asked through its ``module``."""
-    net = getattr(network, "module", network)
+    net = unwrap(network)
     hook = getattr(net, "parameter_groups", None)
     return hook(lr, **options) if callable(hook) else list(network.parameters())

@@ -23,6 +23,7 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.nn import functional as F
 
+from mtl_med.networks.utils import unwrap
 from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK, SEG_TASK
 
 __all__ = [
@@ -182,7 +183,7 @@ class PosteriorAggregator:
 def sampling_mode(model: nn.Module, mode: str = "sample", per_example: bool = True):
     """Put a network in eval mode drawing as ``mode`` / ``per_example`` say (its ``sampling_state`` hook);
     restores both afterwards."""
-    net = getattr(model, "module", model)
+    net = unwrap(model)
     state = getattr(net, "sampling_state", None)
     was_training = model.training
     model.eval()
@@ -197,7 +198,7 @@ def uses_batch_statistics(model: nn.Module) -> bool:
     """Whether ``model`` normalises with test-batch statistics (A.4). Its posterior passes must then
     run one at a time with one assignment for the whole batch, as the original implementation did:
     batch-norm statistics pooled over copies with different assignments would mix the samples."""
-    return getattr(getattr(model, "module", model), "bn_inference", "population") == "batch"
+    return getattr(unwrap(model), "bn_inference", "population") == "batch"
 
 
 class PosteriorSampler:
@@ -346,7 +347,7 @@ class PosteriorSampler:
         """The network's fast (compacted) engine for this call, or ``None`` for the dense path."""
         if self.engine == "dense" or self.forward is not None:
             return None
-        net = getattr(self.network, "module", self.network)
+        net = unwrap(self.network)
         unsupported = getattr(net, "fast_sampler_unsupported", None)
         reason = unsupported(self.mode) if callable(unsupported) else f"{type(net).__name__} has no fast posterior sampler"
         if reason is not None:

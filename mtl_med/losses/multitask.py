@@ -8,6 +8,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from mtl_med.networks.utils import unwrap
+
 __all__ = ["MultiTaskLoss"]
 
 
@@ -62,7 +64,7 @@ class MultiTaskLoss(nn.Module):
             total = self.weights[name] * value if total is None else total + self.weights[name] * value
         if total is None:
             raise KeyError(f"outputs {sorted(outputs)} hold none of the tasks {sorted(self._fns)}")
-        module = getattr(model, "module", model)  # DDP / DataParallel wrappers
+        module = unwrap(model)
         if self.use_regularizer and module is not None and hasattr(module, "regularizer"):
             reg = module.regularizer()
             terms["regularizer"] = reg.detach()

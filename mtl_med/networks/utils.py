@@ -6,7 +6,12 @@ import contextlib
 
 import torch
 
-__all__ = ["batch_norm_statistics"]
+__all__ = ["batch_norm_statistics", "unwrap"]
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DataParallel / DDP wrapper (its ``module``), else ``module`` itself."""
+    return getattr(module, "module", module)
 
 
 @contextlib.contextmanager

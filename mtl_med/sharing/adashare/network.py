@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, Subset, random_split
 
 from mtl_med.io import atomic_write_text
 from mtl_med.networks.blocks import Backbone, LayerFactory, Residual, Trunk
+from mtl_med.networks.utils import unwrap as _unwrap
 
 from ..base import MultiTaskNetwork, TaskContext
 from .gate import BlockPolicy
@@ -165,10 +166,6 @@ class AdaShare(MultiTaskNetwork):
         if self.policy.mode == "fixed":
             return self._run(x, [bool(v) for v in self.policy.policy[task].tolist()])
         return self._run(x, list(gates[task].unbind(0)))
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)  # DataParallel / DDP
 
 
 def policy_module(model: nn.Module):

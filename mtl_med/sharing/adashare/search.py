@@ -24,16 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mtl_med.errors import as_bool
 from mtl_med.layers.gumbel import StepTemperature
+from mtl_med.networks.utils import unwrap as _unwrap
 
 from . import network as ada
 
 __all__ = ["AdaShareSearch", "PolicyImageHandler"]
 
 log = logging.getLogger(__name__)
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    return getattr(network, "module", network)
 
 
 def _loss_terms(output: Mapping) -> dict[str, float]:

@@ -36,6 +36,7 @@ from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
 from mtl_med.io import atomic_write_json
+from mtl_med.networks.utils import unwrap as _net
 
 from .clustering import CONDITIONS, StopRule, cluster_branches, merge_groups, mutual_reachability, pairwise_distances
 from .network import SelectiveSharing
@@ -44,10 +45,6 @@ from .ttsvd import FactorAccumulator
 __all__ = ["SelectiveSharingHandler", "membership_image", "clusters_image"]
 
 log = logging.getLogger(__name__)
-
-
-def _net(network):
-    return getattr(network, "module", network)  # DDP / DataParallel
 
 
 def _rgb(fig) -> np.ndarray:

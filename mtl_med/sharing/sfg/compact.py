@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import SFGConv
 from mtl_med.networks.blocks import HighResBlock
+from mtl_med.networks.utils import unwrap
 
 __all__ = ["CompactSFG", "compact_unsupported", "rows_per_call"]
 
@@ -59,7 +60,7 @@ def _act_ok(m: nn.Module) -> bool:
 
 def compact_unsupported(network: nn.Module) -> str | None:
     """Why ``network`` cannot run compacted (then the dense path runs), or ``None``."""
-    net = getattr(network, "module", network)
+    net = unwrap(network)
     if not hasattr(net, "sfg_layers") or not hasattr(net, "layers"):
         return "not an SFG network"
     if net.training:
@@ -131,7 +132,7 @@ class CompactSFG:
         reason = compact_unsupported(network)
         if reason:
             raise ValueError(f"the compacted SFG pass cannot run this network: {reason}")
-        self.net = getattr(network, "module", network)
+        self.net = unwrap(network)
         self.dtype, self.channels_last, self.max_rows = dtype, bool(channels_last), max_rows
         T = self.T = self.net.num_tasks
         self.order = [0, T, *range(1, T)]  # [G_1, G_s, G_2, ...]: G_1 | G_s and G_s | G_2 contiguous

@@ -10,13 +10,11 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from mtl_med.networks.utils import unwrap as _net
+
 __all__ = ["TemperatureHandler", "GroupingHandler", "simplex_image"]
 
 log = logging.getLogger(__name__)
-
-
-def _net(network):
-    return getattr(network, "module", network)  # DDP / DataParallel
 
 
 class TemperatureHandler:
