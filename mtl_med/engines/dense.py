@@ -18,10 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from ignite.metrics import Metric
 from monai.utils.enums import CommonKeys as Keys
 
-from mtl_med.engines.vision import _as_list
+from mtl_med.engines.vision import PerTaskScore, _as_list
 from mtl_med.io import atomic_write_text
 from mtl_med.losses.dense import dense_losses
 from mtl_med.metrics.dense import DenseMeters, DepthMeter, NormalMeter, SegmentationMeter, dense_delta_m
@@ -98,7 +97,7 @@ def _pred_label(output: Mapping) -> tuple:
     return output[Keys.PRED], output[Keys.LABEL]
 
 
-class DenseScore(Metric):
+class DenseScore(PerTaskScore):
     """Validation score over a whole split (:func:`dense_primary`), for ``key_val_metric``, checkpoint
     selection and early stopping. On completion every task's metrics also go to ``engine.state.metrics``
     as ``"<task>/<metric>"`` (TensorBoardStatsHandler logs them; :class:`DenseReport` writes them).
@@ -133,13 +132,6 @@ class DenseScore(Metric):
             self.reduced = True
         self.results = self.meters.compute()
         return dense_primary(self.results, self.kinds)
-
-    def completed(self, engine: Engine, name: str) -> None:
-        engine.state.metrics[name] = self.compute()
-        for task, metrics in self.results.items():
-            for m, v in metrics.items():
-                engine.state.metrics[f"{task}/{m}"] = v
-
 
 def load_dense_baseline(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of the single-task run whose ``metrics.json`` (:class:`DenseReport`) is

@@ -28,6 +28,7 @@ __all__ = [
     "task_losses",
     "task_out_channels",
     "primary_metric",
+    "PerTaskScore",
     "MultiTaskScore",
     "MultiTaskReport",
     "PredictionWriter",
@@ -134,7 +135,20 @@ def _pred_label(output: Mapping) -> tuple:
     return output[Keys.PRED], output[Keys.LABEL]
 
 
-class MultiTaskScore(Metric):
+class PerTaskScore(Metric):
+    """A score whose ``compute()`` also fills ``results`` (``{task: {metric: value}}``); on completion the
+    engine's metrics get the score under its name and every ``"<task>/<metric>"``."""
+
+    results: dict
+
+    def completed(self, engine: Engine, name: str) -> None:
+        engine.state.metrics[name] = self.compute()
+        for task, metrics in self.results.items():
+            for m, v in metrics.items():
+                engine.state.metrics[f"{task}/{m}"] = v
+
+
+class MultiTaskScore(PerTaskScore):
     """Validation score for networks returning ``{task: output}``: the mean accuracy over binary
     tasks (``-`` mean MAE without binary tasks), a scalar for ``key_val_metric`` and checkpoint
     selection. On completion every task's metrics also go to ``engine.state.metrics`` as
@@ -164,13 +178,6 @@ class MultiTaskScore(Metric):
             raise RuntimeError("MultiTaskScore saw no outputs")
         self.results = multitask_metrics(preds, labels, self.task_types, self.regression_scale)
         return primary_metric(self.results, self.task_types)
-
-    def completed(self, engine: Engine, name: str) -> None:
-        engine.state.metrics[name] = self.compute()
-        for task, metrics in self.results.items():
-            for m, v in metrics.items():
-                engine.state.metrics[f"{task}/{m}"] = v
-
 
 def load_baseline(path: str | os.PathLike, task_types: Mapping[str, str]) -> dict[str, float]:
     """``"task/metric" -> value`` of the single-task run whose summary JSON (written by
