@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.utils.enums import CommonKeys as Keys
 
-from mtl_med.engines.vision import PerTaskScore, _as_list
+from mtl_med.engines.vision import PerTaskScore, _as_list, read_baseline_tasks
 from mtl_med.io import atomic_write_text
 from mtl_med.losses.dense import dense_losses
 from mtl_med.metrics.dense import DenseMeters, DepthMeter, NormalMeter, SegmentationMeter, dense_delta_m
@@ -136,12 +136,10 @@ class DenseScore(PerTaskScore):
 def load_dense_baseline(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` of the single-task run whose ``metrics.json`` (:class:`DenseReport`) is
     ``path``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: single-task baseline metrics not found (evaluate the single_task variant first)")
-    with open(path) as f:
-        tasks = json.load(f).get("tasks")
-    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
-        raise ValueError(f"{path}: not a dense metrics JSON (no 'tasks' mapping)")
+    not_metrics = "not a dense metrics JSON (no 'tasks' mapping)"
+    tasks = read_baseline_tasks(path, "single-task baseline metrics not found (evaluate the single_task variant first)", not_metrics)
+    if not all(isinstance(v, dict) for v in tasks.values()):
+        raise ValueError(f"{path}: {not_metrics}")
     return tasks
 
 

@@ -179,15 +179,23 @@ class MultiTaskScore(PerTaskScore):
         self.results = multitask_metrics(preds, labels, self.task_types, self.regression_scale)
         return primary_metric(self.results, self.task_types)
 
-def load_baseline(path: str | os.PathLike, task_types: Mapping[str, str]) -> dict[str, float]:
-    """``"task/metric" -> value`` of the single-task run whose summary JSON (written by
-    :class:`MultiTaskReport`) is ``path``: accuracy of binary tasks, MAE of regression tasks."""
+def read_baseline_tasks(path: str | os.PathLike, missing: str, not_summary: str) -> dict:
+    """The ``"tasks"`` mapping of a single-task run's summary JSON; ``FileNotFoundError`` (``missing``) or
+    ``ValueError`` (``not_summary``), each naming ``path``, otherwise."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: single-task baseline summary not found (run evaluate.json with the single_task variant first)")
+        raise FileNotFoundError(f"{path}: {missing}")
     with open(path) as f:
         tasks = json.load(f).get("tasks")
     if not isinstance(tasks, dict):
-        raise ValueError(f"{path}: not a summary JSON (no 'tasks')")
+        raise ValueError(f"{path}: {not_summary}")
+    return tasks
+
+
+def load_baseline(path: str | os.PathLike, task_types: Mapping[str, str]) -> dict[str, float]:
+    """``"task/metric" -> value`` of the single-task run whose summary JSON (written by
+    :class:`MultiTaskReport`) is ``path``: accuracy of binary tasks, MAE of regression tasks."""
+    tasks = read_baseline_tasks(path, "single-task baseline summary not found (run evaluate.json with the single_task variant first)",
+                                "not a summary JSON (no 'tasks')")
     out = {}
     for t, kind in task_types.items():
         key = PRIMARY[kind]
