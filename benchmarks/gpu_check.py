@@ -4,7 +4,7 @@ NCCL DDP step, in one run of at most 8 minutes on one H100, ending in one markdo
     python benchmarks/gpu_check.py [--json PATH]            # on a CUDA machine
     python benchmarks/gpu_check.py --dry-run [--json PATH]  # the same code on the CPU at a tiny size (the test)
 
-1. ``pytest -q -m gpu`` as a subprocess with a time limit (dry run: ``--collect-only``): the counts.
+1. ``pytest -q -m gpu`` as a subprocess with a time limit (dry run: ``--collect-only`` of one small test file, at a tiny size): the counts.
 2. The paper job (288 x 288 x 62, 354 x 354 slices with the margin, 50 passes, SFG-HighResNet 16/32/64, random
    weights) through ``PosteriorSampler`` + ``SliceInferer`` as the bundle runs it: the naive loop (one forward per
    sample) against the dense and compacted engines in float32 and float16 (dry run: bfloat16). Each method is
@@ -102,7 +102,7 @@ def settings(dry_run: bool) -> SimpleNamespace:
         # row budget 0: time one inferer batch of the 4 slices and scale, the path the GPU run takes at the paper's size
         return SimpleNamespace(size=(32, 32, 4), features=(4, 8, 8), passes=2, margin=4, sw_batch_size=2, max_batch=4,
                                patch=(16, 16), batch=2, train_features=(4, 8, 8), steps=2, amp_dtype=torch.bfloat16,
-                               backend="gloo", row_budget=0.0, pytest_args=["--collect-only"])
+                               backend="gloo", row_budget=0.0, pytest_args=["--collect-only", "tests/test_gpu_check.py"])
     return SimpleNamespace(size=(288, 288, 62), features=(16, 32, 64), passes=int(infer["num_samples"]), margin=int(infer["margin"]),
                            sw_batch_size=int(infer["sw_batch_size"]), max_batch=64,  # inference.json's CUDA max_batch
                            patch=tuple(train["patch_size"]), batch=int(train["batch_size"]), train_features=tuple(train["features"]),
