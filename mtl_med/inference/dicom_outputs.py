@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_med.data.dicom import BODY_PART, MANUFACTURER, SeriesHeaders, _ds, _now, _set_plane
+from mtl_med.data.dicom import BODY_PART, MANUFACTURER, SeriesHeaders, _now, _set_plane
 from mtl_med.errors import InputError
 from mtl_med.pelvis import LABEL_TABLE
 
@@ -72,6 +72,22 @@ def _copy_source(ds: Any, src: Any) -> None:
             setattr(ds, key, "")
     ds.FrameOfReferenceUID = src.FrameOfReferenceUID
     ds.PositionReferenceIndicator = getattr(src, "PositionReferenceIndicator", "")
+
+
+def _new_instance(sop_class: str, src: Any) -> Any:
+    """A new instance of ``sop_class`` (file meta, SOP Common UIDs, Explicit VR Little Endian) in the patient,
+    study and frame of reference of the source slice ``src``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    _copy_source(ds, src)
+    return ds
 
 
 def _identity(provenance: Any) -> Any:
@@ -124,8 +140,8 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
     rounded to integers), in the source's patient, study and frame of reference, each slice referencing its MR
     slice (Source Image Sequence). New Series and SOP Instance UIDs."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
 
     from mtl_med import __version__
 
@@ -141,14 +157,7 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
     number = series_number if series_number is not None else int(getattr(first, "SeriesNumber", 0) or 0) + 1000
     paths = []
     for k, mr in enumerate(src.datasets):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
-        _copy_source(ds, mr)
+        ds = _new_instance(CT_IMAGE_STORAGE, mr)
         ds.Modality = "CT"
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, number, k + 1
         ds.SeriesDescription = f"{description} - {RESEARCH_ONLY}"[:64]
@@ -257,8 +266,8 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     the 0.5 level between voxel centres (contourpy, which matplotlib already installs), so even-odd filling
     of the voxel centres gives back exactly the label map."""
     import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
 
     from mtl_med import __version__
 
@@ -266,14 +275,7 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     ident = _identity(provenance)
     first = src.datasets[0]
     date, time = _now()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTSTRUCT_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_STORAGE, meta.MediaStorageSOPInstanceUID
-    _copy_source(ds, first)  # the Frame of Reference module too: planning systems and validators expect it
+    ds = _new_instance(RTSTRUCT_STORAGE, first)  # the Frame of Reference module too: planning systems expect it
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = generate_uid()
     ds.SeriesNumber = series_number if series_number is not None else int(getattr(first, "SeriesNumber", 0) or 0) + 3000
