@@ -23,6 +23,8 @@ from monai.data import MetaTensor
 from torch import nn
 from torch.nn import functional as F
 
+from mtl_med.networks.receptive import crop_unsupported as trunk_crop_unsupported
+from mtl_med.networks.receptive import cropped_forward
 from mtl_med.networks.utils import unwrap
 from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK, SEG_TASK
 
@@ -34,6 +36,7 @@ __all__ = [
     "uses_batch_statistics",
     "native_bfloat16",
     "compute_dtype",
+    "engine_choice",
 ]
 
 MODES = ("sample", "argmax", "relaxed")
@@ -47,6 +50,11 @@ AUTO_REGRESSION_TOL = 30.0 / CT_SCALE
 # 2% of the organ voxels: re-running the fixed 50 passes of the demo weights with another seed changes the
 # modal label of 0.67% of all voxels, about 6% of the organ voxels (docs/performance.md)
 AUTO_LABEL_TOL = 0.02
+# engine="auto": the fixed cost of one convolution call in multiply-accumulates of work. The compacted pass
+# makes about 60 calls per image-pass (one assignment per call), the dense forward 47 calls shared by every
+# row it carries; any value between 7.5 M and 68 M reproduces the CPU measurements (SFG-HighResNet 16/32/64:
+# compacted 0.85x the dense sampler at 32 x 32, 1.5x faster at 96 x 96; docs/performance.md)
+CALL_COST_MACS = 2.0e7
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,6 +83,16 @@ def compute_dtype(dtype: str | torch.dtype, device: torch.device, amp: bool = Fa
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def engine_choice(cost: Mapping[str, float], rows: int, call_cost: float = CALL_COST_MACS) -> str:
+    """``"compact"`` or ``"dense"``: the cheaper per image-pass by a rule that measures nothing: convolution
+    MACs plus ``call_cost`` per convolution call, the dense forward's calls shared by the ``rows`` (images x
+    copies) of one call, the compacted pass's made per image-pass. ``cost`` is a fast engine's
+    ``cost(spatial, crop)`` (``dense_macs``, ``dense_calls``, ``compact_macs``, ``compact_calls``)."""
+    dense = cost["dense_macs"] + call_cost * cost["dense_calls"] / max(1, int(rows))
+    compact = cost["compact_macs"] + call_cost * cost["compact_calls"]
+    return "compact" if compact < dense else "dense"
 
 
 class PosteriorAggregator:
@@ -240,8 +258,10 @@ class PosteriorSampler:
             image.
         forward: ``forward(network, batch, generator)`` replaces ``network(batch, generator=generator)`` (and
             the compacted path).
-        engine: ``"auto"`` (the fast sampler where the network's ``fast_sampler_unsupported`` allows it),
-            ``"compact"`` (an error where it does not) or ``"dense"`` (the network's own forward).
+        engine: ``"auto"`` (the fast sampler where the network's ``fast_sampler_unsupported`` allows it and
+            :func:`engine_choice` finds it cheaper for the input's size: the dense forward for small images,
+            whose compacted passes are dominated by one call per assignment), ``"compact"`` (an error where it
+            cannot run) or ``"dense"`` (the network's own forward).
         dtype: ``"auto"`` (:func:`compute_dtype`), ``"float32"``, ``"bfloat16"`` or ``"float16"``: the
             compacted path computes in it; the dense path autocasts to it.
         channels_last: activations of the compacted path channels-last (default: on a CPU, and on CUDA in a
@@ -343,25 +363,69 @@ class PosteriorSampler:
             return torch.autocast(device.type, dtype=dtype)
         return contextlib.nullcontext()
 
-    def _compact(self, device: torch.device, dtype: torch.dtype) -> Callable | None:
-        """The network's fast (compacted) engine for this call, or ``None`` for the dense path."""
-        if self.engine == "dense" or self.forward is not None:
-            return None
+    #: compute every layer only on the region the kept outputs need (:mod:`mtl_med.networks.receptive`) when a
+    #: margin is cropped: exact (the full pass, cropped, to float rounding); False runs the whole frame
+    receptive_crop = True
+
+    def _fast(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, str | None]:
+        """The network's fast engine object (or ``None``) and why there is none."""
         net = unwrap(self.network)
         unsupported = getattr(net, "fast_sampler_unsupported", None)
         reason = unsupported(self.mode) if callable(unsupported) else f"{type(net).__name__} has no fast posterior sampler"
         if reason is not None:
-            if self.engine == "compact":
-                raise ValueError(f"engine='compact' cannot run this network: {reason}")
-            return None
+            return None, reason
         # channels-last: faster for oneDNN on a CPU in every dtype (measured, docs/performance.md), for CUDA's
         # tensor cores in reduced precision
         cl = self.channels_last if self.channels_last is not None else (device.type == "cpu" or dtype != torch.float32)
-        return net.fast_sampler(self.mode, dtype=dtype, channels_last=cl)
+        return net.fast_sampler(self.mode, dtype=dtype, channels_last=cl), None
 
-    def _crop(self, out: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
+    def _compact(self, device: torch.device, dtype: torch.dtype, x: torch.Tensor | None = None, rows: int = 1) -> Callable | None:
+        """The network's fast (compacted) engine for this call, or ``None`` for the dense path; with ``engine=
+        "auto"`` and an input ``x`` (``rows`` images x copies per dense call), only where :func:`engine_choice`
+        prefers it."""
+        if self.engine == "dense" or self.forward is not None:
+            return None
+        fast, reason = self._fast(device, dtype)
+        if reason is not None:
+            if self.engine == "compact":
+                raise ValueError(f"engine='compact' cannot run this network: {reason}")
+            return None
+        if self.engine == "auto" and x is not None and callable(getattr(fast, "cost", None)):
+            try:
+                cost = fast.cost(tuple(x.shape[2:]), self._crop_width(fast) or 0)
+            except ValueError:  # strided or unpadded convolutions: no estimate, the fast engine as before
+                return fast
+            if engine_choice(cost, rows) == "dense":
+                return None
+        return fast
+
+    def _crop_width(self, engine: Any = None) -> int | None:
+        """The margin when the passes can be cropped to their receptive fields (:attr:`receptive_crop`; the
+        fast ``engine``'s or the plain trunk's ``crop_unsupported`` says), else ``None``."""
+        if not self.margin or not self.receptive_crop or self.forward is not None:
+            return None
+        check = getattr(engine, "crop_unsupported", None) if engine is not None else None
+        if callable(check):
+            return self.margin if check() is None else None
+        return self.margin if trunk_crop_unsupported(self.network) is None else None
+
+    def _dense_cropped(self, device: torch.device) -> Callable | None:
+        """``fn(x, generator, copies)``: the network's own forward over ``copies`` repeats of ``x``, cropped by
+        the margin on its receptive-field regions, or ``None`` (then the whole frame runs and is cropped)."""
+        if not self.margin or not self.receptive_crop or self.forward is not None:
+            return None
         m = self.margin
-        if not m:
+        if trunk_crop_unsupported(self.network) is None:
+            return lambda x, g, k: cropped_forward(self.network, x.repeat(k, *([1] * (x.ndim - 1))), m)
+        fast, _ = self._fast(device, torch.float32)
+        if fast is not None and callable(getattr(fast, "dense", None)) and self._crop_width(fast):
+            return lambda x, g, k: fast.dense(x, g, copies=k, crop=m)
+        return None
+
+    def _crop(self, out: dict[str, torch.Tensor], ndim: int, done: bool = False) -> dict[str, torch.Tensor]:
+        """Outputs on the margin-padded grid cropped by the margin (``done``: already cropped by the passes)."""
+        m = self.margin
+        if not m or done:
             return out
         inner = (slice(None), slice(None), *[slice(m, -m)] * (ndim - 2))
         return {k: v[inner] for k, v in out.items()}
@@ -369,22 +433,28 @@ class PosteriorSampler:
     @torch.no_grad()
     def aggregate(self, x: torch.Tensor) -> PosteriorAggregator:
         """Run the S passes over ``x`` (``B, C, *spatial``; margin-padded here) with the network as it is
-        (see :meth:`sampling`) and return their aggregator (on the padded grid)."""
+        (see :meth:`sampling`) and return their aggregator: on the padded grid, or on ``x``'s own grid where the
+        passes were cropped to their receptive fields (its ``cropped`` attribute says which)."""
         x = x.as_tensor() if isinstance(x, MetaTensor) else x
         if self.margin:
             x = F.pad(x, [self.margin] * 2 * (x.ndim - 2), mode="replicate")
         b = x.shape[0]
         k_max = 1 if uses_batch_statistics(self.network) else max(1, self.max_batch // b)
         dtype = compute_dtype(self.dtype, x.device, self.amp)
-        engine = self._compact(x.device, dtype)
+        engine = self._compact(x.device, dtype, x, k_max * b)
+        crop = self._crop_width(engine) if engine is not None else None
+        dense_cropped = self._dense_cropped(x.device) if engine is None else None
         agg = PosteriorAggregator(self.regression, self.labels)
+        agg.cropped = bool(crop or dense_cropped)
         with contextlib.nullcontext() if engine is not None else self._autocast(x.device, dtype):
             while agg.count < self.num_samples:
                 k = min(k_max, self.num_samples - agg.count)
                 if self.adaptive and agg.count < self.min_samples:
                     k = min(k, self.min_samples - agg.count)
                 if engine is not None:
-                    out = engine(x, self.generator, copies=k)
+                    out = engine(x, self.generator, copies=k, crop=crop) if crop else engine(x, self.generator, copies=k)
+                elif dense_cropped is not None:
+                    out = dense_cropped(x, self.generator, k)
                 else:
                     batch = x.repeat(k, *([1] * (x.ndim - 1)))
                     if self.forward is not None:
@@ -435,7 +505,8 @@ class PosteriorSampler:
     # ---- the two uses
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """The inferer's network: stitchable maps (:meth:`PosteriorAggregator.maps`) of a batch."""
-        return self._crop(self.aggregate(x).maps(), x.ndim)
+        agg = self.aggregate(x)
+        return self._crop(agg.maps(), x.ndim, agg.cropped)
 
     def run(self, inferer: Any, volume: torch.Tensor, *, generator: torch.Generator | None = None,
             progress: Any = None) -> dict[str, torch.Tensor]:
@@ -449,7 +520,8 @@ class PosteriorSampler:
         """Posterior summary of a batch ``x`` (:meth:`PosteriorAggregator.result`) with the network in
         ``mode``; ``generator`` / ``progress`` replace the sampler's own for this call."""
         with self._using(generator, progress), self.sampling():
-            return self._crop(self.aggregate(x).result(), x.ndim)
+            agg = self.aggregate(x)
+            return self._crop(agg.result(), x.ndim, agg.cropped)
 
 
 @torch.no_grad()

@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import SFGConv
+from .layers import SFGConv, _channel_mask
 from mtl_med.networks.blocks import HighResBlock
+from mtl_med.networks.heads import DenseHeads
+from mtl_med.networks.receptive import CropPlan, conv_radius, crop_of, take
 from mtl_med.networks.utils import unwrap
 
-__all__ = ["CompactSFG", "compact_unsupported", "rows_per_call"]
+__all__ = ["CompactSFG", "compact_unsupported", "crop_unsupported", "plan_crop", "dense_cropped", "rows_per_call"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _NOT_ELEMENTWISE = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.GLU)
@@ -80,6 +82,101 @@ def compact_unsupported(network: nn.Module) -> str | None:
             if not (_norm_ok(norm) and _act_ok(act)) or any(k not in ("N", "A") for k, _ in post.named_children()):
                 return f"{name} has a normalisation or activation the compacted pass does not fold"
     return None
+
+
+def crop_unsupported(network: nn.Module) -> str | None:
+    """Why an SFG network's passes cannot be computed on their receptive-field regions (:func:`plan_crop`;
+    then they run whole and are cropped), or ``None``."""
+    net = unwrap(network)
+    if not hasattr(net, "sfg_layers") or not hasattr(net, "layers"):
+        return "not an SFG network"
+    if net.training or getattr(net, "bn_inference", "population") == "batch":
+        return "the network is training or normalises with test-batch statistics"
+    if net._forward_pre_hooks or net._forward_hooks:
+        return "the network has forward hooks"
+    if not isinstance(net.heads, DenseHeads):
+        return "its heads are not 1x1 dense heads (pooled or upsampled heads see the whole frame)"
+    for layer in net.layers:
+        if isinstance(layer, SFGConv):
+            convs = [layer.conv, *(layer.merges or [])]
+            if not all(_norm_ok(getattr(p, "N", nn.Identity())) and _act_ok(getattr(p, "A", nn.Identity())) for p in layer.post):
+                return "an SFG layer's normalisation or activation is not elementwise"
+        elif isinstance(layer, nn.ModuleList):
+            blocks = [b for tower in layer for b in tower]
+            if not all(type(b) is HighResBlock and _norm_ok(b.norm1) and _norm_ok(b.norm2) and _act_ok(b.act1) and _act_ok(b.act2) for b in blocks):
+                return "a residual tower holds blocks other than HighResNet's with elementwise layers"
+            convs = [c for b in blocks for c in (b.conv1, b.conv2)]
+        else:
+            return "the network pools (the regions would change resolution)"
+        try:
+            for c in convs:
+                conv_radius(c)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def plan_crop(network: nn.Module, crop, spatial_dims: int | None = None) -> CropPlan:
+    """The regions of every convolution of an SFG network whose outputs are kept at ``crop`` (one int or one
+    per spatial dim): the heads are 1x1, each SFG layer (its 1x1 merges ahead of it) and each group's tower
+    on the longest path."""
+    net = unwrap(network)
+    n = int(spatial_dims or net.spatial_dims)
+    plan = CropPlan(crop, n)
+    after = (0,) * n
+    for layer in reversed(list(net.layers)):
+        if isinstance(layer, SFGConv):
+            after = plan.add(layer.conv, after)
+            for m in layer.merges or []:
+                plan.add(m, after)
+        else:
+            ends = []
+            for tower in layer:
+                a = after
+                for blk in reversed(list(tower)):
+                    a = plan.add(blk.conv1, plan.add(blk.conv2, a))
+                ends.append(a)
+            after = tuple(max(v) for v in zip(*ends))
+    return plan
+
+
+@torch.no_grad()
+def dense_cropped(network: nn.Module, x: torch.Tensor, crop, generator: torch.Generator | None = None,
+                  plan: CropPlan | None = None) -> dict[str, torch.Tensor]:
+    """The SFG network's own (dense) forward ``network(x, generator=generator)`` cropped by ``crop`` on every
+    spatial side, every convolution computed on its region only (:mod:`mtl_med.networks.receptive`); the same
+    draws in the same order. Equal to the full pass, cropped, to float rounding."""
+    reason = crop_unsupported(network)
+    if reason:
+        raise ValueError(f"receptive-field cropping cannot run this network: {reason}")
+    net = unwrap(network)
+    frame = tuple(x.shape[2:])
+    plan = plan or plan_crop(net, crop, x.ndim - 2)
+    T, feats, z = net.num_tasks, x, None
+    for layer in net.layers:
+        if isinstance(layer, SFGConv):
+            inputs = layer._inputs(feats)  # the merges are 1x1: the inputs keep their region
+            batch = inputs[0].shape[0]
+            if layer.first:
+                ys = [plan.module(layer.conv, inputs[0], frame)] * (T + 1)
+            else:
+                ys = plan.module(layer.conv, torch.cat(inputs, 0), frame).split(batch, 0)
+            z = layer.groups(batch, generator)
+            feats = [_channel_mask(z, g, net.spatial_dims) * h(y) for g, (h, y) in enumerate(zip(layer.post, ys))]
+            if layer.cross_stitch is not None:
+                feats = layer._stitch(feats)
+        else:
+            feats = [_channel_mask(z, g, net.spatial_dims) * _block_chain(tower, f, frame, plan) for g, (tower, f) in enumerate(zip(layer, feats))]
+    shared = feats[T]
+    return {name: net.heads(feats[t] + shared, t) for t, name in enumerate(net.task_names)}
+
+
+def _block_chain(tower: nn.Sequential, x: torch.Tensor, frame, plan: CropPlan) -> torch.Tensor:
+    for b in tower:
+        h = plan.module(b.conv1, b.act1(b.norm1(x)), frame)
+        r = plan.module(b.conv2, b.act2(b.norm2(h)), frame)
+        x = b.combine(r, take(x, frame, crop_of(frame, r)))
+    return x
 
 
 def _affine(norm: nn.Module, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +237,9 @@ class CompactSFG:
         self.rank[torch.tensor(self.order)] = torch.arange(T + 1)
         self.conv = _CONV[self.net.spatial_dims]
         self.sfg = [m for _, m in self.net.sfg_layers()]
+        self._plan: CropPlan | None = None  # while a cropped pass runs: its regions and frame
+        self._frame: tuple[int, ...] = ()
+        self.macs = 0  # convolution MACs of the cropped passes so far (their plans count them)
 
     # ---- assignments
     def draw(self, rows: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -148,13 +248,39 @@ class CompactSFG:
         return [m.groups(rows, generator).argmax(-1) for m in self.sfg]
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, copies: int = 1) -> dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, copies: int = 1, crop=None) -> dict[str, torch.Tensor]:
+        """``crop`` (an int or one per spatial dim): return the outputs cropped by that on every side, each
+        convolution computed on its receptive-field region only (:func:`plan_crop`; :func:`crop_unsupported`
+        says where that cannot run)."""
         rows = x.shape[0] * int(copies)
-        return self.forward_assigned(x, self.draw(rows, generator), copies)
+        return self.forward_assigned(x, self.draw(rows, generator), copies, crop=crop)
+
+    def dense(self, x: torch.Tensor, generator: torch.Generator | None = None, copies: int = 1, crop=None) -> dict[str, torch.Tensor]:
+        """The network's own (dense) forward of ``copies`` repeats of ``x``, cropped by ``crop`` on its regions
+        (:func:`dense_cropped`): the dense sampler's pass with receptive-field cropping."""
+        batch = x.repeat(int(copies), *([1] * (x.ndim - 1)))
+        plan = plan_crop(self.net, crop or 0, x.ndim - 2)
+        out = dense_cropped(self.net, batch, crop or 0, generator, plan)
+        self.macs += plan.macs
+        return out
 
     @torch.no_grad()
-    def forward_assigned(self, x: torch.Tensor, assignment: list[torch.Tensor], copies: int = 1) -> dict[str, torch.Tensor]:
-        """Outputs for given group indices (one ``(K,)`` or ``(rows, K)`` tensor per SFG layer)."""
+    def forward_assigned(self, x: torch.Tensor, assignment: list[torch.Tensor], copies: int = 1, crop=None) -> dict[str, torch.Tensor]:
+        """Outputs for given group indices (one ``(K,)`` or ``(rows, K)`` tensor per SFG layer), cropped by
+        ``crop`` (see :meth:`__call__`)."""
+        if crop is not None:
+            reason = crop_unsupported(self.net)
+            if reason:
+                raise ValueError(f"receptive-field cropping cannot run this network: {reason}")
+            self._plan, self._frame = plan_crop(self.net, crop, x.ndim - 2), tuple(x.shape[2:])
+        try:
+            return self._forward_assigned(x, assignment, copies)
+        finally:
+            if self._plan is not None:
+                self.macs += self._plan.macs
+            self._plan, self._frame = None, ()
+
+    def _forward_assigned(self, x, assignment, copies):
         b = x.shape[0]
         rows = b * int(copies)
         key = torch.cat([(a if a.ndim == 2 else a.expand(rows, -1)).to(torch.int16).cpu() for a in assignment], 1)
@@ -171,6 +297,64 @@ class CompactSFG:
                     if name not in out:
                         out[name] = v.new_empty((rows, *v.shape[1:]))
                     out[name][chunk.to(v.device)] = v
+        return out
+
+    def crop_unsupported(self) -> str | None:
+        """Why this network's passes cannot be cropped to their receptive fields (:func:`crop_unsupported`)."""
+        return crop_unsupported(self.net)
+
+    def cost(self, spatial, crop=0) -> dict[str, float]:
+        """Estimated work of one image-pass on a frame of spatial size ``spatial`` whose outputs are kept at
+        ``crop``, without running anything: convolution MACs and convolution calls of the dense forward
+        (``dense_macs``, ``dense_calls``: the calls of one forward, shared by all the rows it carries) and of the
+        compacted pass (``compact_macs``, ``compact_calls``: one assignment, its expected group sizes from the
+        grouping probabilities, the argmax's in argmax mode). Needs stride-1 "same" convolutions (HighResNet)."""
+        n = self.net.spatial_dims
+        frame = [int(v) for v in (spatial if isinstance(spatial, (tuple, list, torch.Size)) else [spatial] * n)]
+        plan = plan_crop(self.net, crop, n)
+
+        def area(conv, before=False):
+            want = plan.want(conv)
+            if before:
+                want = [max(0, w - r) for w, r in zip(want, conv_radius(conv))]
+            return float(torch.tensor([f - 2 * w for f, w in zip(frame, want)]).prod())
+
+        T, out = self.T, dict(dense_macs=0.0, dense_calls=0.0, compact_macs=0.0, compact_calls=0.0)
+        sizes = None  # expected channels per group [G_1..G_T, G_s] of the previous SFG layer
+        for layer in self.net.layers:
+            if isinstance(layer, SFGConv):
+                k = float(torch.tensor(layer.conv.kernel_size).prod())
+                cin, cout, P = layer.in_channels, layer.out_channels, area(layer.conv)
+                streams = 1 if layer.first else T + 1
+                out["dense_macs"] += streams * cin * cout * k * P
+                out["dense_calls"] += 1
+                if layer.merges is not None:
+                    out["dense_macs"] += T * 2 * cin * cin * area(layer.conv, before=True)
+                    out["dense_calls"] += T
+                g = layer.groups
+                frac = torch.nn.functional.one_hot(g.probabilities.argmax(-1), T + 1).float() if g.inference == "argmax" else g.probabilities.float()
+                new = (frac.sum(0) * 1.0).tolist()
+                for grp in range(T + 1):
+                    if new[grp] <= 0:
+                        continue
+                    width = cin if layer.first else (sizes[T] + (sizes[grp] if grp < T else 0))
+                    out["compact_macs"] += new[grp] * width * k * P
+                    out["compact_calls"] += 1
+                sizes = new
+            elif isinstance(layer, nn.ModuleList):
+                for grp, tower in enumerate(layer):
+                    blocks = list(tower)
+                    for i, b in enumerate(blocks):
+                        w, k = b.conv1.in_channels, float(torch.tensor(b.conv1.kernel_size).prod())
+                        P1, P2 = area(b.conv1), area(b.conv2)
+                        out["dense_macs"] += w * w * k * (P1 + P2)
+                        out["dense_calls"] += 2
+                        if sizes[grp] <= 0:
+                            continue
+                        first_in = sizes[grp] + 1 if i == 0 else w
+                        last_out = sizes[grp] if i == len(blocks) - 1 else w
+                        out["compact_macs"] += (first_in * w * P1 + w * last_out * P2) * k
+                        out["compact_calls"] += 3 if i == 0 else 2
         return out
 
     # ---- one assignment
@@ -204,7 +388,13 @@ class CompactSFG:
         return act(y) if w is None else F.prelu(y, w.to(y.dtype))
 
     def _run(self, x, w, b, m):
+        if self._plan is not None:
+            return self._plan.conv(x, self._frame, m, w, b, self.conv)
         return self.conv(x, w, b, m.stride, m.padding, m.dilation)
+
+    def _fit(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``y`` cropped to the region of ``like`` (a residual's skip; unchanged outside a cropped pass)."""
+        return y if self._plan is None else take(y, self._frame, crop_of(self._frame, like))
 
     def single(self, x: torch.Tensor, idx: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{task: output}`` of images ``x`` that share one assignment ``idx`` (group indices per SFG layer)."""
@@ -297,6 +487,7 @@ class CompactSFG:
             h = self._act(blk.act2, h, q)
             w2 = blk.conv2.weight.float()
             r = self._run(h, self._w(w2[q[:n] if last else q][:, q]), None, blk.conv2)
+            y = self._fit(y, r)
             if last:
                 y = (y[:, :n] if full else y) + r  # combine: r + s
             elif full:
