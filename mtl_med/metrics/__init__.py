@@ -21,3 +21,4 @@ from .medical import (
     write_metrics_summary,
 )
 from .dense import DenseMeters, DepthMeter, NormalMeter, SegmentationMeter, dense_delta_m
+from .stats import MeanCI, PairedTest, format_mean_std, mean_ci, paired_comparison, sample_std, seeds_needed
