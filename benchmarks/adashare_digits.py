@@ -17,6 +17,16 @@ the paper reports the best of eight). A benchmark prints; it never asserts.
 
     OMP_NUM_THREADS=1 python benchmarks/adashare_digits.py --json /tmp/adashare_digits.json
     python benchmarks/adashare_digits.py --seeds 0 --random 1 --policy_epochs 4 --max_epochs 3   # smoke run
+
+The identical-task null control (``--identical-tasks``): the same search on ten copies of one task
+(``digit_<d>``, ``--identical_digit``). Copies cannot differ in what they need, so any spread of alpha
+between them is the search's own noise; task-specific policies need the distinct tasks' spread to
+exceed it, paired by seed. ``--record`` writes one record per search under ``results/adashare_null/``:
+
+    for s in 0 1 2; do for c in "" --identical-tasks; do
+      OMP_NUM_THREADS=1 python benchmarks/adashare_digits.py --search_only $c --seeds $s --warmup_epochs 1 --policy_epochs 10 \
+          --policy_lr 0.1 --tau_final 0.01 --image_size 8 --record
+    done; done
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from records import write_record
 from vision_digits import run_bundle
 
 VARIANT = ["train.json", "variants/adashare.json"]
@@ -83,6 +94,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--search_only", action="store_true", help="run the searches and print alpha, no re-training")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--identical-tasks", dest="identical_tasks", action="store_true",
+                   help="the null control: ten identical copies of one digit task instead of the ten digits")
+    p.add_argument("--identical_digit", type=int, default=0, help="the digit whose task --identical-tasks copies")
+    p.add_argument("--record", action="store_true", help="write one record per search to results/adashare_null/ (with --search_only)")
+    p.add_argument("--record_tag", default="", help="prefix of the records' names (the schedule, e.g. 'short')")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files and exit")
     args = p.parse_args()
@@ -98,6 +114,9 @@ def main() -> None:
                                     lambda_sparsity=args.lambda_sparsity, lambda_sharing=args.lambda_sharing,
                                     adashare_tau_final=args.tau_final, policy_lr=args.policy_lr,
                                     adashare_batch_size=args.search_batch_size).items() if v is not None}
+    if args.identical_tasks:
+        register_identical_digits(args.identical_digit)
+        common["dataset"] = IDENTICAL
     train = dict(common, max_epochs=args.max_epochs, patience=args.patience)
     results: dict[int, dict] = {}
     for seed in args.seeds:
@@ -114,6 +133,14 @@ def main() -> None:
         print(f"seed {seed}: search {cpu:.0f} CPU-s, best epoch {wf_out['best']}; alpha in [{alpha.min():.3f}, {alpha.max():.3f}], "
               f"spread between tasks per block {np.array2string(spread, precision=3)}; blocks executed per task {learned.sum(1).tolist()}", flush=True)
         print("alpha (tasks x blocks):\n" + np.array2string(alpha, precision=2), flush=True)
+        if args.record:
+            condition = f"identical_digit{args.identical_digit}" if args.identical_tasks else "distinct"
+            config = {k: v for k, v in vars(args).items() if k not in ("seeds", "json", "merge", "workdir", "record", "record_tag")}
+            config.update(condition=condition, search_overrides=search)
+            write_record("adashare_null", f"{args.record_tag + '_' if args.record_tag else ''}{condition}_seed{seed}", config=config, seed=seed,
+                         metrics={"mean_alpha_task_spread": float(spread.mean()), "alpha_task_spread": spread.tolist(),
+                                  "alpha": alpha.tolist(), "policy": learned.astype(int).tolist(), "best_epoch": wf_out.get("best")},
+                         timings={"search_cpu_s": cpu})
         if not args.search_only:
             policies = {"learned": learned}
             for i in range(args.random):
@@ -130,6 +157,24 @@ def main() -> None:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     if not args.search_only:
         print_table(results)
+
+
+IDENTICAL = "digits_identical"
+
+
+def register_identical_digits(digit: int, copies: int = 10) -> None:
+    """Make the data set ``digits_identical`` known to the bundle's reader in this process: the
+    digits with ``copies`` identical one-vs-all tasks of ``digit`` (``digit_<d>``, ``digit_<d>_2``, ...)."""
+    from mtl_med.data import vision
+
+    def load(split: str = "train", seed: int = 0, transform=None, **kwargs):
+        ds = vision.load_digits_tasks(split, seed, transform=None, digits=[digit], **kwargs)
+        name = f"digit_{digit}"
+        y = ds.targets[name].numpy()
+        targets = {name if k == 0 else f"{name}_{k + 1}": y.copy() for k in range(copies)}
+        return vision.MultiTaskImageDataset(ds.images, targets, dict.fromkeys(targets, "binary"), transform)
+
+    vision.VISION_DATASETS[IDENTICAL] = (load, False, {})
 
 
 def run_search(run_dir: Path, seed: int, common: dict, search: dict) -> dict:

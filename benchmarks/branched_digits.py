@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from records import add_record_arguments, run_config, tagged, write_record
 from vision_digits import BUNDLE, check_data, data_overrides, describe, run_bundle
 
 from mtl_med.sharing.branched import canonical_tree, load_affinity, load_tree_json, save_tree_json, search_beam, tree_params
@@ -148,6 +149,7 @@ def main() -> None:
     p.add_argument("--affinity_images", type=int, default=250, help="K held-out images (the validation split has 270)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None, help="where runs are written; with --merge, where the affinity stage is read for --figure")
+    add_record_arguments(p)
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="print the table of earlier --json files (e.g. one process per group of seeds, on copies of one affinity stage) and exit")
@@ -229,6 +231,10 @@ def main() -> None:
 
     def record_run(name, seed, summary, params):
         results.setdefault(name, {})[seed] = {"accuracy": summary["mean_accuracy"], "params": params}
+        if args.record:
+            write_record("branched_digits", tagged(args, f"{name}_seed{seed}"), config=run_config(args, model=name, trees=trees), seed=seed,
+                         metrics={"accuracy": summary["mean_accuracy"], "params": params, "summary": summary,
+                                  "random_tree": random_trees.get(seed)})
         print(f"{name:22s} seed {seed}: accuracy {summary['mean_accuracy']:.4f}  {params} parameters", flush=True)
 
     random_trees: dict[int, dict] = {}

@@ -91,6 +91,10 @@ def main(argv=None) -> int:
                    "still improving, up to --max-epochs, instead of training new ones")
     p.add_argument("--gpu", action="store_true", help="AdaShare's NYU v2 3-task set-up on a local copy")
     p.add_argument("--adashare-compat", action="store_true", help="AdaShare's metric variants")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import add_record_arguments
+
+    add_record_arguments(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,6 +190,12 @@ def evaluate_and_save(args, base, key, root, v, seed, progress_record) -> None:
     record = {"variant": v, "seed": seed, **progress_record, "parameters": m["parameters"], "tasks": m["tasks"],
               "delta_m": m["delta_m"], "score": m["score"]}
     save(args.out, key, record)
+    if getattr(args, "record", False):
+        from records import run_config, tagged, write_record
+
+        write_record("dense_scenes", tagged(args, key), config=run_config(args, drop=("seeds", "record", "record_tag"), variant=v), seed=seed,
+                     metrics={k: record[k] for k in ("parameters", "tasks", "delta_m", "score", "epochs") if k in record},
+                     timings={k: v for k, v in record.items() if k.endswith("_s")})
     print(f"{key}: {record['train_s']:.0f} s, {record['epochs']} epochs, score {m['score']:.4f}, delta_m {m['delta_m']}", flush=True)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from records import add_record_arguments, run_config, tagged, write_record
 from vision_digits import run_bundle
 
 CONDITIONS = ("similarity", "dissimilarity", "variance", "random")
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--max_epochs", type=int, default=30, help="the paper trains 30 epochs")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU-time measurements)")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    add_record_arguments(p)
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files and exit")
     args = p.parse_args()
@@ -109,6 +111,9 @@ def main() -> None:
             else:
                 r.update(active_parameters=plain_parameters(m))
             results[m][seed] = r
+            if args.record:
+                write_record("selective", tagged(args, f"{m}_seed{seed}"), config=run_config(args, method=m), seed=seed,
+                             metrics={k: v for k, v in r.items() if k not in ("cpu_s", "wall_s")}, timings={"cpu_s": cpu, "wall_s": wall})
             print(f"{m:13s} seed {seed}: accuracy {100 * r['accuracy']:.2f}%  groups {r.get('groups', '-')}  "
                   f"lock epoch {r.get('lock_epoch', '-')}  {cpu:.0f} CPU-s ({wall:.0f} s wall)", flush=True)
             if args.json:

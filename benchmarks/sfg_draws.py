@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -194,6 +195,10 @@ def main(argv=None) -> int:
     ap.add_argument("--harm-hu", type=float, default=50.0, help="a move or draw is harmful above this MAE increase")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-progress", action="store_true")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from records import add_record_arguments
+
+    add_record_arguments(ap)
     args = ap.parse_args(argv)
     if args.draws < 0 or args.slice_draws < 0:
         ap.error("--draws and --slice-draws must be >= 0")
@@ -250,6 +255,13 @@ def main(argv=None) -> int:
     summary(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
+    if args.record:
+        from records import run_config, tagged, write_record
+
+        name = Path(args.ckpt).parent.name if args.ckpt else "demo_weights"
+        write_record("sfg_draws", tagged(args, f"{name}_seed{args.seed if args.seed is not None else 'main'}"),
+                     config=run_config(args, drop=("json", "record", "record_tag", "no_progress")), seed=args.seed,
+                     metrics={k: v for k, v in result.items() if k != "seconds"}, timings={"seconds": result.get("seconds")})
     return 0
 
 

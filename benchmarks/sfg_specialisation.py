@@ -89,6 +89,8 @@ def train(tasks: list[str], init, seed: int, run_dir: Path, args: argparse.Names
             "cpu_s": time.process_time() - cpu0,
             # fig. 6's bars: [task 1, shared, task 2] (the project stores groups as [task 1, task 2, shared])
             "proportions": [[L["proportions"][g] for g in (groups["groups"][0], "shared", groups["groups"][1])] for L in groups["layers"]],
+            # section 5.3's measure: the kernels' class-wise probabilities summed per group, over the kernels
+            "probability_sums": [[net.group_probability_sums()[L["layer"]][k] for k in (0, 2, 1)] for L in groups["layers"]],
             "entropy": [L["mean_entropy"] for L in groups["layers"]],
             "mean_p": [net.grouping_probabilities()[L["layer"]].mean(0)[[0, 2, 1]].tolist() for L in groups["layers"]],
         }
@@ -121,12 +123,19 @@ def fmt(rows) -> str:
     return "  ".join("[" + " ".join(f"{v:.2f}" for v in r) + "]" for r in rows)
 
 
+def _sd(a: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Sample std over runs (ddof 1); nan for one run."""
+    return a.std(axis, ddof=1) if a.shape[axis] > 1 else np.full(np.delete(a.shape, axis), np.nan)
+
+
 def summary(results: list[dict], args: argparse.Namespace) -> None:
     print(f"\nSFG-VGG11 width x{args.width}, placed digits 16x16, {args.max_epochs} epochs "
           f"({results[0]['iterations']} iterations; paper {PAPER['iterations']}), grouping_lr_scale {args.grouping_lr_scale} "
           f"(paper {PAPER['grouping_lr_scale']}), tau_rate {args.tau_rate} (paper {PAPER['tau_rate']}), "
           f"lambda2 {args.lambda2} (paper {PAPER['sfg_lambda2']})")
-    print("| experiment | seeds | shared proportion per SFG layer (mean ± std) | task-specific per layer | last layer [t1, s, t2] proportions | last-layer |t1 - t2| | last-layer mean p [t1, s, t2] | last-layer entropy (nats; max 1.10) | shared vs depth (Spearman rho) | validation score |")
+    print("Proportions are argmax counts (each kernel's most probable group); section 5.3's measure, the class-wise "
+          "probabilities summed per group, is the 'probability sum' column. ± is the sample std over runs (ddof 1).")
+    print("| experiment | seeds | shared proportion per SFG layer, argmax counts (mean ± std) | shared probability sum per SFG layer (section 5.3) | task-specific per layer | last layer [t1, s, t2] proportions | last-layer |t1 - t2| | last-layer mean p [t1, s, t2] | last-layer entropy (nats; max 1.10) | shared vs depth (Spearman rho) | validation score |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     by = {}
     for r in results:
@@ -141,10 +150,12 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
         # fig. 6: the shared proportion falls with depth (rho near -1); a run with one value everywhere has none
         rho = np.array([spearmanr(np.arange(sh.shape[1]), row).statistic if np.ptp(row) > 0 else 0.0 for row in sh])
         name = exp if exp != "init" else f"init {init}"
-        print(f"| {name} | {len(rs)} | " + " ".join(f"{a:.2f}±{b:.2f}" for a, b in zip(sh.mean(0), sh.std(0)))
-              + " | " + " ".join(f"{a:.2f}" for a in ts.mean(0)) + " | [" + " ".join(f"{a:.2f}" for a in P[:, -1].mean(0))
-              + f"] | {np.abs(P[:, -1, 0] - P[:, -1, 2]).mean():.2f} ± {np.abs(P[:, -1, 0] - P[:, -1, 2]).std():.2f}"
-              + f" | [{mp[0]:.2f} {mp[1]:.2f} {mp[2]:.2f}] | {H.mean():.2f} ± {H.std():.2f} | {rho.mean():+.2f} ± {rho.std():.2f} | {v.mean():.3f} ± {v.std():.3f} |")
+        S = np.array([r["probability_sums"] for r in rs]) if all("probability_sums" in r for r in rs) else None
+        sums = " ".join(f"{a:.2f}±{b:.2f}" for a, b in zip(S[..., 1].mean(0), _sd(S[..., 1]))) if S is not None else "not recorded"
+        print(f"| {name} | {len(rs)} | " + " ".join(f"{a:.2f}±{b:.2f}" for a, b in zip(sh.mean(0), _sd(sh)))
+              + f" | {sums} | " + " ".join(f"{a:.2f}" for a in ts.mean(0)) + " | [" + " ".join(f"{a:.2f}" for a in P[:, -1].mean(0))
+              + f"] | {np.abs(P[:, -1, 0] - P[:, -1, 2]).mean():.2f} ± {_sd(np.abs(P[:, -1, 0] - P[:, -1, 2])):.2f}"
+              + f" | [{mp[0]:.2f} {mp[1]:.2f} {mp[2]:.2f}] | {H.mean():.2f} ± {_sd(H):.2f} | {rho.mean():+.2f} ± {_sd(rho):.2f} | {v.mean():.3f} ± {_sd(v):.3f} |")
     inits = {k[1]: np.mean([r["proportions"] for r in v], 0) for k, v in by.items() if k[0] == "init"}
     seeds = {r["seed"] for r in results if r["experiment"] == "init"}
     if "shared" not in inits and seeds:  # A.1's start is the unrelated experiment's run of the same seeds
@@ -214,6 +225,8 @@ def main() -> None:
     p.add_argument("--lambda2", type=float, default=1e-5, help="entropy weight of eq. 5")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--record", action="store_true", help="write one record per run to results/sfg_specialisation/")
+    p.add_argument("--record_tag", default="", help="prefix of the records' names (the schedule)")
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="summarise earlier --json files and exit")
     p.add_argument("--figure", default=None, help="write fig. 6-style bars to this PNG")
@@ -242,6 +255,13 @@ def main() -> None:
         print(f"{exp:9s} {init:13s} seed {seed}: shared {' '.join(f'{q[1]:.2f}' for q in r['proportions'])}  "
               f"groups {fmt(r['proportions'])}  H_last {r['entropy'][-1]:.2f}  val {r['val_score']:.3f}  "
               f"{r['iterations']} it, tau {r['tau']:.2f}, {r['cpu_s']:.0f} CPU-s", flush=True)
+        if args.record:
+            from records import write_record
+
+            config = {k: v for k, v in vars(args).items() if k not in ("seeds", "init_seeds", "json", "merge", "workdir", "record", "record_tag", "figure")}
+            config.update(experiment=exp, init=init, tasks=tasks)
+            write_record("sfg_specialisation", f"{args.record_tag + '_' if args.record_tag else ''}{exp}_{init}_seed{seed}", config=config,
+                         seed=seed, metrics={k: v for k, v in r.items() if k not in ("cpu_s",)}, timings={"cpu_s": r["cpu_s"]})
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
     summary(results, args)

@@ -77,6 +77,8 @@ def run_bundle(configs: list[str], bundle_root: str | os.PathLike, **overrides) 
 
 
 def main() -> None:
+    from records import add_record_arguments, run_config, tagged, write_record
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), type=method, help=f"of {METHODS}, or any tr_sigma<s> / tr_knockout<s> (the sigma curve)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -96,6 +98,7 @@ def main() -> None:
                    help="test-time batch-norm statistics, each a full set of runs (validation uses it too)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: stable CPU-time measurements)")
     p.add_argument("--workdir", default=None, help="where runs are written (default: a temporary folder)")
+    add_record_arguments(p)
     p.add_argument("--json", default=None, help="also write the raw results here")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="print the table of earlier --json files (e.g. one process per seed) and exit")
     p.add_argument("--figure", default=None, help="with --merge: draw the Task Routing sigma curve of both conventions to this PNG")
@@ -122,7 +125,11 @@ def main() -> None:
     for bn in args.bn_protocols:
         for seed in args.seeds:
             for m in methods:
-                results.setdefault(f"{m} [{bn}]", {})[seed] = train_and_test(m, seed, bn, root / bn, args)
+                r = results.setdefault(f"{m} [{bn}]", {})[seed] = train_and_test(m, seed, bn, root / bn, args)
+                if args.record:
+                    write_record("vision_digits", tagged(args, f"{m}_{bn}_seed{seed}"), config=run_config(args, method=m, bn_inference=bn),
+                                 seed=seed, metrics={k: v for k, v in r.items() if k not in ("cpu_s", "wall_s")},
+                                 timings={k: r[k] for k in ("cpu_s", "wall_s") if k in r})
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -1,0 +1,218 @@
+"""Render the docs' tables from the raw records under ``results/``.
+
+Every rendered table sits in a markdown file between two markers::
+
+    <!-- report:adashare_null_short -->
+    ...generated, do not edit by hand...
+    <!-- /report:adashare_null_short -->
+
+``python benchmarks/report.py`` rewrites the text between every pair of markers in ``docs/reproduction.md``
+and the bundles' docs (``bundles/*/docs/*.md``) with its rendering from the records;
+``--check`` rewrites nothing and exits 1, naming each table whose committed text differs from its
+rendering (or whose marker names no known table); ``--list`` prints the tables and their records.
+
+A table is rendered from records only (``benchmarks/records.py`` writes them); the statistics, the
+sample std and every paired comparison, come from :mod:`mtl_med.metrics.stats`. Numbers of earlier runs
+whose raw records were not kept are not tables: the docs quote them as withdrawn prose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mtl_med.metrics.stats import format_mean_std, mean_ci, paired_comparison  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("docs/reproduction.md", "bundles/*/docs/*.md")
+MARKER = re.compile(r"<!-- report:(?P<name>[A-Za-z0-9_.-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
+
+
+def load(results: Path, benchmark: str) -> list[dict]:
+    folder = results / benchmark
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no records: {folder} does not exist")
+    recs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if not p.name.startswith(".")]
+    if not recs:
+        raise FileNotFoundError(f"no records in {folder}")
+    return recs
+
+
+def machine_line(recs: list[dict]) -> str:
+    """The machines of a set of records, as ``2-core AMD EPYC (avx512_bf16)``."""
+    seen = []
+    for r in recs:
+        m = r.get("machine", {})
+        model = m.get("cpu_model") or m.get("cpu") or "unknown CPU"
+        flags = m.get("cpu_flags")
+        cores = m.get("cpus")
+        text = f"{cores}-core {model}" if cores else model
+        if flags is not None:
+            text += f" ({', '.join(flags) if flags else 'no bf16 / AMX flags'})"
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
+def revisions(recs: list[dict]) -> str:
+    revs = []
+    for r in recs:
+        code = r.get("code") or {}
+        rev = code.get("commit") or (r.get("machine") or {}).get("revision")
+        if rev:
+            rev = rev[:10] + (" with local changes" if code.get("local_changes") else "")
+            if rev not in revs:
+                revs.append(rev)
+    return ", ".join(revs) or "unknown"
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+
+def adashare_null(results: Path, tag: str) -> str:
+    """Distinct tasks against identical copies of one task: alpha's spread between tasks, paired by seed."""
+    recs = [r for r in load(results, "adashare_null") if r["name"].startswith(f"{tag}_")]
+    if not recs:
+        raise FileNotFoundError(f"no adashare_null records named {tag}_*")
+    by = {}
+    for r in recs:
+        by.setdefault(r["config"]["condition"], {})[r["seed"]] = r
+    identical = sorted(c for c in by if c.startswith("identical"))
+    if "distinct" not in by or len(identical) != 1:
+        raise ValueError(f"adashare_null {tag}: need records of 'distinct' and of one identical condition, got {sorted(by)}")
+    ident = identical[0]
+    seeds = sorted(set(by["distinct"]) & set(by[ident]))
+    unpaired = sorted(set(by["distinct"]) ^ set(by[ident]))
+    cfg = by["distinct"][seeds[0]]["config"]
+    d = [by["distinct"][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
+    i = [by[ident][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
+    cpu = [by[c][s]["timings"]["search_cpu_s"] for c in ("distinct", ident) for s in seeds]
+    digit = ident.removeprefix("identical_digit")
+    lines = [f"| seed | ten distinct tasks (`digit_0` .. `digit_9`) | ten identical copies of `digit_{digit}` | distinct minus identical |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {s} | {a:.3f} | {b:.3f} | {a - b:+.3f} |" for s, a, b in zip(seeds, d, i)]
+    lines.append(f"| mean ± sample std, {len(seeds)} seeds | {format_mean_std(d, digits=3)} | {format_mean_std(i, digits=3)} | "
+                 f"{format_mean_std(np.subtract(d, i), digits=3)} |")
+    t = paired_comparison(d, i)
+    shown = t.mean_diff > 0 and t.significant()
+    cd, ci = mean_ci(d), mean_ci(i)
+    lines += [
+        "",
+        f"Mean spread of alpha between tasks (per block max - min over tasks, averaged over the 8 blocks); ResNet-18 "
+        f"width {cfg['width']}, {cfg['image_size']}x{cfg['image_size']} digits, {cfg['warmup_epochs']} warm-up + "
+        f"{cfg['policy_epochs']} policy epochs, policy lr {cfg['policy_lr']}, tau to {cfg['tau_final']}; search only. "
+        f"Distinct {cd.mean:.3f} (95 % CI {cd.low:.3f} to {cd.high:.3f}), identical {ci.mean:.3f} ({ci.low:.3f} to {ci.high:.3f}). "
+        f"Distinct minus identical, paired by seed: {t.summary()}. "
+        + ("Task-specific policies are shown: distinct tasks spread more than identical copies (p < 0.05)."
+           if shown else "Task-specific policies are not shown: distinct tasks do not spread alpha more than identical copies "
+                         "of one task at p < 0.05."),
+        "",
+        f"Records: `results/adashare_null/{tag}_*.json`" + (f" (unpaired seeds left out: {unpaired})" if unpaired else "")
+        + f"; search {min(cpu):.0f}-{max(cpu):.0f} CPU-s each, one torch thread, {machine_line(recs)}; code {revisions(recs)}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def uncertainty(results: Path) -> str:
+    """The flagship's posterior uncertainty on held-out phantoms (one record, one row per phantom)."""
+    recs = load(results, "uncertainty")
+    if len(recs) != 1:
+        raise ValueError(f"uncertainty: expected one record, got {len(recs)}")
+    rec = recs[0]
+    lines = ["| phantom | stored | Spearman rho (std vs error) | error in lowest / highest std decile (HU) | label error AUC | label error rate |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    rho, auc = [], []
+    for seed, c in sorted(rec["cases"].items(), key=lambda kv: int(kv[0])):
+        dec = c["error_by_std_decile"]
+        rho.append(c["std_error_spearman"])
+        auc.append(c["label_error_auc"])
+        lines.append(f"| seed {seed} | {c['storage']} | {c['std_error_spearman']:.2f} | {dec[0]:.0f} / {dec[-1]:.0f} | "
+                     f"{c['label_error_auc']:.3f} | {c['label_error_rate']:.3f} |")
+    n = len(rho)
+    r, a = mean_ci(rho), mean_ci(auc)
+    lines.append(f"| mean (sample std), {n} phantoms | | {r.mean:.2f} ({r.std:.2f}) | | {a.mean:.3f} ({a.std:.3f}) | |")
+    lines += ["", f"95 % t intervals over the {n} phantoms: rho {r.low:.2f} to {r.high:.2f}, AUC {a.low:.3f} to {a.high:.3f}. "
+                  f"Record: `results/uncertainty/demo_weights.json`; {machine_line(recs)}, code {revisions(recs)}."]
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
+    "adashare_null_short": (lambda res: adashare_null(res, "short"), "results/adashare_null/short_*.json"),
+    "adashare_null_variant": (lambda res: adashare_null(res, "variant"), "results/adashare_null/variant_*.json"),
+    "uncertainty": (uncertainty, "results/uncertainty/*.json"),
+}
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def doc_files(root: Path) -> list[Path]:
+    return sorted({p for pattern in DOCS for p in root.glob(pattern) if p.is_file()})
+
+
+def render_text(text: str, results: Path, where: str) -> tuple[str, list[str], list[str]]:
+    """``text`` with every marked table rendered; returns it, the tables that changed and the problems."""
+    changed, problems = [], []
+
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            problems.append(f"{where}: unknown table {name!r}")
+            return m.group(0)
+        try:
+            body = TABLES[name][0](results)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            problems.append(f"{where}: table {name!r} cannot be rendered: {e}")
+            return m.group(0)
+        if body != m.group("body"):
+            changed.append(f"{where}: {name}")
+        return f"<!-- report:{name} -->\n{body}<!-- /report:{name} -->"
+
+    return MARKER.sub(sub, text), changed, problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 when a committed table differs from its rendering")
+    p.add_argument("--root", default=str(ROOT), help="repository root (its docs and, unless --results, its results/)")
+    p.add_argument("--results", default=None, help="the records' folder (default: <root>/results)")
+    p.add_argument("--list", action="store_true", help="print the tables and the records each is rendered from")
+    args = p.parse_args(argv)
+    root = Path(args.root)
+    results = Path(args.results) if args.results else root / "results"
+    if args.list:
+        for name, (_, source) in TABLES.items():
+            print(f"{name}: {source}")
+        return 0
+    changed, problems, used = [], [], set()
+    for path in doc_files(root):
+        text = path.read_text()
+        where = str(path.relative_to(root))
+        used.update(m.group("name") for m in MARKER.finditer(text))
+        new, ch, pr = render_text(text, results, where)
+        changed += ch
+        problems += pr
+        if not args.check and new != text:
+            path.write_text(new)
+    for msg in problems:
+        print(f"error: {msg}", file=sys.stderr)
+    if args.check:
+        for msg in changed:
+            print(f"differs from its rendering: {msg}", file=sys.stderr)
+        if not changed and not problems:
+            print(f"{len(used)} tables match their records")
+        return 1 if changed or problems else 0
+    for msg in changed:
+        print(f"rendered: {msg}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

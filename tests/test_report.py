@@ -1,0 +1,103 @@
+"""benchmarks/report.py: the committed tables are their records' rendering, a changed number is caught
+(and named), and records are written whole."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _copy_repo(tmp_path):
+    """The docs and the records of the checkout, in a scratch root."""
+    report = _load("report")
+    for doc in report.doc_files(ROOT):
+        dst = tmp_path / doc.relative_to(ROOT)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(doc, dst)
+    shutil.copytree(ROOT / "results", tmp_path / "results")
+    return report
+
+
+def test_committed_tables_match_their_records():
+    out = subprocess.run([sys.executable, str(BENCH / "report.py"), "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+
+
+def test_every_report_marker_names_a_known_table():
+    report = _load("report")
+    text = (ROOT / "docs" / "reproduction.md").read_text()
+    names = [m.group("name") for m in report.MARKER.finditer(text)]
+    assert names and set(names) <= set(report.TABLES)
+    assert "adashare_null_short" in names and "uncertainty" in names
+
+
+def test_a_planted_number_fails_the_check_and_names_the_table(tmp_path, capsys):
+    report = _copy_repo(tmp_path)
+    assert report.main(["--check", "--root", str(tmp_path)]) == 0
+    doc = tmp_path / "docs" / "reproduction.md"
+    text = doc.read_text()
+    start = text.index("<!-- report:uncertainty -->")
+    planted = text[:start] + text[start:].replace("| seed 2001 | RAS | 0.43 |", "| seed 2001 | RAS | 0.53 |", 1)
+    assert planted != text
+    doc.write_text(planted)
+    capsys.readouterr()
+    assert report.main(["--check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "uncertainty" in err and "adashare_null_short" not in err
+    # rendering restores the committed table, after which the check passes again
+    assert report.main(["--root", str(tmp_path)]) == 0
+    assert doc.read_text() == text
+    assert report.main(["--check", "--root", str(tmp_path)]) == 0
+
+
+def test_a_changed_record_fails_the_check(tmp_path, capsys):
+    report = _copy_repo(tmp_path)
+    rec_path = sorted((tmp_path / "results" / "adashare_null").glob("short_distinct_seed*.json"))[0]
+    rec = json.loads(rec_path.read_text())
+    rec["metrics"]["mean_alpha_task_spread"] += 0.1
+    rec_path.write_text(json.dumps(rec))
+    assert report.main(["--check", "--root", str(tmp_path)]) == 1
+    assert "adashare_null_short" in capsys.readouterr().err
+
+
+def test_unknown_table_and_missing_records_are_errors(tmp_path, capsys):
+    report = _load("report")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "reproduction.md").write_text("<!-- report:nope -->\n<!-- /report:nope -->\n"
+                                                        "<!-- report:uncertainty -->\n<!-- /report:uncertainty -->\n")
+    assert report.main(["--check", "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown table 'nope'" in err and "'uncertainty' cannot be rendered" in err
+
+
+def test_write_record_is_whole_and_names_the_machine_and_revision(tmp_path):
+    records = _load("records")
+    path = records.write_record("demo", "run_seed3", config={"lr": 0.1}, seed=3, metrics={"acc": 0.5}, timings={"cpu_s": 1.0},
+                                root=tmp_path)
+    assert path == tmp_path / "demo" / "run_seed3.json"
+    rec = json.loads(path.read_text())
+    assert rec["seed"] == 3 and rec["metrics"] == {"acc": 0.5} and rec["config"] == {"lr": 0.1}
+    assert len(rec["code"]["commit"]) == 40 and rec["machine"]["cpu_model"]
+    assert isinstance(rec["machine"]["cpu_flags"], list)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == ["run_seed3.json"]  # no temporary file left
+    assert records.read_records("demo", tmp_path)[0]["name"] == "run_seed3"
+    with pytest.raises(ValueError, match="plain file names"):
+        records.write_record("demo", "../escape", config={}, seed=None, metrics={}, root=tmp_path)
