@@ -215,8 +215,18 @@ class DenseMeters:
 
 
 def dense_delta_m(multi: Mapping[str, Mapping[str, float]], single: Mapping[str, Mapping[str, float]]) -> float:
-    """Eq. 1 (Maninis et al.; Branched MTN eq. 1) over every ``task/metric`` of ``multi``, against the
-    single-task networks' ``single[task][metric]``: a fraction, x 100 for percent."""
-    flat = {f"{t}/{k}": v for t, ms in multi.items() for k, v in ms.items()}
-    base = {f"{t}/{k}": v for t, ms in single.items() for k, v in ms.items()}
-    return delta_m(flat, base)
+    """Eq. 1 (Maninis et al.; Branched MTN eq. 1) as a mean over tasks: each task's term is the mean signed
+    relative difference of its metrics in ``multi`` against the single-task networks' ``single[task][metric]``
+    (lower-is-better metrics count negatively), and the tasks weigh equally however many metrics each
+    reports. A fraction, x 100 for percent."""
+    terms = []
+    for t, ms in multi.items():
+        if not ms:
+            continue
+        base = single.get(t)
+        if base is None:
+            raise KeyError(f"no single-task baseline for task {t!r}")
+        terms.append(delta_m({f"{t}/{k}": v for k, v in ms.items()}, {f"{t}/{k}": base[k] for k in ms if k in base}))
+    if not terms:
+        raise ValueError("dense_delta_m needs at least one task metric")
+    return sum(terms) / len(terms)

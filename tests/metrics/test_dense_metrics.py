@@ -88,3 +88,12 @@ def test_dense_meters_and_delta_m():
     multi = {"seg": {"miou": 0.33}, "depth": {"abs_err": 0.5}}
     single = {"seg": {"miou": 0.30}, "depth": {"abs_err": 0.4}}
     assert dense_delta_m(multi, single) == pytest.approx((0.1 - 0.25) / 2)
+
+
+def test_dense_delta_m_is_a_mean_over_tasks_not_over_metrics():
+    # seg reports two metrics, depth one: each task weighs 1/2, not each metric 1/3
+    multi = {"seg": {"miou": 0.33, "pixel_acc": 0.90}, "depth": {"abs_err": 0.5}}
+    single = {"seg": {"miou": 0.30, "pixel_acc": 0.90}, "depth": {"abs_err": 0.4}}
+    assert dense_delta_m(multi, single) == pytest.approx(((0.1 + 0.0) / 2 - 0.25) / 2)
+    with pytest.raises(KeyError, match="depth"):
+        dense_delta_m(multi, {"seg": single["seg"]})
