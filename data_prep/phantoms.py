@@ -2,10 +2,13 @@
 
 From the repository root::
 
-    python -m data_prep.phantoms --out DIR --cases N --seed S [--preset small|medium|paper] [--overwrite]
+    python -m data_prep.phantoms --out DIR --cases N --seed S [--preset small|medium|paper] [--varied] [--overwrite]
 
 writes ``DIR/case_XXX/{mr,ct,label,bone,body,bias,tissue}.nii.gz`` and ``DIR/datalist.json``.
-Same seed, same bytes. A non-empty ``DIR`` is refused unless ``--overwrite`` is given.
+Same seed, same bytes. A non-empty ``DIR`` is refused unless ``--overwrite`` is given. ``--varied`` makes a
+training cohort that covers what inference meets: each case also draws its body size (+-15 %), bias field, MR
+and CT noise, orientation (oblique or not) and storage (RAS or LPS) (``mtl_med.data.phantoms.VARIATION``);
+an option given explicitly fixes that property for every case.
 
 The generator itself (``generate_phantom``, ``write_phantom``, ``generate_dataset``, ``PRESETS``, ...) lives in
 :mod:`mtl_med.data.phantoms`; its names are re-exported here so that ``from data_prep.phantoms import ...``
@@ -31,11 +34,13 @@ from mtl_med.data.phantoms import (  # noqa: F401  (re-exported for backwards co
     PAPER_MR_SPACING,
     PRESETS,
     TISSUES,
+    VARIATION,
     Phantom,
     generate_dataset,
     generate_phantom,
     grid_affine,
     split_cases,
+    varied_phantom_kwargs,
     write_phantom,
 )
 
@@ -50,6 +55,7 @@ __all__ = [
     "write_phantom",
     "generate_dataset",
     "split_cases",
+    "varied_phantom_kwargs",
     "build_parser",
     "main",
 ]
@@ -106,11 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ct-spacing", type=_triple, help="CT grid spacing, e.g. 0.98,0.98,1.5")
     p.add_argument("--acquired", action="store_true",
                    help="MR at 1.46x1.46x5 mm and CT at 0.98x0.98x1.5 mm as acquired in A.3")
-    p.add_argument("--oblique", type=float, default=0.0, help="grid rotation in degrees (direction cosines)")
-    p.add_argument("--orientation", choices=("RAS", "LPS"), default="RAS")
-    p.add_argument("--mr-noise", type=float, default=0.02, help="Rician sigma relative to the brightest tissue")
-    p.add_argument("--ct-noise", type=float, default=12.0, help="CT noise sigma (HU)")
-    p.add_argument("--bias-strength", type=float, default=0.4, help="max |log bias| of the MR bias field")
+    p.add_argument("--oblique", type=float, default=None, help="grid rotation in degrees (direction cosines); default 0")
+    p.add_argument("--orientation", choices=("RAS", "LPS"), default=None, help="storage axes; default RAS")
+    p.add_argument("--mr-noise", type=float, default=None, help="Rician sigma relative to the brightest tissue; default 0.02")
+    p.add_argument("--ct-noise", type=float, default=None, help="CT noise sigma (HU); default 12")
+    p.add_argument("--bias-strength", type=float, default=None, help="max |log bias| of the MR bias field; default 0.4")
+    p.add_argument("--body-scale", type=float, default=None,
+                   help="anatomy size relative to the preset's, in [0.5, 1.5]; default 1")
+    p.add_argument("--varied", action="store_true",
+                   help="vary body size (+-15%%), bias field, noise, orientation and storage per case (an option "
+                        "given explicitly fixes that property); the datalist's \"variations\" records each case's")
     p.add_argument("--val-fraction", type=_fraction, default=0.2)
     p.add_argument("--test-fraction", type=_fraction, default=0.2)
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
@@ -119,14 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_DEFAULTS = {"oblique_deg": 0.0, "orientation": "RAS", "mr_noise": 0.02, "ct_noise": 12.0, "bias_strength": 0.4,
+             "body_scale": 1.0}
+
+
+def _properties(args: argparse.Namespace) -> dict:
+    """The phantom properties given on the command line; without --varied the others take their defaults."""
+    given = {"oblique_deg": args.oblique, "orientation": args.orientation, "mr_noise": args.mr_noise,
+             "ct_noise": args.ct_noise, "bias_strength": args.bias_strength, "body_scale": args.body_scale}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given if args.varied else {**_DEFAULTS, **given}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.val_fraction + args.test_fraction >= 1:
         parser.error("--val-fraction + --test-fraction must be < 1")
     for name in ("mr_noise", "ct_noise", "bias_strength"):
-        if getattr(args, name) < 0 or not math.isfinite(getattr(args, name)):
+        v = getattr(args, name)
+        if v is not None and (v < 0 or not math.isfinite(v)):
             parser.error(f"--{name.replace('_', '-')} must be a finite number >= 0")
+    if args.oblique is not None and not math.isfinite(args.oblique):
+        parser.error("--oblique must be a finite number of degrees")
+    if args.body_scale is not None and not (math.isfinite(args.body_scale) and 0.5 <= args.body_scale <= 1.5):
+        parser.error("--body-scale must be in [0.5, 1.5]")
     if args.shape is not None and min(args.shape) < 4:
         parser.error("--shape sizes must be >= 4")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -138,11 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with logging_redirect_tqdm():
         datalist, failed = generate_dataset(
-        args.out, args.cases, args.seed, preset=args.preset, shape=args.shape,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, progress=not args.quiet,
-        spacing=args.spacing, mr_spacing=mr_sp, ct_spacing=ct_sp, oblique_deg=args.oblique,
-        orientation=args.orientation, mr_noise=args.mr_noise, ct_noise=args.ct_noise,
-        bias_strength=args.bias_strength,
+            args.out, args.cases, args.seed, preset=args.preset, shape=args.shape,
+            val_fraction=args.val_fraction, test_fraction=args.test_fraction, progress=not args.quiet,
+            spacing=args.spacing, mr_spacing=mr_sp, ct_spacing=ct_sp, varied=args.varied, **_properties(args),
         )
     return finish(datalist, failed, args.out, "wrote", "case")
 

@@ -43,7 +43,9 @@ __all__ = [
     "MR_SCALE",
     "Phantom",
     "grid_affine",
+    "VARIATION",
     "generate_phantom",
+    "varied_phantom_kwargs",
     "write_phantom",
     "generate_dataset",
     "split_cases",
@@ -51,7 +53,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# reference grid (isotropic) of each preset; "paper" is A.3's 288x288x62 at 1.46 mm
+# reference grid (isotropic) of each preset; "paper" is A.3's 288x288x62 at 1.46 mm. The anatomy is drawn relative
+# to the field of view, so the presets are scale models: "small" is a 7 cm pelvis (70 x 70 x 23 mm), "medium" a
+# 14 cm one, and only "paper" (420 x 420 x 91 mm, a body about 36 cm wide) has an adult's size
+# (bundles/sfg_highresnet_pelvis/docs/phantoms.md).
 PRESETS: dict[str, tuple[int, int, int]] = {
     "small": (48, 48, 16),
     "medium": (96, 96, 32),
@@ -318,6 +323,7 @@ def generate_phantom(
     ct_noise: float = 12.0,
     bias_strength: float = 0.4,
     gas: bool | None = None,
+    body_scale: float = 1.0,
 ) -> Phantom:
     """Generate one pelvis phantom.
 
@@ -335,6 +341,9 @@ def generate_phantom(
         ct_noise: Gaussian CT noise sigma in HU.
         bias_strength: maximum |log| of the multiplicative MR bias field (0 disables it).
         gas: force rectal gas on / off (None: random per case).
+        body_scale: size of the anatomy relative to the preset's (1.0: the body fills the field of view as the
+            preset draws it; 0.85 / 1.15: a body 15 % smaller / larger on the same grid). Applied after the
+            random draws, so the seed gives the same anatomy, scaled.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 4:
@@ -344,9 +353,11 @@ def generate_phantom(
     ct_sp = _as3(ct_spacing if ct_spacing is not None else spacing, "ct_spacing")
     if mr_noise < 0 or ct_noise < 0 or bias_strength < 0:
         raise ValueError("mr_noise, ct_noise and bias_strength must be >= 0")
+    if not (math.isfinite(body_scale) and 0.5 <= body_scale <= 1.5):
+        raise ValueError(f"body_scale must be in [0.5, 1.5], got {body_scale!r}")
     fov = np.asarray(shape) * np.asarray(spacing)
     rng = np.random.default_rng(seed)
-    anat = _random_anatomy(rng, fov / 2, gas)
+    anat = _random_anatomy(rng, fov / 2 * body_scale, gas)
     tex = _Fourier(rng, 6, (25.0, 80.0))
     tex_bone = _Fourier(rng, 6, (15.0, 40.0))
     bias_f = _Fourier(rng, 4, (0.8 * float(fov.max()), 1.6 * float(fov.max())))
@@ -402,6 +413,40 @@ def generate_phantom(
                    ct_tissue=ct_tissue, mr_affine=mr_aff, ct_affine=ct_aff)
 
 
+# ranges of the varied cohort (:func:`varied_phantom_kwargs`): what inference meets beyond one seed
+VARIATION: dict[str, object] = {
+    "body_scale": (0.85, 1.15),  # +-15 % around the preset's body size
+    "bias_strength": (0.1, 0.6),  # max |log bias|: a bias field from mild to strong (the default is 0.4)
+    "mr_noise": (0.01, 0.04),  # Rician sigma relative to the brightest tissue (default 0.02)
+    "ct_noise": (6.0, 20.0),  # HU (default 12)
+    "oblique_fraction": 0.5,  # share of cases on an oblique grid ...
+    "oblique_deg": (5.0, 20.0),  # ... rotated by this many degrees about the superior axis, either sign
+    "lps_fraction": 0.5,  # share of cases stored LPS (the axis order DICOM-derived volumes have)
+}
+
+
+def varied_phantom_kwargs(seed: int | Sequence[int]) -> dict:
+    """Keyword arguments of :func:`generate_phantom` for one case of a varied cohort, drawn from ``seed``.
+
+    Body size (``body_scale``), bias field, MR and CT noise, orientation (oblique grid or not) and storage
+    ("RAS" or "LPS") vary inside :data:`VARIATION`; the anatomy itself varies with the phantom's own seed.
+    Same seed, same arguments (plain floats and strings, JSON-ready).
+    """
+    rng = np.random.default_rng(seed)
+    v = VARIATION
+    oblique = 0.0
+    if rng.random() < v["oblique_fraction"]:
+        oblique = float(rng.uniform(*v["oblique_deg"])) * (1.0 if rng.random() < 0.5 else -1.0)
+    return {
+        "body_scale": round(float(rng.uniform(*v["body_scale"])), 4),
+        "bias_strength": round(float(rng.uniform(*v["bias_strength"])), 4),
+        "mr_noise": round(float(rng.uniform(*v["mr_noise"])), 5),
+        "ct_noise": round(float(rng.uniform(*v["ct_noise"])), 3),
+        "oblique_deg": round(oblique, 3),
+        "orientation": "LPS" if rng.random() < v["lps_fraction"] else "RAS",
+    }
+
+
 def write_phantom(ph: Phantom, folder: str | Path) -> dict[str, str]:
     """Write a phantom's volumes as ``folder/<name>.nii.gz`` (each atomically); returns name -> path."""
     folder = Path(folder)
@@ -435,12 +480,17 @@ def generate_dataset(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     progress: bool = False,
+    varied: bool = False,
     **phantom_kwargs,
 ) -> tuple[dict, list[str]]:
     """Generate ``cases`` phantoms under ``out`` and write ``out/datalist.json`` (relative paths).
 
     Case ``i`` uses seed ``[seed, i]``, so adding cases never changes the earlier ones. A case that fails is
     logged and left out of the datalist; returns (datalist, failed case names).
+
+    With ``varied`` each case also draws its body size, bias field, noise, orientation and storage with
+    :func:`varied_phantom_kwargs` (seed ``[seed, i, 1]``; ``phantom_kwargs`` given explicitly win), and the
+    datalist's ``"variations"`` records what each case got.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -455,6 +505,9 @@ def generate_dataset(
         "labels": {str(k): v for k, v in LABEL_TABLE.items()},
         "training": [], "validation": [], "test": [],
     }
+    if varied:
+        datalist["description"] += ", varied (body size, bias field, noise, orientation, storage)"
+        datalist["variations"] = {}
     failed = []
     iterator = range(cases)
     if progress:
@@ -463,10 +516,14 @@ def generate_dataset(
         iterator = tqdm(iterator, desc="phantoms", unit="case")
     for i in iterator:
         name = f"case_{i:03d}"
+        kwargs = dict(phantom_kwargs)
+        if varied:
+            kwargs = {**varied_phantom_kwargs([seed, i, 1]), **phantom_kwargs}
+            datalist["variations"][name] = kwargs
         try:
             logger.info("generating %s (seed [%d, %d], shape %s)", name, seed, i, shape)
             ph = generate_phantom(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]), shape=shape,
-                                  **phantom_kwargs)
+                                  **kwargs)
             write_phantom(ph, out / name)
         except (OSError, ValueError, MemoryError) as err:
             logger.error("%s failed: %s", name, err)

@@ -76,3 +76,27 @@ def test_generator_names_re_exported_for_existing_scripts():
     for name in ("PRESETS", "TISSUES", "CT_HU", "MR_T2", "Phantom", "grid_affine", "generate_phantom", "write_phantom",
                  "generate_dataset", "split_cases"):
         assert getattr(phantoms, name) is getattr(library, name), name
+    for name in ("VARIATION", "varied_phantom_kwargs"):
+        assert getattr(phantoms, name) is getattr(library, name), name
+
+
+def test_varied_cohort_command(tmp_path, capsys):
+    args = ["--cases", "6", "--seed", "2", "--shape", "24", "24", "8", "--quiet"]
+    assert phantoms.main(["--out", str(tmp_path / "v"), "--varied", *args]) == 0
+    raw = json.loads((tmp_path / "v" / "datalist.json").read_text())
+    var = raw["variations"]
+    assert set(var) == {f"case_{i:03d}" for i in range(6)} and "varied" in raw["description"]
+    assert var == {f"case_{i:03d}": {**library.varied_phantom_kwargs([2, i, 1]), **{k: var[f"case_{i:03d}"][k]
+                   for k in ("spacing", "mr_spacing", "ct_spacing")}} for i in range(6)}
+    assert len({v["body_scale"] for v in var.values()}) == 6
+    # an option given explicitly fixes that property for every case; the others still vary
+    assert phantoms.main(["--out", str(tmp_path / "f"), "--varied", "--orientation", "LPS", "--oblique", "0", *args]) == 0
+    fixed = json.loads((tmp_path / "f" / "datalist.json").read_text())["variations"]
+    assert {v["orientation"] for v in fixed.values()} == {"LPS"} and {v["oblique_deg"] for v in fixed.values()} == {0.0}
+    assert [v["body_scale"] for v in fixed.values()] == [v["body_scale"] for v in var.values()]
+    # without --varied: the defaults, no "variations" (the same bytes as before the option existed)
+    assert phantoms.main(["--out", str(tmp_path / "d"), *args]) == 0
+    assert "variations" not in json.loads((tmp_path / "d" / "datalist.json").read_text())
+    with pytest.raises(SystemExit) as e:
+        phantoms.main(["--out", str(tmp_path / "x"), "--body-scale", "3", *args])
+    assert e.value.code == 2 and "--body-scale" in capsys.readouterr().err
