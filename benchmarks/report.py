@@ -76,8 +76,9 @@ def revisions(recs: list[dict]) -> str:
 # --- tables -------------------------------------------------------------------------------------
 
 
-def adashare_null(results: Path, tag: str) -> str:
-    """Distinct tasks against identical copies of one task: alpha's spread between tasks, paired by seed."""
+def _null_pairs(results: Path, tag: str):
+    """The records of the null control named ``tag_*``: (records, by condition and seed, the identical
+    condition's name, the paired seeds, the unpaired seeds)."""
     recs = [r for r in load(results, "adashare_null") if r["name"].startswith(f"{tag}_")]
     if not recs:
         raise FileNotFoundError(f"no adashare_null records named {tag}_*")
@@ -90,6 +91,24 @@ def adashare_null(results: Path, tag: str) -> str:
     ident = identical[0]
     seeds = sorted(set(by["distinct"]) & set(by[ident]))
     unpaired = sorted(set(by["distinct"]) ^ set(by[ident]))
+    return recs, by, ident, seeds, unpaired
+
+
+def adashare_null_summary(results: Path, tag: str) -> str:
+    """One sentence for the status list: the null control's paired comparison and its verdict."""
+    recs, by, ident, seeds, _ = _null_pairs(results, tag)
+    d = [by["distinct"][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
+    i = [by[ident][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
+    t = paired_comparison(d, i)
+    shown = t.mean_diff > 0 and t.significant()
+    return (f"mean spread of alpha between tasks {format_mean_std(d, digits=3)} for ten distinct tasks against "
+            f"{format_mean_std(i, digits=3)} for ten copies of one task (sample std, {len(seeds)} seeds); distinct minus identical "
+            f"{t.summary()}: task-specificity {'shown' if shown else 'not shown'} at p < 0.05.\n")
+
+
+def adashare_null(results: Path, tag: str) -> str:
+    """Distinct tasks against identical copies of one task: alpha's spread between tasks, paired by seed."""
+    recs, by, ident, seeds, unpaired = _null_pairs(results, tag)
     cfg = by["distinct"][seeds[0]]["config"]
     d = [by["distinct"][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
     i = [by[ident][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
@@ -145,6 +164,7 @@ def uncertainty(results: Path) -> str:
 
 TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "adashare_null_short": (lambda res: adashare_null(res, "short"), "results/adashare_null/short_*.json"),
+    "adashare_null_short_summary": (lambda res: adashare_null_summary(res, "short"), "results/adashare_null/short_*.json"),
     "adashare_null_variant": (lambda res: adashare_null(res, "variant"), "results/adashare_null/variant_*.json"),
     "uncertainty": (uncertainty, "results/uncertainty/*.json"),
 }

@@ -16,8 +16,11 @@ bundle's own train.json + variants/sfg.json:
   constant mask; the paper finds the first three converge to similar groupings, the fourth slower.
 
 Per run it prints each SFG layer's proportions of kernels by most probable group ``[task 1, shared,
-task 2]`` (the bars of fig. 6), the mean entropy of ``p`` and the validation score, then a summary
-over seeds; ``--figure`` draws fig. 6-style bars. A benchmark prints; it never asserts.
+task 2]`` (argmax counts: the bars of fig. 6), the mean entropy of ``p`` and the validation score, then a
+summary over seeds (sample std) that also gives section 5.3's measure, the class-wise probabilities summed
+per group (``SFG.group_probability_sums``); the two differ whenever ``p`` is not confident. ``--figure``
+draws fig. 6-style bars; ``--record`` writes one record per run to ``results/sfg_specialisation/``. A
+benchmark prints; it never asserts.
 
 The paper trains 200k iterations at Adam 1e-3 for every parameter (A.1). A CPU run of a few thousand
 iterations needs a larger rate on the grouping logits (``--grouping_lr_scale``, the bundle's

@@ -101,3 +101,19 @@ def test_write_record_is_whole_and_names_the_machine_and_revision(tmp_path):
     assert records.read_records("demo", tmp_path)[0]["name"] == "run_seed3"
     with pytest.raises(ValueError, match="plain file names"):
         records.write_record("demo", "../escape", config={}, seed=None, metrics={}, root=tmp_path)
+
+
+def test_the_null_controls_identical_tasks_are_copies_of_one_task(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    adashare = _load("adashare_digits")
+    from mtl_med.data import vision
+
+    adashare.register_identical_digits(3)
+    try:
+        ds = vision.load_vision_tasks(adashare.IDENTICAL, "train")
+        ref = vision.load_vision_tasks("digits", "train")
+    finally:
+        vision.VISION_DATASETS.pop(adashare.IDENTICAL, None)
+    assert ds.task_names == ["digit_3"] + [f"digit_3_{k}" for k in range(2, 11)]
+    assert all((ds.targets[t] == ref.targets["digit_3"]).all() for t in ds.task_names)
+    assert len(ds) == len(ref) and set(ds.task_types.values()) == {"binary"}
