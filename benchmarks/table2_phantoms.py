@@ -313,31 +313,23 @@ def _values(records: list[dict], row: str, metric: str) -> dict[tuple[int, str],
 
 
 def _cell(vals, digits: int) -> str:
+    from mtl_med.metrics.stats import format_mean_std
+
     vals = list(vals)
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f} ({np.std(vals, ddof=1):.{digits}f})"
+    return format_mean_std(vals, digits=digits) if vals else "-"
 
 
 def paired_tests(records: list[dict], metric: str, baseline: str, reference: str = REFERENCE) -> dict:
-    """SFG against ``baseline`` over the (seed, phantom) pairs both have: mean difference, paired t and Wilcoxon."""
-    from scipy import stats
+    """SFG against ``baseline`` over the (seed, phantom) pairs both have (``mtl_med.metrics.stats.paired_comparison``:
+    mean difference with its 95 % t interval, paired t-test and Wilcoxon signed-rank p, pairs won / tied / lost)."""
+    from mtl_med.metrics.stats import paired_comparison
 
     a, b = _values(records, reference, metric), _values(records, baseline, metric)
     keys = sorted(set(a) & set(b))
-    out = {"n": len(keys), "mean_diff": float("nan"), "t_p": float("nan"), "wilcoxon_p": float("nan")}
     if not keys:
-        return out
-    x, y = np.array([a[k] for k in keys]), np.array([b[k] for k in keys])
-    d = x - y
-    out["mean_diff"] = float(d.mean())
-    if len(keys) >= 2 and np.ptp(d) > 0:
-        out["t_p"] = float(stats.ttest_rel(x, y).pvalue)
-    if len(keys) >= 2 and np.any(d != 0):
-        out["wilcoxon_p"] = float(stats.wilcoxon(x, y).pvalue)
-    return out
+        return {"n": 0, "mean_diff": float("nan"), "t_p": float("nan"), "wilcoxon_p": float("nan"), "wins": 0,
+                "ties": 0, "losses": 0}
+    return paired_comparison([a[k] for k in keys], [b[k] for k in keys]).as_dict()
 
 
 def _p(v: float) -> str:
@@ -355,7 +347,7 @@ def render(records: list[dict] | None = None, results: Path = RESULTS) -> str:
     n_ph = sorted({len(r["phantoms"]) for r in records})
     lines = [f"{len(records)} of {len(ROWS) * len(records[0]['protocol']['seeds'])} (row, seed) runs; "
              f"training seeds {seeds}; {'/'.join(map(str, n_ph))} held-out phantoms each; "
-             f"{records[0]['protocol']['num_samples']} posterior samples. Mean (sample std) over phantoms and seeds.",
+             f"{records[0]['protocol']['num_samples']} posterior samples. Mean ± sample std over phantoms and seeds.",
              "",
              "| Method | runs | " + " | ".join(f"PSNR {n} (dB)" for _, n in PSNR_COLUMNS) + " | "
              + " | ".join(f"Dice {n}" for _, n in DICE_COLUMNS) + " |",
@@ -367,14 +359,15 @@ def render(records: list[dict] | None = None, results: Path = RESULTS) -> str:
         lines.append(f"| {names[row]} | {runs} | " + " | ".join(cells) + " |")
     if REFERENCE in rows and len(rows) > 1:
         lines += ["", f"Paired tests, SFG minus each baseline over the (seed, phantom) pairs both have "
-                      "(mean difference; p of the paired t-test / Wilcoxon signed-rank):", "",
+                      "(mean difference; pairs SFG won / lost; p of the paired t-test / Wilcoxon signed-rank):", "",
                   "| Baseline | pairs | " + " | ".join(TESTED) + " |", "| --- | --- |" + " --- |" * len(TESTED)]
         for row in rows:
             if row == REFERENCE:
                 continue
             tests = [paired_tests(records, m, row) for m in TESTED]
             lines.append(f"| {names[row]} | {tests[0]['n']} | " + " | ".join(
-                f"{t['mean_diff']:+.3f} (p {_p(t['t_p'])} / {_p(t['wilcoxon_p'])})" for t in tests) + " |")
+                f"{t['mean_diff']:+.3f} ({t['wins']}/{t['losses']}; p {_p(t['t_p'])} / {_p(t['wilcoxon_p'])})"
+                for t in tests) + " |")
     lines += ["", reading(records)]
     return "\n".join(lines)
 

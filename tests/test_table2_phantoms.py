@@ -73,11 +73,12 @@ def test_render_means_stds_paired_tests_and_reading(table2):
                           for r in records[:3]])
     hs = np.concatenate([base[s] for s in range(3)])
     row = next(line for line in text.splitlines() if line.startswith("| SFG |"))
-    assert f"{sfg.mean():.2f} ({sfg.std(ddof=1):.2f})" in row  # mean (sample std) over phantoms and seeds
+    assert f"{sfg.mean():.2f} ± {sfg.std(ddof=1):.2f}" in row  # mean ± sample std over phantoms and seeds
     t = table2.paired_tests(records, "psnr_bones", "hard_sharing")
     assert t["n"] == 9 and t["mean_diff"] == pytest.approx((sfg - hs).mean())
     assert t["t_p"] == pytest.approx(stats.ttest_rel(sfg, hs).pvalue)
     assert t["wilcoxon_p"] == pytest.approx(stats.wilcoxon(sfg, hs).pvalue)
+    assert t["wins"] + t["ties"] + t["losses"] == 9 and "| MT hard sharing | 9 |" in text
     assert "Reading: SFG has the highest mean bone PSNR" in text and "1 of 1 baselines" in text
     # the other way round: the reading says so, naming the best row
     flipped = [_record("sfg", s, base[s]) for s in range(3)] + [_record("cross_stitch", s, base[s] + 2) for s in range(3)]
