@@ -20,6 +20,13 @@ to this machine's measured 3x3 convolution rate, and the ratios.
 ``--paper-slices N`` times N single-slice posterior passes at the paper's job (288 x 288 slices + margin,
 features 16/32/64) with the compacted sampler and scales to 62 slices x 50 passes.
 
+``--paper-table N`` times, in one run, one slice-pass of the paper job (one 288 x 288 slice + the margin, 16/32/64)
+for each of: dense, dense + receptive-field cropping, compact, compact + cropping, in float32 and (where
+``native_bfloat16()``, or float16 on CUDA) the reduced dtype, N timed passes each after a warm-up pass; with GFLOP
+per pass (``FlopCounterMode``), achieved GFLOP/s, this machine's 3x3 convolution rate measured in the same run and
+the minutes of the whole job (62 slices x 50 passes). Writes its raw record as JSON under ``results/performance/``
+(config, git revision, machine, metrics, timings).
+
 ``--accuracy`` runs the demo weights on a phantom through the bundle's preprocessing, S passes of every slice,
 float32 against the reduced dtype with the same draws: mean / max |sCT difference| (HU), the fraction of voxels
 whose modal label changes and the change of the Table 2 metrics; then ``num_samples="auto"``: passes per slice
@@ -37,6 +44,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads libgom
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -210,6 +221,96 @@ def paper_job(args, device, reduced):
               f"x 62 slices x 50 passes = {per * 3100:.0f} s ({per * 3100 / 60:.1f} min); peak {peak / 2**20:.0f} MB")
 
 
+def machine() -> dict:
+    """The CPU (lscpu's model name, cores, the bfloat16 / AMX flags), torch's threads and the GPU if any."""
+    info: dict = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["cpu_model"] = fields.get("Model name", "").strip()
+        info["cpus"] = int(fields.get("CPU(s)", "0").strip() or 0)
+        flags = set(fields.get("Flags", "").split())
+        info["flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx") or f in ("avx512f", "avx2", "avx512_vnni"))
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        pass
+    info["native_bfloat16"] = native_bfloat16()
+    info["load_average"] = list(os.getloadavg())  # a shared machine: what else ran
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def git_revision() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip())
+        return {"revision": rev, "dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"revision": None, "dirty": None}
+
+
+def paper_table(args, device, reduced):
+    """Per slice-pass of the paper job: dense / compact, each without and with receptive-field cropping, in
+    float32 and the reduced dtype; one JSON record."""
+    torch.manual_seed(0)
+    net = build_network("highresnet", "sfg", ("sct", "seg"), (1, 6), features=tuple(args.features)).to(device).eval()
+    x = torch.randn(1, 1, 288, 288, device=device)
+    n, m, slices, S = args.paper_table, args.margin, 62, args.num_samples
+    red = str(reduced).split(".")[-1]
+    dtypes = [("float32", torch.float32)]
+    if device.type == "cuda" or native_bfloat16():
+        dtypes.append((red, reduced))
+    variants = [(eng, crop, name, dt) for name, dt in dtypes for eng in ("dense", "compact") for crop in (False, True)]
+
+    def sampler(eng, crop, dt, passes):
+        s = _sampler(net, passes, m, engine=eng, dtype=dt, max_batch=args.paper_max_batch, generator=torch.Generator(device=device).manual_seed(0))
+        s.receptive_crop = crop
+        return s
+
+    rate = {"float32": conv_rate(device, torch.float32, channels_last=device.type == "cpu")}
+    if len(dtypes) > 1:
+        rate[red] = conv_rate(device, reduced, channels_last=True)
+    flops, rows = {}, []
+    for eng, crop, name, dt in variants:
+        key = (eng, crop)
+        if key not in flops:  # the same work in every dtype
+            flops[key] = _flops_per_pass(lambda: sampler(eng, crop, torch.float32, 1).sample(x), 1)
+        sampler(eng, crop, dt, 1).sample(x)  # warm-up
+        t, peak = _timed(device, lambda: sampler(eng, crop, dt, n).sample(x))
+        per = t / n
+        rows.append(dict(engine=eng, cropped=crop, dtype=name, seconds_per_pass=per, gflop_per_pass=flops[key] / 1e9,
+                         gflops_achieved=flops[key] / per / 1e9, conv_rate_gflops=rate[name] / 1e9, fraction_of_conv_rate=flops[key] / per / rate[name],
+                         job_minutes=per * slices * S / 60, peak_mb=peak / 2**20, timed_passes=n))
+        r = rows[-1]
+        print(f"{eng:8s} {'crop' if crop else 'full':5s} {name:9s} {per:7.3f} s/pass  {r['gflop_per_pass']:7.1f} GFLOP  "
+              f"{r['gflops_achieved']:6.1f} GFLOP/s ({r['fraction_of_conv_rate']:4.0%} of conv)  job {r['job_minutes']:6.1f} min", flush=True)
+    mach = machine()
+    where = mach.get("gpu") if device.type == "cuda" else f"{mach.get('cpu_model', '?')}, {mach.get('cpus', '?')} CPUs, {torch.get_num_threads()} threads, flags {' '.join(mach.get('flags', []))}"
+    print(f"\npaper job per slice-pass (one 288 x 288 slice + margin {m} = {288 + 2 * m} x {288 + 2 * m}; {n} timed passes each; "
+          f"whole job {slices} slices x {S} passes) on {where}")
+    print(f"| engine | regions | dtype | s / pass | GFLOP / pass | GFLOP/s | of 3x3 conv rate | job (min) | vs dense fp32 |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    base = rows[0]["seconds_per_pass"]
+    for r in rows:
+        print(f"| {r['engine']} | {'cropped' if r['cropped'] else 'whole frame'} | {r['dtype']} | {r['seconds_per_pass']:.2f} | {r['gflop_per_pass']:.1f} | "
+              f"{r['gflops_achieved']:.1f} | {r['fraction_of_conv_rate']:.0%} | {r['job_minutes']:.1f} | {base / r['seconds_per_pass']:.2f}x |")
+    print("3x3 conv rate (64 ch, 128 x 128, measured in this run): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rate.items()))
+    record = dict(
+        benchmark="posterior_inference --paper-table",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config=dict(slice=[288, 288], margin=m, features=list(args.features), slices=slices, passes=S, timed_passes=n,
+                    max_batch=args.paper_max_batch, device=str(device), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY")),
+        git=git_revision(), machine=mach,
+        metrics=dict(conv_rate_gflops={k: v / 1e9 for k, v in rate.items()}),
+        timings=rows,
+    )
+    out = Path(args.results) / f"posterior_paper_{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"record: {out}")
+
+
 def accuracy(args, device, reduced):
     """Demo weights on a phantom (the bundle's preprocessing): float32 against ``reduced`` with the same draws,
     then ``num_samples='auto'`` against the fixed count."""
@@ -271,6 +372,10 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-timing", action="store_true")
     p.add_argument("--paper-slices", type=int, default=0, help="time this many slice-passes of the paper job and scale")
+    p.add_argument("--paper-table", type=int, default=0, metavar="N",
+                   help="per slice-pass table of the paper job (dense / compact, whole frame / cropped, fp32 / reduced), N timed passes each")
+    p.add_argument("--paper-max-batch", type=int, default=2, help="copies per dense call in --paper-table (memory: 354 x 354 x 64 ch x 3 streams each)")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "results" / "performance"), help="folder of the JSON records")
     p.add_argument("--accuracy", action="store_true", help="demo weights on a phantom: reduced dtype and auto pass count")
     p.add_argument("--accuracy-size", type=int, nargs=3, default=[48, 48, 6])
     p.add_argument("--accuracy-samples", type=int, default=50)
@@ -285,6 +390,8 @@ def main():
         timing(args, device, reduced)
     if args.paper_slices:
         paper_job(args, device, reduced)
+    if args.paper_table:
+        paper_table(args, device, reduced)
     if args.accuracy:
         accuracy(args, device, reduced)
 
