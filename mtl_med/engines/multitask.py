@@ -59,7 +59,9 @@ class MultiTaskTrainer(SupervisedTrainer):
         task_sampler: optional callable returning the task of each mini-batch (Task Routing's
             alg. 1); the network is then called with ``task=`` and only that task's loss counts.
         forward_kwargs: extra keyword arguments of every network call (e.g. a generator).
-        Others: as ``SupervisedTrainer``; ``decollate`` defaults to False (outputs are dicts).
+        Others: as ``SupervisedTrainer``; ``decollate`` defaults to False (outputs are dicts). ``amp``
+            autocasts the forward pass and the loss: fp16 with a gradient scaler on CUDA, bfloat16 without
+            one on a CPU (choose it where the CPU computes bf16 natively: ``native_bfloat16()``).
 
     ``engine.state.output`` holds ``image``, ``label`` (targets dict), ``pred`` (outputs dict),
     ``loss`` (the total) and ``terms`` (each task's loss and the regulariser, detached).
@@ -90,15 +92,17 @@ class MultiTaskTrainer(SupervisedTrainer):
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        if engine.amp and engine.scaler is not None:
+        if engine.amp:  # fp16 with a gradient scaler on CUDA; bf16 (same exponent range as fp32, no scaler) on a CPU
             with torch.autocast(engine.state.device.type, **engine.amp_kwargs):
                 compute()
+        else:
+            compute()
+        if engine.amp and engine.scaler is not None and engine.state.device.type == "cuda":  # a CPU's bf16 needs no scaling
             engine.scaler.scale(engine.state.output[Keys.LOSS]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            compute()
             engine.state.output[Keys.LOSS].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["batch_norm_statistics", "unwrap"]
+__all__ = ["batch_norm_statistics", "channels_last", "unwrap"]
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -29,3 +29,18 @@ def batch_norm_statistics(network: torch.nn.Module, enabled: bool = True):
         for m, (training, momentum) in zip(bns, saved):
             m.train(training)
             m.momentum = momentum
+
+
+def channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with its 4-D parameters and buffers in ``channels_last`` and its 5-D ones in
+    ``channels_last_3d`` memory (in place; values unchanged). oneDNN's and cuDNN's fastest convolutions
+    read and write channels-last tensors; give the inputs the same format."""
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        if t.dim() == 5:
+            return t.contiguous(memory_format=torch.channels_last_3d)
+        return t
+
+    return module._apply(convert)

@@ -152,3 +152,30 @@ def test_parameter_groups_of_a_method_without_its_own_rates_are_one_plain_group(
     wrapped = torch.nn.Module()
     wrapped.module = net  # as DDP: the wrapped network is asked
     assert parameter_groups(wrapped, 1e-3) == list(net.parameters())
+
+
+def test_cpu_amp_trains_in_bfloat16_without_a_gradient_scaler():
+    """``amp`` on a CPU: the forward pass runs in bfloat16 (autocast), the loss is not scaled, the
+    weights stay float32 and move; without ``amp`` the same run computes in float32."""
+    seen = {}
+
+    def run(amp):
+        torch.manual_seed(0)
+        net = sfg_highresnet(features=(4, 8, 8))
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda m, i, o: seen.__setitem__(amp, o.dtype))
+        before = [p.detach().clone() for p in net.parameters()]
+        trainer = MultiTaskTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=_batches(2), network=net,
+            optimizer=torch.optim.Adam(net.parameters(), 1e-3),
+            loss_function=MultiTaskLoss({"sct": MaskedRMSELoss(), "seg": MaskedDiceCELoss()}),
+            prepare_batch=MultiTaskPrepareBatch("mr", {"sct": "ct", "seg": "label"}, mask_key="mask"), amp=amp,
+        )
+        trainer.run()
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+        return float(trainer.state.output["loss"])
+
+    fp32, bf16 = run(False), run(True)
+    assert seen == {False: torch.float32, True: torch.bfloat16}
+    assert abs(bf16 - fp32) < 0.1 * abs(fp32)  # the same run, in lower precision
