@@ -76,65 +76,80 @@ def revisions(recs: list[dict]) -> str:
 # --- tables -------------------------------------------------------------------------------------
 
 
-def _null_pairs(results: Path, tag: str):
-    """The records of the null control named ``tag_*``: (records, by condition and seed, the identical
-    condition's name, the paired seeds, the unpaired seeds)."""
+def _null_runs(results: Path, tag: str):
+    """The null control's records named ``tag_*``: (records, condition -> seed -> spread, the identical
+    conditions, the first distinct record's config)."""
     recs = [r for r in load(results, "adashare_null") if r["name"].startswith(f"{tag}_")]
     if not recs:
         raise FileNotFoundError(f"no adashare_null records named {tag}_*")
-    by = {}
+    by: dict[str, dict[int, float]] = {}
     for r in recs:
-        by.setdefault(r["config"]["condition"], {})[r["seed"]] = r
-    identical = sorted(c for c in by if c.startswith("identical"))
-    if "distinct" not in by or len(identical) != 1:
-        raise ValueError(f"adashare_null {tag}: need records of 'distinct' and of one identical condition, got {sorted(by)}")
-    ident = identical[0]
-    seeds = sorted(set(by["distinct"]) & set(by[ident]))
-    unpaired = sorted(set(by["distinct"]) ^ set(by[ident]))
-    return recs, by, ident, seeds, unpaired
+        by.setdefault(r["config"]["condition"], {})[r["seed"]] = r["metrics"]["mean_alpha_task_spread"]
+    identical = sorted((c for c in by if c.startswith("identical")), key=lambda c: int(c.removeprefix("identical_digit")))
+    if "distinct" not in by or not identical:
+        raise ValueError(f"adashare_null {tag}: need records of 'distinct' and of an identical condition, got {sorted(by)}")
+    cfg = next(r["config"] for r in recs if r["config"]["condition"] == "distinct")
+    return recs, by, identical, cfg
+
+
+def _null_tests(by: dict, identical: list[str]) -> list[tuple[str, list[int], object]]:
+    """Distinct minus each identical condition, paired by the seeds both have."""
+    out = []
+    for c in identical:
+        seeds = sorted(set(by["distinct"]) & set(by[c]))
+        out.append((c, seeds, paired_comparison([by["distinct"][s] for s in seeds], [by[c][s] for s in seeds])))
+    return out
+
+
+def _copy(c: str) -> str:
+    return f"`digit_{c.removeprefix('identical_digit')}`"
+
+
+def _verdict(tests) -> tuple[bool, str]:
+    shown = all(t.mean_diff > 0 and t.significant() for _, _, t in tests)
+    beaten = [_copy(c) for c, _, t in tests if t.mean_diff > 0 and t.significant()]
+    if shown:
+        return True, "task-specificity shown at p < 0.05 against every identical-task null run"
+    if beaten:
+        return False, (f"task-specificity not shown: distinct tasks beat the copies of {', '.join(beaten)} at p < 0.05 "
+                       f"but not every identical-task null run")
+    return False, "task-specificity not shown at p < 0.05"
 
 
 def adashare_null_summary(results: Path, tag: str) -> str:
-    """One sentence for the status list: the null control's paired comparison and its verdict."""
-    recs, by, ident, seeds, _ = _null_pairs(results, tag)
-    d = [by["distinct"][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
-    i = [by[ident][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
-    t = paired_comparison(d, i)
-    shown = t.mean_diff > 0 and t.significant()
-    return (f"mean spread of alpha between tasks {format_mean_std(d, digits=3)} for ten distinct tasks against "
-            f"{format_mean_std(i, digits=3)} for ten copies of one task (sample std, {len(seeds)} seeds); distinct minus identical "
-            f"{t.summary()}: task-specificity {'shown' if shown else 'not shown'} at p < 0.05.\n")
+    """One sentence for the status list: the null control's paired comparisons and the verdict."""
+    recs, by, identical, _ = _null_runs(results, tag)
+    tests = _null_tests(by, identical)
+    nulls = "; ".join(f"ten copies of {_copy(c)} {format_mean_std(list(by[c].values()), digits=3)} ({len(by[c])} seeds), "
+                      f"distinct minus copies {t.summary()}" for c, _, t in tests)
+    return (f"mean spread of alpha between tasks {format_mean_std(list(by['distinct'].values()), digits=3)} for ten distinct tasks "
+            f"({len(by['distinct'])} seeds, sample std); {nulls}: {_verdict(tests)[1]}.\n")
 
 
 def adashare_null(results: Path, tag: str) -> str:
     """Distinct tasks against identical copies of one task: alpha's spread between tasks, paired by seed."""
-    recs, by, ident, seeds, unpaired = _null_pairs(results, tag)
-    cfg = by["distinct"][seeds[0]]["config"]
-    d = [by["distinct"][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
-    i = [by[ident][s]["metrics"]["mean_alpha_task_spread"] for s in seeds]
-    cpu = [by[c][s]["timings"]["search_cpu_s"] for c in ("distinct", ident) for s in seeds]
-    digit = ident.removeprefix("identical_digit")
-    lines = [f"| seed | ten distinct tasks (`digit_0` .. `digit_9`) | ten identical copies of `digit_{digit}` | distinct minus identical |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {s} | {a:.3f} | {b:.3f} | {a - b:+.3f} |" for s, a, b in zip(seeds, d, i)]
-    lines.append(f"| mean ± sample std, {len(seeds)} seeds | {format_mean_std(d, digits=3)} | {format_mean_std(i, digits=3)} | "
-                 f"{format_mean_std(np.subtract(d, i), digits=3)} |")
-    t = paired_comparison(d, i)
-    shown = t.mean_diff > 0 and t.significant()
-    cd, ci = mean_ci(d), mean_ci(i)
+    recs, by, identical, cfg = _null_runs(results, tag)
+    tests = _null_tests(by, identical)
+    conds = ["distinct", *identical]
+    seeds = sorted(set().union(*(set(by[c]) for c in conds)))
+    head = ["seed", "ten distinct tasks (`digit_0` .. `digit_9`)", *(f"ten copies of {_copy(c)}" for c in identical)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join([str(s), *(f"{by[c][s]:.3f}" if s in by[c] else "-" for c in conds)]) + " |" for s in seeds]
+    lines.append("| mean ± sample std (seeds) | " + " | ".join(f"{format_mean_std(list(by[c].values()), digits=3)} ({len(by[c])})" for c in conds) + " |")
+    cpu = [r["timings"]["search_cpu_s"] for r in recs]
     lines += [
         "",
         f"Mean spread of alpha between tasks (per block max - min over tasks, averaged over the 8 blocks); ResNet-18 "
         f"width {cfg['width']}, {cfg['image_size']}x{cfg['image_size']} digits, {cfg['warmup_epochs']} warm-up + "
         f"{cfg['policy_epochs']} policy epochs, policy lr {cfg['policy_lr']}, tau to {cfg['tau_final']}; search only. "
-        f"Distinct {cd.mean:.3f} (95 % CI {cd.low:.3f} to {cd.high:.3f}), identical {ci.mean:.3f} ({ci.low:.3f} to {ci.high:.3f}). "
-        f"Distinct minus identical, paired by seed: {t.summary()}. "
-        + ("Task-specific policies are shown: distinct tasks spread more than identical copies (p < 0.05)."
-           if shown else "Task-specific policies are not shown: distinct tasks do not spread alpha more than identical copies "
-                         "of one task at p < 0.05."),
+        "Distinct minus identical copies, paired by seed:",
         "",
-        f"Records: `results/adashare_null/{tag}_*.json`" + (f" (unpaired seeds left out: {unpaired})" if unpaired else "")
-        + f"; search {min(cpu):.0f}-{max(cpu):.0f} CPU-s each, one torch thread, {machine_line(recs)}; code {revisions(recs)}.",
+        *(f"- copies of {_copy(c)}: {t.summary()}" for c, _, t in tests),
+        "",
+        f"Verdict: {_verdict(tests)[1]}.",
+        "",
+        f"Records: `results/adashare_null/{tag}_*.json`; search {min(cpu):.0f}-{max(cpu):.0f} CPU-s each, one torch thread, "
+        f"{machine_line(recs)}; code {revisions(recs)}.",
     ]
     return "\n".join(lines) + "\n"
 
