@@ -117,3 +117,19 @@ def test_the_null_controls_identical_tasks_are_copies_of_one_task(monkeypatch):
     assert ds.task_names == ["digit_3"] + [f"digit_3_{k}" for k in range(2, 11)]
     assert all((ds.targets[t] == ref.targets["digit_3"]).all() for t in ds.task_names)
     assert len(ds) == len(ref) and set(ds.task_types.values()) == {"binary"}
+
+
+def test_null_verdict_needs_the_distinct_tasks_to_beat_every_null(tmp_path):
+    report, records = _load("report"), _load("records")
+    cfg = {"width": 0.125, "image_size": 8, "warmup_epochs": 1, "policy_epochs": 10, "policy_lr": 0.1, "tau_final": 0.01}
+    spreads = {"distinct": [0.40, 0.42, 0.38, 0.41], "identical_digit0": [0.20, 0.21, 0.19, 0.22], "identical_digit8": [0.45, 0.30, 0.44, 0.33]}
+    for cond, values in spreads.items():
+        for seed, v in enumerate(values):
+            records.write_record("adashare_null", f"short_{cond}_seed{seed}", config={**cfg, "condition": cond}, seed=seed,
+                                 metrics={"mean_alpha_task_spread": v}, timings={"search_cpu_s": 35.0}, root=tmp_path)
+    table = report.adashare_null(tmp_path, "short")
+    assert "ten copies of `digit_8`" in table and "| 0 | 0.400 | 0.200 | 0.450 |" in table
+    assert "not shown: distinct tasks beat the copies of `digit_0` at p < 0.05 but not every identical-task null run" in table
+    for seed in range(4):  # without the second null, the first alone is beaten
+        (tmp_path / "adashare_null" / f"short_identical_digit8_seed{seed}.json").unlink()
+    assert "shown at p < 0.05 against every identical-task null run" in report.adashare_null_summary(tmp_path, "short")
