@@ -105,9 +105,13 @@ def read_records(benchmark: str, root: str | os.PathLike | None = None) -> list[
 
 
 def _plain(x):
-    """numpy scalars and arrays as JSON."""
+    """numpy scalars and arrays, paths and sets as JSON."""
     if hasattr(x, "tolist"):
         return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if isinstance(x, (set, frozenset, tuple)):
+        return sorted(x) if isinstance(x, (set, frozenset)) else list(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
