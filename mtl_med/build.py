@@ -49,6 +49,7 @@ def build_network(
     head: str | None = None,
     head_hidden: int | None = None,
     head_act: str | tuple = "relu",
+    sharing_args: Mapping[str, Mapping] | None = None,
     **kwargs,
 ) -> nn.Module:
     """A multi-task network whose ``forward(x, task=None, generator=None)`` returns ``{task_name: output}``.
@@ -69,6 +70,9 @@ def build_network(
             ``conv1_t_size``) and the method's (e.g. ``sigma`` and ``seed`` for routing,
             ``grouping``/``shared_init``/``lambda1`` for SFG, ``tau``/``policy`` for AdaShare,
             ``bn_inference`` for all).
+        sharing_args: method name -> that method's arguments; only the entry of ``sharing`` is used (checked
+            as ``kwargs`` are), so a config can hold the settings of several methods and build whichever
+            ``sharing`` names (the pelvis bundle's SFG settings, ignored by ``--sharing hard_sharing``).
     """
     backbone, sharing = str(backbone).lower(), str(sharing).lower()
     if sharing not in METHODS:
@@ -77,6 +81,17 @@ def build_network(
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     build_args = dict(backbone=backbone, sharing=sharing, task_names=list(task_names), out_channels=out_channels,
                       spatial_dims=spatial_dims, head=head, head_hidden=head_hidden, head_act=head_act, **kwargs)
+    if sharing_args:
+        build_args["sharing_args"] = sharing_args
+        names = {str(k).lower(): v for k, v in dict(sharing_args).items()}
+        unknown_methods = sorted(set(names) - set(METHODS))
+        if unknown_methods:
+            raise ValueError(f"sharing_args names unknown sharing methods {unknown_methods}; expected names of {sorted(METHODS)}")
+        own = dict(names.get(sharing) or {})
+        twice = sorted(set(own) & set(kwargs))
+        if twice:
+            raise ValueError(f"build_network got {twice} both as arguments and in sharing_args[{sharing!r}]")
+        kwargs = {**kwargs, **own}
     bb_keys = _parameters(BACKBONES[backbone]) - {"spatial_dims"}
     method = METHODS[sharing]
     method_keys = _parameters(method.__init__) - {"self", "backbone", "task_names", "heads"}

@@ -38,9 +38,10 @@ class CrossStitch(nn.Module):
         if len(xs) != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} task activations, got {len(xs)}")
         x = torch.stack(list(xs), 0)  # T, B, C, *spatial
+        alpha = self.alpha.to(x.dtype)  # under autocast the activations may be bfloat16 / float16
         if self.per_channel:
-            a = self.alpha.reshape(*self.alpha.shape[:2], 1, -1, *([1] * (x.ndim - 3)))
+            a = alpha.reshape(*alpha.shape[:2], 1, -1, *([1] * (x.ndim - 3)))
             y = (a * x.unsqueeze(0)).sum(1)
         else:
-            y = torch.tensordot(self.alpha, x, dims=([1], [0]))
+            y = torch.tensordot(alpha, x, dims=([1], [0]))
         return list(y.unbind(0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtl_med.inference import PosteriorAggregator, sample_posterior
-from mtl_med.build import sfg_highresnet
+from mtl_med.build import build_network, sfg_highresnet
 
 
 def test_regression_mean_and_std_in_chunks():
@@ -52,7 +52,8 @@ def test_posterior_of_sfg_highresnet():
 
 
 def test_deterministic_network_has_zero_posterior_spread():
-    model = sfg_highresnet(features=(4, 8, 8), grouping="hard_sharing")
+    # a registered deterministic baseline: its 50 posterior samples are one network run 50 times
+    model = build_network("highresnet", "hard_sharing", ("sct", "seg"), (1, 6), in_channels=1, features=(4, 8, 8))
     out = sample_posterior(model, torch.randn(1, 1, 16, 16), num_samples=4, samples_per_batch=2)
     assert out["sct_std"].max() < 1e-5 and out["seg_disagreement"].max() == 0
 
@@ -88,7 +89,7 @@ def test_margin_removes_the_slice_border_from_the_outputs():
     from mtl_med.inference import PosteriorSampler
 
     torch.manual_seed(0)
-    model = sfg_highresnet(features=(4, 8, 8), grouping="hard_sharing").eval()
+    model = build_network("highresnet", "hard_sharing", ("sct", "seg"), (1, 6), in_channels=1, features=(4, 8, 8)).eval()
     x = torch.full((2, 1, 24, 20), 0.7)
     for margin, flat in ((0, False), (33, True)):
         maps = PosteriorSampler(model, num_samples=1, mode="argmax", margin=margin).run(SimpleInferer(), x)

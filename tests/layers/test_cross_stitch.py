@@ -49,3 +49,15 @@ def test_bad_arguments_are_refused():
         CrossStitch(2, per_channel=True)
     with pytest.raises(ValueError, match="expected 2 task activations"):
         CrossStitch(2)([torch.zeros(1)])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_mixes_bfloat16_activations_under_cpu_autocast(per_channel):
+    # the posterior sampler runs deterministic baselines under bfloat16 autocast on CPUs that compute it natively
+    unit = CrossStitch(2, 3, per_channel=per_channel)
+    xs = [torch.randn(2, 3, 4, 4) for _ in range(2)]
+    ref = unit(xs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = unit([x.bfloat16() for x in xs])
+    assert all(y.dtype == torch.bfloat16 for y in low)
+    assert all(torch.allclose(a.float(), b, atol=0.05, rtol=0.05) for a, b in zip(low, ref))

@@ -40,7 +40,8 @@ def test_allowed_pairs_build_and_refused_pairs_name_the_reason():
     for (backbone, sharing), words in REFUSED.items():
         assert words in pairs[(backbone, sharing)]
     assert allowed_pairs(spatial_dims=3) == pairs
-    # every pair the networks were first written for is among them (SFG's baselines are its groupings)
+    # every pair the networks were first written for is among them (SFG's single-task, hard-sharing and
+    # cross-stitch baselines are the registered methods)
     first = {"vgg11": ("sfg", "single_task", "hard_sharing", "cross_stitch", "routing"),
              "vgg16": ("sfg", "single_task", "hard_sharing", "cross_stitch", "routing"),
              "resnet18": ("hard_sharing", "routing", "adashare", "cross_stitch"),
@@ -103,6 +104,22 @@ def test_unknown_arguments_are_named_with_what_is_accepted():
         build_network("resnet18", "routing", TASKS, 2, tau=1.0)
     with pytest.raises(ValueError, match="sigma"):
         build_network("highresnet", "hard_sharing", TASKS, 2, sigma=0.5)
+
+
+def test_sharing_args_hold_each_methods_own_arguments_and_only_the_built_ones_are_used():
+    # one config for every method: the SFG settings of the pelvis bundle do not stop --sharing hard_sharing
+    args = {"sfg": {"grouping": "constant_p", "lambda1": 1e-5}, "routing": {"sigma": 0.5}}
+    sfg = build_network("highresnet", "sfg", TASKS, 2, features=(4, 8, 8), sharing_args=args)
+    assert (sfg.grouping, sfg.lambda1) == ("constant_p", 1e-5)
+    assert sfg.rebuild().grouping == "constant_p"
+    hard = build_network("highresnet", "hard_sharing", TASKS, 2, features=(4, 8, 8), sharing_args=args)
+    assert hard.name == "hard_sharing" and hard.build_args["sharing_args"] == args
+    with pytest.raises(ValueError, match="groupin"):  # the built method's entry is checked as kwargs are
+        build_network("highresnet", "sfg", TASKS, 2, features=(4, 8, 8), sharing_args={"sfg": {"groupin": "sfg"}})
+    with pytest.raises(ValueError, match="sgf"):  # a misspelt method name is not silently ignored
+        build_network("highresnet", "hard_sharing", TASKS, 2, features=(4, 8, 8), sharing_args={"sgf": {}})
+    with pytest.raises(ValueError, match="both"):
+        build_network("highresnet", "sfg", TASKS, 2, features=(4, 8, 8), grouping="sfg", sharing_args={"sfg": {"grouping": "sfg"}})
 
 
 def test_backbone_arguments_are_checked():

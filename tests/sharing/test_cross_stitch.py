@@ -83,3 +83,40 @@ def test_units_sit_at_the_branch_points_of_any_backbone():
     net = build_network("vgg11_bn", "cross_stitch", ["a", "b"], 1, in_channels=1, width=1 / 16)
     assert len(net.stitches) == len(describe_backbone("vgg11_bn").branch_points) == 5  # 4 poolings + the last convolution
     assert list(net(torch.randn(2, 1, 8, 8))) == ["a", "b"]
+
+
+def test_units_after_every_convolution_as_the_sfg_papers_baseline():
+    # SFG paper A.4 / appendix B: CS units on the outputs of the layers SFG groups; VGG-11: all eight convolutions
+    vgg = dict(in_channels=1, width=1 / 16)
+    plain = build_network("vgg11_bn", "cross_stitch", ["x", "y"], 2, **vgg)
+    every = build_network("vgg11_bn", "cross_stitch", ["x", "y"], 2, stitch_at="convolutions", **vgg)
+    spec = describe_backbone("vgg11_bn", **vgg)
+    assert len(plain.stitches) == len(spec.branch_points) == 5
+    assert len(every.stitches) == 8 == sum(type(u).__name__ == "ConvUnit" for u in spec.units)
+    out = every.eval()(torch.randn(2, 1, 32, 32))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"x": (2, 2), "y": (2, 2)}
+    # HighResNet's branch points are its five plain convolutions: both placements are the same network
+    hr = dict(in_channels=1, features=(4, 8, 8))
+    a = build_network("highresnet", "cross_stitch", ["x", "y"], 1, **hr)
+    b = build_network("highresnet", "cross_stitch", ["x", "y"], 1, stitch_at="convolutions", **hr)
+    assert len(a.stitches) == len(b.stitches) == 5 and a._segments == b._segments
+    with pytest.raises(ValueError, match="stitch_at"):
+        build_network("highresnet", "cross_stitch", ["x", "y"], 1, stitch_at="pools", **hr)
+
+
+@pytest.mark.parametrize("stitch_at", ["branch_points", "convolutions"])
+def test_identity_units_make_independent_columns_single_task(stitch_at):
+    torch.manual_seed(0)
+    kw = dict(in_channels=1, width=1 / 16)
+    cs = build_network("vgg11_bn", "cross_stitch", ["x", "y"], 2, stitch_at=stitch_at, **kw).eval()
+    single = build_network("vgg11_bn", "single_task", ["x", "y"], 2, **kw).eval()
+    missing, unexpected = single.load_state_dict(cs.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("stitches.") for k in unexpected)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for s in cs.stitches:
+            s.alpha.copy_(torch.eye(2))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(cs(x).values(), single(x).values()))
+    with torch.no_grad():
+        cs.stitches[1].alpha.copy_(torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    assert not torch.allclose(cs(x)["x"], single(x)["x"])

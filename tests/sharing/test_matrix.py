@@ -233,13 +233,15 @@ def check_routing(net, backbone, num_tasks, spatial_dims, x, out, grads):
 
 
 def check_sfg(net, backbone, num_tasks, spatial_dims, x, out, grads):
-    # the single-task grouping: fixed one-hot p, kernel block t belongs to task t, none shared
-    fixed = _build(backbone, "sfg", num_tasks, spatial_dims, grouping="single_task").train()
+    # a fixed assignment: kernel block t belongs to task t, none shared (A.4's single-task split)
+    fixed = _build(backbone, "sfg", num_tasks, spatial_dims).train()
     layers = [m for _, m in fixed.sfg_layers()]
     assert layers
+    for m in layers:
+        m.groups.fix(torch.arange(m.out_channels) * num_tasks // m.out_channels)
     for t, loss in enumerate(_losses(fixed(x, generator=torch.Generator().manual_seed(0)))):
         for m, g in zip(layers, _grads(loss, [m.conv.weight for m in layers])):
-            groups = m.groups.probabilities.argmax(-1)
+            groups = m.groups.assignment.argmax(-1)
             assert set(groups.tolist()) == set(range(num_tasks))
             assert g is not None and bool((g[groups == t] != 0).any())
             for u in range(num_tasks):

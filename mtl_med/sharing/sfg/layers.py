@@ -21,13 +21,15 @@ from monai.networks.blocks import ADN
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from mtl_med.layers.cross_stitch import CrossStitch
 from mtl_med.layers.gumbel import gumbel_softmax
 
 __all__ = ["SHARING_MODES", "grouping_init", "StochasticFilterGroups", "SFGConv"]
 
-# sfg: learned p (A.1); the rest are the baselines of section 4.1 / A.4 as fixed, non-learned p.
-SHARING_MODES = ("sfg", "single_task", "hard_sharing", "constant_mask", "constant_p", "cross_stitch")
+# sfg: learned p (A.1); constant_mask / constant_p: the paper's own fixed groupings (section 4.1,
+# Table 2 "MT-constant mask" (Fig. 3(i)) and "MT-constant p=[1/3,1/3,1/3]"). Its other baselines
+# (single-task networks, MT-hard sharing, cross-stitch; A.4) are the registered methods
+# single_task, hard_sharing and cross_stitch of mtl_med.sharing, not SFG groupings.
+SHARING_MODES = ("sfg", "constant_mask", "constant_p")
 
 
 def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_init: float | str = 0.6) -> torch.Tensor:
@@ -37,9 +39,6 @@ def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_in
       A.1 initialises ``[p_1, p_s, p_2] = [0.2, 0.6, 0.2]``. The other starts of section 5.4:
       ``shared_init="dirichlet"`` draws each kernel's ``p`` from Dirichlet(1, .., 1) (torch's global
       generator), ``"constant_mask"`` starts the learned ``p`` from the constant mask.
-    - ``single_task`` / ``cross_stitch``: contiguous equal blocks of kernels fixed to each task
-      (A.4: 50% ``p = [1, 0, 0]``, 50% ``p = [0, 0, 1]`` for two tasks), none shared.
-    - ``hard_sharing``: every kernel ``p_s = 1``.
     - ``constant_mask``: contiguous equal blocks fixed to each of the ``T + 1`` groups (Fig. 3(i)).
     - ``constant_p``: every kernel ``p = 1 / (T + 1)`` (MT-constant p).
     """
@@ -58,13 +57,10 @@ def grouping_init(num_kernels: int, num_tasks: int, mode: str = "sfg", shared_in
         return row.expand(num_kernels, groups).clone()
     if mode == "constant_p":
         return torch.full((num_kernels, groups), 1.0 / groups)
-    if mode == "hard_sharing":
-        return F.one_hot(torch.full((num_kernels,), num_tasks), groups).float()
-    if mode in ("single_task", "cross_stitch", "constant_mask"):
-        n = num_tasks if mode != "constant_mask" else groups
-        if num_kernels < n:
-            raise ValueError(f"{mode} needs at least {n} kernels per layer, got {num_kernels}")
-        block = torch.arange(num_kernels) * n // num_kernels  # contiguous, sizes differ by at most 1
+    if mode == "constant_mask":
+        if num_kernels < groups:
+            raise ValueError(f"{mode} needs at least {groups} kernels per layer, got {num_kernels}")
+        block = torch.arange(num_kernels) * groups // num_kernels  # contiguous, sizes differ by at most 1
         return F.one_hot(block, groups).float()
     raise ValueError(f"unknown sharing mode {mode!r}; expected one of {SHARING_MODES}")
 
@@ -187,8 +183,6 @@ class SFGConv(nn.Module):
             residual blocks, sit between SFG layers (end of section 3.1).
         mode: a sharing mode of :data:`SHARING_MODES` that sets the initial / fixed ``p``.
         stride, padding: of the convolution (padding ``None``: "same" at stride 1).
-        cross_stitch: mix the task streams with a cross-stitch unit after this layer (the CS
-            baseline: CS units on the task-specific outputs, A.4). Needs ``mode="cross_stitch"``.
     """
 
     def __init__(
@@ -237,11 +231,9 @@ class SFGConv(nn.Module):
             if merge == "concat" and not first
             else None
         )
+        # no cross-stitch option any more (the CS baseline is the registered method cross_stitch);
+        # the attribute stays, always None, for readers written against the older layer
         self.cross_stitch = None
-        if mode == "cross_stitch":
-            if out_channels % num_tasks:
-                raise ValueError(f"cross-stitch needs out_channels ({out_channels}) divisible by num_tasks ({num_tasks})")
-            self.cross_stitch = CrossStitch(num_tasks, out_channels // num_tasks)
 
     def _inputs(self, x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.first:
@@ -272,17 +264,7 @@ class SFGConv(nn.Module):
             ys = self.conv(torch.cat(inputs, 0)).split(batch, 0)
         z = self.groups(batch, generator)
         out = [_channel_mask(z, g, self.spatial_dims) * h(y) for g, (h, y) in enumerate(zip(self.post, ys))]
-        if self.cross_stitch is not None:
-            out = self._stitch(out)
         return (out, z) if return_mask else out
-
-    def _stitch(self, streams: list[torch.Tensor]) -> list[torch.Tensor]:
-        # the CS baseline fixes kernel block t to task t: mix the blocks channel by channel
-        c = self.out_channels // self.num_tasks
-        blocks = [streams[t][:, t * c : (t + 1) * c] for t in range(self.num_tasks)]
-        mixed = self.cross_stitch(blocks)
-        tasks = [F.pad(m, [0] * 2 * self.spatial_dims + [t * c, self.out_channels - (t + 1) * c]) for t, m in enumerate(mixed)]
-        return [*tasks, streams[self.num_tasks]]
 
     def kernel_norm(self) -> torch.Tensor:
         """``sum_k ||M_k||^2`` of this layer (the weight term of eq. 5)."""

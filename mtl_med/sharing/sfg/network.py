@@ -1,5 +1,5 @@
 """Stochastic Filter Groups (Bragman et al., ICCV 2019) on any backbone of plain convolutions and
-width-preserving residual blocks, and the paper's baselines as SFG with fixed probabilities.
+width-preserving residual blocks, and the paper's own fixed groupings (MT-constant mask, MT-constant p).
 
 Every convolution unit of the backbone becomes an :class:`~mtl_med.sharing.sfg.layers.SFGConv` that turns
 ``T + 1`` streams ``[F_1 .. F_T, F_s]`` into ``T + 1`` streams; every run of residual blocks
@@ -8,8 +8,12 @@ applied to that group's stream and masked back to the group's channels; pooling 
 stream. Task ``t``'s head sees ``F_t + F_s`` of the last layer.
 
 The original code left the towers unmasked; masking keeps the streams sparse at non-overlapping
-channels, as section 3.1 describes, and makes an empty group (the shared one of the single-task
-baseline, the task ones of hard sharing) contribute exactly zero.
+channels, as section 3.1 describes, and makes an empty group (e.g. the task groups when every kernel
+is drawn shared) contribute exactly zero.
+
+The paper's other baselines (section 4.1, A.4: single-task networks, MT-hard sharing, cross-stitch) are
+the registered methods ``single_task``, ``hard_sharing`` and ``cross_stitch`` of :mod:`mtl_med.sharing`,
+built once; they are not SFG groupings.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ class SFG(MultiTaskNetwork):
     """Stochastic filter groups on every convolution of the backbone.
 
     Args:
-        grouping: ``"sfg"`` (learned ``p``, A.1) or one of the paper's baselines as fixed ``p``
-            (``"single_task"``, ``"hard_sharing"``, ``"constant_mask"``, ``"constant_p"``,
-            ``"cross_stitch"``; see :func:`~mtl_med.sharing.sfg.layers.grouping_init`).
+        grouping: ``"sfg"`` (learned ``p``, A.1) or one of the paper's fixed groupings,
+            ``"constant_mask"`` (Table 2's MT-constant mask, Fig. 3(i)) and ``"constant_p"``
+            (MT-constant p = [1/3, 1/3, 1/3]); see :func:`~mtl_med.sharing.sfg.layers.grouping_init`.
         shared_init: initial shared probability of learned layers (A.1: 0.6), or ``"dirichlet"`` /
             ``"constant_mask"`` (the other starts of section 5.4; see :func:`~mtl_med.sharing.sfg.layers.grouping_init`).
         hard, noise, per_example: see :class:`~mtl_med.sharing.sfg.layers.StochasticFilterGroups`.
