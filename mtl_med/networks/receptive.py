@@ -129,6 +129,10 @@ class CropPlan:
         """The crop of ``conv``'s output."""
         return tuple(max(0, c - a) for c, a in zip(self.crop, self.after[id(conv)]))
 
+    def padding(self, x: torch.Tensor, frame: Sequence[int], conv: nn.Module) -> tuple[int, ...]:
+        """The zeros :meth:`conv` pads ``x`` with (per spatial dim, each side): nonzero only at the frame's edge."""
+        return tuple(max(0, r - w) for w, r in zip(self.want(conv), conv_radius(conv)))
+
     def conv(self, x: torch.Tensor, frame: Sequence[int], conv: nn.Module, weight: torch.Tensor | None = None,
              bias: torch.Tensor | None = None, fn=None) -> torch.Tensor:
         """``conv`` (its geometry; ``weight`` / ``bias`` / ``fn`` replace its own) on the region of input ``x``

@@ -240,6 +240,7 @@ class CompactSFG:
         self._plan: CropPlan | None = None  # while a cropped pass runs: its regions and frame
         self._frame: tuple[int, ...] = ()
         self.macs = 0  # convolution MACs of the cropped passes so far (their plans count them)
+        self._prepared: dict = {}  # per module: kernels with batch-norm folded, in float32 and the compute dtype
 
     # ---- assignments
     def draw(self, rows: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -382,6 +383,16 @@ class CompactSFG:
     def _w(self, w: torch.Tensor) -> torch.Tensor:
         return self._cast(w)
 
+    def _folded(self, key, make) -> tuple[torch.Tensor, torch.Tensor]:
+        """A kernel tensor with its batch-norm folded, made once per engine (the network does not change while
+        an engine lives: the sampler makes one per batch): float32 and cast to the compute dtype. Indexing
+        commutes with the cast, so picking a group's rows and columns from the cast copy gives the same numbers
+        as casting the picked float32 ones, without a cast per call."""
+        if key not in self._prepared:
+            w = make()
+            self._prepared[key] = (w, w.to(self.dtype))
+        return self._prepared[key]
+
     @staticmethod
     def _act(act: nn.Module, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         w = _act_weight(act, ids)
@@ -423,14 +434,14 @@ class CompactSFG:
         perm, sizes = self._order(idx.cpu())
         perm = perm.to(dev)
         spans = self._spans(sizes)
-        W = layer.conv.weight.float()
         outs = {}
         for g, (s, e) in spans.items():
             if e == s:
                 continue
             ids = perm[s:e]
             scale, shift = _affine(getattr(layer.post[g], "N", nn.Identity()), layer.out_channels, dev)
-            w = W[ids] * _rows(scale[ids], W.ndim)
+            W, Wc = self._folded((id(layer), g), lambda: layer.conv.weight.float() * _rows(scale, layer.conv.weight.ndim))
+            w = Wc.index_select(0, ids)  # compute dtype; replaced by a float32 fold below where one is made
             if layer.first:
                 inp = a
             else:
@@ -446,9 +457,9 @@ class CompactSFG:
                         # fold the 1x1 merge of [F_t | F_s] (C_in x 2 C_in) into G_t's kernels
                         m = layer.merges[g].weight.float().flatten(1)
                         src = torch.cat([perm_in[p:q] + (layer.in_channels if h == self.T else 0) for p, q, h in parts])
-                        w = torch.einsum("oc...,cj->oj...", w, m[:, src])
+                        w = torch.einsum("oc...,cj->oj...", W.index_select(0, ids), m[:, src])
                     else:
-                        w = w[:, cols]
+                        w = w.index_select(1, cols)
             y = self._run(inp, self._w(w), shift[ids].to(self.dtype), layer.conv)
             outs[g] = self._act(getattr(layer.post[g], "A", nn.Identity()), y, ids)
         if layer.cross_stitch is not None:
@@ -472,26 +483,31 @@ class CompactSFG:
             last = i == len(blocks) - 1
             s1, b1 = _affine(blk.norm1, width, dev)
             s2, b2 = _affine(blk.norm2, width, dev)
-            w1 = blk.conv1.weight.float()[q] * _rows(s2[q], blk.conv1.weight.ndim)
+            w1, w1c = self._folded((id(blk.conv1), 0), lambda: blk.conv1.weight.float() * _rows(s2, blk.conv1.weight.ndim))
+            w1c = w1c.index_select(0, q)
             if full:
                 h = self._act(blk.act1, torch.addcmul(_view(b1[q], y.ndim).to(self.dtype), y, _view(s1[q], y.ndim).to(self.dtype)), q)
-                h = self._run(h, self._w(w1[:, q]), b2[q].to(self.dtype), blk.conv1)
+                h = self._run(h, self._w(w1c.index_select(1, q)), b2[q].to(self.dtype), blk.conv1)
             else:
                 h = self._act(blk.act1, torch.addcmul(_view(b1[ids], y.ndim).to(self.dtype), y, _view(s1[ids], y.ndim).to(self.dtype)), ids)
-                h = self._run(h, self._w(w1[:, ids]), b2[q].to(self.dtype), blk.conv1)
+                bias, v = b2[q], None
                 if rest.numel():  # the zero channels are a constant after pre-activation: one channel of ones
                     c = self._act(blk.act1, _view(b1[rest], 3), rest).reshape(-1)
-                    v = (w1[:, rest] * _view(c, w1.ndim)).sum(1, keepdim=True)
+                    v = (w1.index_select(0, q).index_select(1, rest) * _view(c, w1.ndim)).sum(1, keepdim=True)
+                    if self._plan is not None and not any(self._plan.padding(y, self._frame, blk.conv1)):
+                        bias, v = bias + v.flatten(1).sum(1), None  # no zero padding in this region: ones everywhere
+                h = self._run(h, self._w(w1c.index_select(1, ids)), bias.to(self.dtype), blk.conv1)
+                if v is not None:
                     ones = torch.ones((1, 1, *y.shape[2:]), dtype=self.dtype, device=dev)
                     h = h + self._run(ones, self._w(v), None, blk.conv1)
             h = self._act(blk.act2, h, q)
-            w2 = blk.conv2.weight.float()
-            r = self._run(h, self._w(w2[q[:n] if last else q][:, q]), None, blk.conv2)
+            _, w2c = self._folded((id(blk.conv2), 0), lambda: blk.conv2.weight.float())
+            r = self._run(h, self._w(w2c.index_select(0, q[:n] if last else q).index_select(1, q)), None, blk.conv2)
             y = self._fit(y, r)
             if last:
-                y = (y[:, :n] if full else y) + r  # combine: r + s
+                y = r.add_(y[:, :n] if full else y)  # combine: r + s (r is this call's own tensor)
             elif full:
-                y = y + r
+                y = r.add_(y)
             else:
                 r[:, :n] += y
                 y, full = r, True
