@@ -49,7 +49,7 @@ QUEUE_STATES = ("pending", "running", "done", "failed")
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 VERIFICATION = "1.2.840.10008.1.1"
 DICOM_OUTPUT_CHOICES = ("ct", "seg", "rtstruct")
-# dicom_outputs choice -> the key of the written path in the predictor's result (mtl_med.inference.volume)
+# dicom_outputs choice -> the key of the written path in the predictor's result (mtl_med.inference.writer)
 OUTPUT_KEYS = {"ct": "dicom_ct", "seg": "dicom_seg", "rtstruct": "dicom_rtstruct"}
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources (the instance could not be stored)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtl_med.errors import ConfigError, InputError
-from mtl_med.inference.volume import check_output_dir, load_checkpoint
+from mtl_med.inference import check_output_dir, load_checkpoint
 from mtl_med.io import atomic_write_json, refuse_shipped, verify_shipped, writable_dir
 from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import load_landmarks, save_landmarks

@@ -15,7 +15,7 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-from mtl_med.inference.volume import VolumePredictor
+from mtl_med.inference.predictor import VolumePredictor
 
 __all__ = ["Predictor", "predict_case", "bundle_parser", "default_bundle"]
 
@@ -59,7 +59,7 @@ def bundle_parser(bundle: str | os.PathLike | None = None, config_file: Any = No
 
 
 def Predictor(bundle: str | os.PathLike | None = None, config_file: Any = None, **overrides: Any) -> VolumePredictor:
-    """The bundle's ``predictor`` (a :class:`~mtl_med.inference.volume.VolumePredictor`), checkpoint loaded.
+    """The bundle's ``predictor`` (a :class:`~mtl_med.inference.predictor.VolumePredictor`), checkpoint loaded.
 
     ``overrides`` are config ids, e.g. ``num_samples=10, ckpt_path="model.pt", device="cpu", seed=1``.
     """

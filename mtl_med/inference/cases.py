@@ -9,16 +9,20 @@ parent folder names the case. The name depends on the input's path alone, so a r
 A name that cannot be a folder inside the output folder (empty, ``.``, ``..``, a path separator, a control
 character, longer than :data:`MAX_NAME_BYTES`) is refused, and so are two inputs of one name (compared as a
 case-insensitive file system would: Unicode NFC, case folded), in one line naming both, before any inference.
+
+The cases of a run are listed here too (:func:`list_cases`: a datalist section or the files of a folder).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_med.data.nifti import check_datalist
 from mtl_med.errors import InputError
 
 __all__ = [
@@ -29,6 +33,8 @@ __all__ = [
     "check_unique_cases",
     "path_inside",
     "case_output_paths",
+    "case_names",
+    "list_cases",
 ]
 
 # image suffixes MONAI's readers take; only these are removed from a file name
@@ -37,7 +43,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 ROLE_STEMS = frozenset({"mr", "ct", "label", "bone", "image", "img", "t2", "t2w"})
 # room for "<case>_seg_uncertainty.nii.gz" and the private ".<case>.mtl_med-<host>-<pid>.tmp" within NAME_MAX (255)
 MAX_NAME_BYTES = 128
-# the infix of the private folders of a run being written (inference.volume.private_temp): never a case name's
+# the infix of the private folders of a run being written (inference.publish.private_temp): never a case name's
 RESERVED_INFIX = ".mtl_med-"
 
 
@@ -121,3 +127,56 @@ def case_output_paths(root: str | os.PathLike, case: str, names: Mapping[str, st
         if path_inside(case_dir, path).parent != case_dir:
             raise InputError(path, f"output file is not directly inside the case folder {case_dir}")
     return paths
+
+
+def case_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Case names of inputs (:func:`case_identity`), each checked, and refused when two
+    are one (:func:`check_unique_cases`)."""
+    names = [check_case_name(case_identity(p), p) for p in paths]
+    check_unique_cases({"name": n, "mr": str(p)} for n, p in zip(names, paths))
+    return names
+
+
+def list_cases(
+    input_dir: str | os.PathLike | None = None,
+    datalist: str | os.PathLike | Mapping | None = None,
+    section: str = "test",
+    pattern: str = "*.nii*",
+) -> list[dict]:
+    """Items ``{"name", "mr", ["ct", "label", "bone"]}`` from a datalist section (takes precedence) or from
+    the files matching ``pattern`` in ``input_dir`` and its DICOM series folders (exactly ``input_dir`` when it
+    is a file or holds DICOM files; relative paths resolve against the current directory). Case names are the
+    datalist's ``name`` values or the inputs' identities (:mod:`mtl_med.inference.cases`), checked and unique.
+
+    Raises:
+        InputError: a missing input, no inputs, a name that cannot be a folder, two inputs of one name.
+    """
+    from mtl_med.data.dicom import is_series_folder, series_folders
+
+    if datalist:
+        if isinstance(datalist, (str, os.PathLike)):  # relative to the current directory
+            datalist = Path(datalist).expanduser().resolve()
+        items = check_datalist(datalist, sections=(section,))[section]
+    elif input_dir:
+        root = Path(input_dir).expanduser().resolve()
+        if not root.exists():
+            raise InputError(root, "input file or folder does not exist")
+        if root.is_file() or is_series_folder(root):  # exactly this input
+            files = [str(root)]
+        else:
+            # the folder's own name is no pattern: brackets in it must not glob
+            files = sorted(str(root / p) for p in glob.glob(pattern, root_dir=root, recursive=True) if (root / p).is_file())
+            files += [str(p) for p in series_folders(root)]
+        if not files:
+            raise InputError(root, f"no files matching {pattern!r} and no DICOM series folders")
+        items = [{"mr": f} for f in files]
+    else:
+        raise ValueError("give input_dir or datalist")
+    items = [dict(x) for x in items]
+    for item in items:
+        source = datalist if datalist and "name" in item else item["mr"]
+        name = item["name"] if "name" in item else case_identity(item["mr"])
+        item["name"] = check_case_name(name, source if isinstance(source, (str, os.PathLike)) else "<datalist dict>")
+    check_unique_cases(items)
+    return items
+

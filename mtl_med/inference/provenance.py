@@ -198,7 +198,7 @@ def _landmarks_path(predictor: Any) -> str | None:
 
 
 def model_identity(predictor: Any) -> ModelIdentity:
-    """The :class:`ModelIdentity` of a :class:`~mtl_med.inference.volume.VolumePredictor`: its bundle (from
+    """The :class:`ModelIdentity` of a :class:`~mtl_med.inference.predictor.VolumePredictor`: its bundle (from
     :func:`set_config_source`, else above its checkpoint or landmarks), network, weights and landmarks with
     their MD5 (computed once per file)."""
     from mtl_med import __version__

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mtl_med.inference import ConcatTaskOutputs
-from mtl_med.inference.volume import ExportNetwork
+from mtl_med.inference import ExportNetwork
 from mtl_med.build import sfg_highresnet
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ import torch
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import CaseFailures, user_error
 from mtl_med.inference import Predictor, bundle_parser
-from mtl_med.inference.volume import read_case_csv
+from mtl_med.inference import read_case_csv
 from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 

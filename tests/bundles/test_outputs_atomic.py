@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from mtl_med.data.phantoms import generate_phantom, write_phantom
-from mtl_med.inference import Predictor, volume
+from mtl_med import inference
+from mtl_med.inference import Predictor, publish, writer
 from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
@@ -111,11 +112,11 @@ def _child(kill: str, n: int, overrides: dict, inp: Path, out: Path) -> None:
     pred = Predictor(BUNDLE, **overrides)
     if kill == "inference":  # first network call of the second case (the first case's write has returned)
         written = []
-        write, call = volume.VolumePredictor.write, volume.PosteriorSampler.__call__
-        volume.VolumePredictor.write = lambda *a, **k: (write(*a, **k), written.append(1))[0]
-        volume.PosteriorSampler.__call__ = lambda self, x: die() if written else call(self, x)
+        write, call = inference.VolumePredictor.write, inference.PosteriorSampler.__call__
+        inference.VolumePredictor.write = lambda *a, **k: (write(*a, **k), written.append(1))[0]
+        inference.PosteriorSampler.__call__ = lambda self, x: die() if written else call(self, x)
     elif kill in ("between_files", "during_write"):
-        save, saves = volume.nib.save, []
+        save, saves = writer.nib.save, []
 
         def patched_save(img, filename, *args, **kwargs):
             saves.append(filename)
@@ -129,16 +130,16 @@ def _child(kill: str, n: int, overrides: dict, inp: Path, out: Path) -> None:
             if len(saves) == n:
                 die()
 
-        volume.nib.save = patched_save
+        writer.nib.save = patched_save
     elif kill == "between_renames":  # the old case folder has been moved aside, the new one not yet renamed in
-        rename = volume.os.rename
+        rename = publish.os.rename
 
         def patched_rename(src, dst, *args, **kwargs):
             rename(src, dst, *args, **kwargs)
             if str(dst).endswith(".old"):
                 die()
 
-        volume.os.rename = patched_rename
+        publish.os.rename = patched_rename
     else:
         raise ValueError(kill)
     pred.run(input_dir=inp, output_dir=out)
@@ -251,7 +252,7 @@ def test_kill_while_writing_leaves_no_partial_set(env, tmp_path, kill, n, earlie
     else:
         assert nib.load(last).shape == env["shapes"][killed]
 
-    assert volume.check_output_dir(out) == out.resolve()  # start of the next run: the dead run's folder goes
+    assert inference.check_output_dir(out) == out.resolve()  # start of the next run: the dead run's folder goes
     assert _private(out) == [] and _visible(out) == expected
     _assert_clean_rerun(env, out)
 
@@ -270,7 +271,7 @@ def test_kill_between_renames_restores_earlier_set(env, tmp_path):
     (tmp,) = [p for p in private if p.suffix == ".tmp"]
     assert sorted(p.name for p in tmp.iterdir()) == _names("case_a")  # the new complete set, not yet published
 
-    volume.check_output_dir(out)
+    inference.check_output_dir(out)
     assert _snapshot(out) == env["earlier"]  # earlier sets back in place, nothing else (no hidden entries)
     _assert_clean_rerun(env, out)
 
@@ -308,7 +309,7 @@ def test_cleanup_removes_only_dead_runs_folders_on_this_host(tmp_path):
         (out / ".notes.mtl_med-x.tmp").write_text("a file, not a folder")
         before = _snapshot(out)
 
-        volume.check_output_dir(out)
+        inference.check_output_dir(out)
         names = sorted(p.name for p in out.iterdir())
         assert names == sorted([*kept, "case_a", "case_c", ".notes.mtl_med-x.tmp"])
         after = _snapshot(out)
@@ -329,5 +330,5 @@ def test_leftover_with_this_process_pid_does_not_fail_the_case(env, tmp_path):
     (stale / "case_a_sct.nii.gz").write_bytes(b"half a file")
     try:
         _assert_clean_rerun(env, out)
-    except volume.CaseFailures as err:
+    except inference.CaseFailures as err:
         raise AssertionError(str(err)) from err

@@ -24,7 +24,7 @@ from mtl_med.data.nifti import check_datalist
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.errors import ConfigError, InputError
 from mtl_med.inference import Predictor
-from mtl_med.inference.volume import check_dicom_outputs, list_cases
+from mtl_med.inference import check_dicom_outputs, list_cases
 from mtl_med.build import sfg_highresnet
 from mtl_med.pelvis import LABEL_TABLE
 from mtl_med.transforms import learn_landmarks, save_landmarks

@@ -22,7 +22,8 @@ from mtl_med.inference.cases import (
     check_case_name,
     check_unique_cases,
 )
-from mtl_med.inference.volume import DICOM_OUTPUTS, list_cases
+from mtl_med.inference.cases import list_cases
+from mtl_med.inference.writer import DICOM_OUTPUTS
 
 OUTPUT_NAMES = {"sct": "sct.nii.gz", "seg": "seg.nii.gz", "sct_std": "sct_std.nii.gz",
                 "seg_uncertainty": "seg_uncertainty.nii.gz", "overview": "overview.png", **dict(DICOM_OUTPUTS.values())}

@@ -31,7 +31,7 @@ from mtl_med.data import dicom
 from mtl_med.inference import dicom_outputs, provenance
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor
-from mtl_med.inference.volume import evaluate_cases
+from mtl_med.inference import evaluate_cases
 from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 
