@@ -378,6 +378,8 @@ def reading(records: list[dict]) -> str:
              for r, _ in ROWS if _values(records, r, "psnr_bones")}
     if REFERENCE not in means:
         return "Reading: no SFG record yet, so whether SFG is best on bones cannot be said."
+    if len(means) == 1:
+        return "Reading: only SFG has records yet, so whether it is best on bones cannot be said."
     best = max(means, key=means.get)
     if means[REFERENCE] >= means[best] - 1e-9:  # a tie at the top counts as best
         best = REFERENCE

@@ -83,5 +83,6 @@ def test_render_means_stds_paired_tests_and_reading(table2):
     # the other way round: the reading says so, naming the best row
     flipped = [_record("sfg", s, base[s]) for s in range(3)] + [_record("cross_stitch", s, base[s] + 2) for s in range(3)]
     assert "SFG is not best on bones here: cross-stitch" in table2.render(flipped)
-    assert "cannot be said" in table2.render([_record("hard_sharing", 0, [1.0, 2.0])])
+    assert "no SFG record yet" in table2.render([_record("hard_sharing", 0, [1.0, 2.0])])
+    assert "only SFG has records yet" in table2.render([_record("sfg", 0, [1.0, 2.0])])
     assert table2.render([]) == "No Table 2 records yet."
