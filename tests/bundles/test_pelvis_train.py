@@ -85,6 +85,15 @@ def test_each_variant_trains(tmp_path, phantoms, variant):
     config = json.loads((CONFIGS / "variants" / variant).read_text())
     learned = any(k.endswith("groups.theta") for k in state["model"])
     assert learned == (config.get("sharing", "sfg") == "sfg" and config.get("grouping") == "sfg")
+    # the SFG paper's single-task, hard-sharing and cross-stitch baselines are the registered methods (A.4):
+    # hard sharing is the full-width trunk; single-task and cross-stitch columns have half of every layer's
+    # kernels (TINY["features"] halved), cross-stitch units after each of the five SFG layers' convolutions
+    first = {"hard_sharing": "trunk.units.0.0.weight", "single_task": "columns.0.units.0.0.weight", "cross_stitch": "columns.0.units.0.0.weight"}
+    sharing = config.get("sharing", "sfg")
+    if sharing in first:
+        widths = TINY["features"] if sharing == "hard_sharing" else [f // 2 for f in TINY["features"]]
+        assert state["model"][first[sharing]].shape[0] == widths[0]
+        assert sum(k.startswith("stitches.") for k in state["model"]) == (5 if sharing == "cross_stitch" else 0)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
 
 
@@ -129,6 +138,27 @@ def test_adashare_variant_searches_a_policy_then_retrains_and_infers_with_it(tmp
     sct_std = nib.load(next(out.rglob("*_sct_std.nii.gz"))).get_fdata()
     assert nib.load(sct).shape == mr.shape and np.allclose(nib.load(sct).affine, mr.affine, atol=1e-5)
     assert np.all(sct_std == 0)  # a fixed policy is deterministic: no spread between passes
+
+
+def test_a_registered_baseline_variant_infers_its_weights_with_zero_posterior_spread(tmp_path, phantoms):
+    """The SFG paper's cross-stitch baseline is the registered, deterministic method: inference.json + the same
+    variant builds it again (half-width columns), and its posterior samples (inference_mode "sample", the
+    default; 4 here, 50 by default) are one network run that many times."""
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "run"
+    variant = CONFIGS / "variants" / "cross_stitch.json"
+    _train(root, phantoms, variant, max_epochs=1)
+    out = tmp_path / "out"
+    bundle_run(
+        config_file=[str(CONFIGS / "inference.json"), str(variant)], logging_file=str(CONFIGS / "logging.conf"),
+        bundle_root=str(root), datalist=str(phantoms), output_dir=str(out), features=TINY["features"],
+        n4_shrink_factor=2, save_png=False, progress=False, num_samples=4,
+    )
+    (sct,) = out.rglob("*_sct.nii.gz")
+    assert np.isfinite(nib.load(sct).get_fdata()).all()
+    assert np.all(nib.load(next(out.rglob("*_sct_std.nii.gz"))).get_fdata() == 0)
 
 
 def test_bad_config_value_is_reported(tmp_path, phantoms):

@@ -142,14 +142,39 @@ def test_variants_configure_the_network_they_name(trained):
     assert torch.equal(torch.tensor(policy["policy"]).bool(), ada.policy.policy.cpu())
     sfg = trained["sfg"][1].parser.get_parsed_content("network_def")
     assert (sfg.name, sfg.grouping) == ("sfg", "sfg")
-    for v in ("hard_sharing", "single_task", "cross_stitch"):  # the SFG paper's baselines: SFG with fixed p
+    # the SFG paper's other baselines are the registered methods (A.4): single-task and cross-stitch columns
+    # get 1 / T of the backbone's width each (its kernels split over the tasks), cross-stitch units sit after
+    # every convolution, as SFG's layers do (appendix B)
+    full = trained["hard_sharing"][1].parser.get_parsed_content("network_def")
+    widths = lambda net: [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+    for v in ("hard_sharing", "single_task", "cross_stitch"):
         net = trained[v][1].parser.get_parsed_content("network_def")
-        assert (net.name, net.grouping) == ("sfg", v)
+        assert (net.name, net.backbone_name) == (v, "vgg11_bn") and not hasattr(net, "grouping")
+    T = full.num_tasks
+    for v in ("single_task", "cross_stitch"):
+        net = trained[v][1].parser.get_parsed_content("network_def")
+        assert widths(net) == [w // T for w in widths(full)] * T
+    cs = trained["cross_stitch"][1].parser.get_parsed_content("network_def")
+    assert len(cs.stitches) == len(widths(full)) == 8
     # tasks take different paths through shared batch-norms: test with batch statistics (SFG A.4)
     bn = {v: trained[v][1].parser.get_parsed_content("validate#evaluator").bn_inference for v in VARIANTS}
     assert {v for v, b in bn.items() if b == "batch"} == {"sfg", "adashare", "tr_sigma0.2", "tr_sigma0.4", "tr_sigma0.8", "tr_knockout0.5"}
     knockout = trained["tr_knockout0.5"][1].parser.get_parsed_content("network_def").routing_layers()
     assert all(l.convention == "knockout" and (~l.masks).sum(1).tolist() == [l.num_units // 2] * 10 for l in knockout)
+
+
+def test_train_json_alone_builds_what_its_hard_sharing_variant_builds(tmp_path):
+    # train.json's default (sharing: hard_sharing) and variants/hard_sharing.json are one network under one name
+    nets = []
+    for configs in (["train.json"], ["train.json", "variants/hard_sharing.json"]):
+        wf = workflow(configs, tmp_path, **FAST)
+        torch.manual_seed(0)
+        nets.append((wf.parser.get_parsed_content("variant"), wf.parser.get_parsed_content("network_def")))
+    (va, a), (vb, b) = nets
+    assert va == vb == "hard_sharing" and type(a) is type(b) and a.name == "hard_sharing"
+    assert a.build_args == b.build_args and str(a) == str(b)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_evaluate_writes_per_task_csv_and_summary_with_delta_m(trained):
