@@ -277,23 +277,24 @@ def paper_table(args, device, reduced):
         if key not in flops:  # the same work in every dtype
             flops[key] = _flops_per_pass(lambda: sampler(eng, crop, torch.float32, 1).sample(x), 1)
         sampler(eng, crop, dt, 1).sample(x)  # warm-up
+        c0 = time.process_time()
         t, peak = _timed(device, lambda: sampler(eng, crop, dt, n).sample(x))
-        per = t / n
-        rows.append(dict(engine=eng, cropped=crop, dtype=name, seconds_per_pass=per, gflop_per_pass=flops[key] / 1e9,
+        per, cpu = t / n, (time.process_time() - c0) / n
+        rows.append(dict(engine=eng, cropped=crop, dtype=name, seconds_per_pass=per, cpu_seconds_per_pass=cpu, gflop_per_pass=flops[key] / 1e9,
                          gflops_achieved=flops[key] / per / 1e9, conv_rate_gflops=rate[name] / 1e9, fraction_of_conv_rate=flops[key] / per / rate[name],
                          job_minutes=per * slices * S / 60, peak_mb=peak / 2**20, timed_passes=n))
         r = rows[-1]
-        print(f"{eng:8s} {'crop' if crop else 'full':5s} {name:9s} {per:7.3f} s/pass  {r['gflop_per_pass']:7.1f} GFLOP  "
+        print(f"{eng:8s} {'crop' if crop else 'full':5s} {name:9s} {per:7.3f} s/pass ({cpu:6.2f} CPU s)  {r['gflop_per_pass']:7.1f} GFLOP  "
               f"{r['gflops_achieved']:6.1f} GFLOP/s ({r['fraction_of_conv_rate']:4.0%} of conv)  job {r['job_minutes']:6.1f} min", flush=True)
     mach = machine()
     where = mach.get("gpu") if device.type == "cuda" else f"{mach.get('cpu_model', '?')}, {mach.get('cpus', '?')} CPUs, {torch.get_num_threads()} threads, flags {' '.join(mach.get('flags', []))}"
     print(f"\npaper job per slice-pass (one 288 x 288 slice + margin {m} = {288 + 2 * m} x {288 + 2 * m}; {n} timed passes each; "
           f"whole job {slices} slices x {S} passes) on {where}")
-    print(f"| engine | regions | dtype | s / pass | GFLOP / pass | GFLOP/s | of 3x3 conv rate | job (min) | vs dense fp32 |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| engine | regions | dtype | s / pass | CPU s / pass | GFLOP / pass | GFLOP/s | of 3x3 conv rate | job (min) | vs dense fp32 |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     base = rows[0]["seconds_per_pass"]
     for r in rows:
-        print(f"| {r['engine']} | {'cropped' if r['cropped'] else 'whole frame'} | {r['dtype']} | {r['seconds_per_pass']:.2f} | {r['gflop_per_pass']:.1f} | "
+        print(f"| {r['engine']} | {'cropped' if r['cropped'] else 'whole frame'} | {r['dtype']} | {r['seconds_per_pass']:.2f} | {r['cpu_seconds_per_pass']:.2f} | {r['gflop_per_pass']:.1f} | "
               f"{r['gflops_achieved']:.1f} | {r['fraction_of_conv_rate']:.0%} | {r['job_minutes']:.1f} | {base / r['seconds_per_pass']:.2f}x |")
     print("3x3 conv rate (64 ch, 128 x 128, measured in this run): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rate.items()))
     record = dict(

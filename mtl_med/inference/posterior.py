@@ -255,7 +255,8 @@ class PosteriorSampler:
         margin: voxels of replicate padding around every spatial side of the input, cropped from the outputs.
             Training never puts a loss where a patch meets its zero padding (A.3), so the network's output near
             an image border is undefined; a margin of the receptive-field radius moves that border out of the
-            image.
+            image. The passes compute every layer only on the region the kept outputs need (exact; see
+            :attr:`receptive_crop` and :mod:`mtl_med.networks.receptive`) where the network allows it.
         forward: ``forward(network, batch, generator)`` replaces ``network(batch, generator=generator)`` (and
             the compacted path).
         engine: ``"auto"`` (the fast sampler where the network's ``fast_sampler_unsupported`` allows it and
