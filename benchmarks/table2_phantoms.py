@@ -190,13 +190,14 @@ def _last_checkpoint(models: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def _final_iteration(models: Path) -> int | None:
+def _final_epoch(models: Path) -> int | None:
     import torch
 
     final = models / "checkpoint_final.pt"
     if not final.is_file():
         return None
-    return int(torch.load(final, map_location="cpu", weights_only=False)["trainer"]["epoch"])
+    state = torch.load(final, map_location="cpu", weights_only=False)["trainer"]  # ignite: iteration, epoch_length
+    return int(state["iteration"]) // max(1, int(state["epoch_length"]))
 
 
 def train_row(protocol: dict, row: str, seed: int, train_dl: Path, run_dir: Path) -> dict:
@@ -205,7 +206,7 @@ def train_row(protocol: dict, row: str, seed: int, train_dl: Path, run_dir: Path
     models = run_dir / "models"
     timing = run_dir / "train_time.json"
     spent = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0, "cpu_seconds": 0.0, "segments": 0}
-    if _final_iteration(models) == protocol["train"]["max_epochs"]:
+    if _final_epoch(models) == protocol["train"]["max_epochs"]:
         return spent
     overrides = {**protocol["train"], "bundle_root": str(run_dir), "datalist": str(train_dl), "seed": seed,
                  "n4_cache_dir": str(run_dir.parent.parent / "n4_cache"), "cache": "memory"}

@@ -86,3 +86,25 @@ def test_render_means_stds_paired_tests_and_reading(table2):
     assert "no SFG record yet" in table2.render([_record("hard_sharing", 0, [1.0, 2.0])])
     assert "only SFG has records yet" in table2.render([_record("sfg", 0, [1.0, 2.0])])
     assert table2.render([]) == "No Table 2 records yet."
+
+
+def test_unfinished_training_resumes_from_its_last_checkpoint(table2, tmp_path):
+    import torch
+
+    protocol = table2.schedule(json.loads(json.dumps(table2.TINY)))
+    protocol["train"]["max_epochs"] = 2
+    train_dl, _ = table2.make_data(protocol, tmp_path)
+    run_dir = tmp_path / "runs" / "hard_sharing" / "seed0"
+    table2.train_row(protocol, "hard_sharing", 0, train_dl, run_dir)
+    models = run_dir / "models"
+    (models / "checkpoint_final.pt").unlink()  # as if stopped after the epoch-2 checkpoint
+    (models / "checkpoint_epoch=2.pt").rename(models / "checkpoint_epoch=1.pt")  # and before it
+    ckpt = torch.load(models / "checkpoint_epoch=1.pt", map_location="cpu", weights_only=False)
+    ckpt["trainer"]["iteration"] = ckpt["trainer"]["epoch_length"]  # the end of epoch 1
+    torch.save(ckpt, models / "checkpoint_epoch=1.pt")
+    spent = table2.train_row(protocol, "hard_sharing", 0, train_dl, run_dir)
+    assert spent["segments"] == 2 and spent["resumed_from"] == "checkpoint_epoch=1.pt"
+    final = torch.load(models / "checkpoint_final.pt", map_location="cpu", weights_only=False)
+    assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
+    # a finished training is not run again
+    assert table2.train_row(protocol, "hard_sharing", 0, train_dl, run_dir)["segments"] == 2
