@@ -110,23 +110,26 @@ def test_geometry_radius_macs_and_refusals():
 
 
 @pytest.mark.parametrize("engine", ["dense", "compact"])
-def test_sampler_with_a_margin_crops_its_passes_and_matches_the_uncropped_run(engine, monkeypatch):
-    net = _sfg(2, "constant_p")
-    x = torch.randn(2, 1, 20, 18)
+@pytest.mark.parametrize("spatial_dims, size, margin, ratio", [(2, (20, 18), 33, 0.7), (3, (6, 5, 4), 6, 0.95)])
+def test_sampler_with_a_margin_crops_its_passes_and_matches_the_uncropped_run(engine, spatial_dims, size, margin, ratio, monkeypatch):
+    """2D at the bundle's margin (= the radius: no zero padding anywhere); 3D with a margin under the radius
+    (the early layers' regions reach past the frame and are zero-padded there)."""
+    net = _sfg(spatial_dims, "constant_p")
+    x = torch.randn(2, 1, *size)
 
     def run(crop):
         monkeypatch.setattr(PosteriorSampler, "receptive_crop", crop)
-        s = PosteriorSampler(net, 4, max_batch=4, labels={"seg": 3}, engine=engine, margin=33, dtype="float32",
+        s = PosteriorSampler(net, 4, max_batch=4, labels={"seg": 3}, engine=engine, margin=margin, dtype="float32",
                              generator=torch.Generator().manual_seed(1))
         with FlopCounterMode(display=False) as fc:
             maps = s.run(SimpleInferer(), x)
         return maps, fc.get_total_flops()
 
     (cropped, f_crop), (whole, f_whole) = run(True), run(False)
-    assert cropped["sct_mean"].shape == (2, 1, 20, 18)
+    assert cropped["sct_mean"].shape == (2, 1, *size)
     for k in whole:
         torch.testing.assert_close(cropped[k], whole[k], rtol=1e-4, atol=1e-5)
-    assert f_crop < 0.7 * f_whole  # a 20 x 18 slice in an 86 x 84 frame: most of the frame's work is margin
+    assert f_crop < ratio * f_whole  # most of the frame's work is margin
 
 
 def test_engine_auto_rule_picks_dense_for_small_images_and_compact_for_large(monkeypatch):
