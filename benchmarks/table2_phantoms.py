@@ -76,6 +76,9 @@ PROTOCOL: dict = {
         "n4_shrink_factor": 4,
     },
     "num_samples": 50,
+    # batch-norm statistics at test: the bundle's default (population running averages) and A.4's (each test
+    # batch's own); every row is evaluated both ways from the same weights
+    "bn_inference": ["population", "batch"],
     "threads": 1,
 }
 TINY: dict = {
@@ -99,8 +102,12 @@ TINY: dict = {
         "n4_shrink_factor": 2,
     },
     "num_samples": 2,
+    "bn_inference": ["population", "batch"],
     "threads": 1,
 }
+EVAL_KEYS = ("num_samples", "bn_inference")  # evaluation only: a change re-evaluates, the trained weights stay
+BN_TITLES = {"population": "population statistics (running averages; the bundle's default)",
+             "batch": "test-batch statistics (A.4: each slice batch normalised by its own statistics)"}
 
 
 TAU_MIN = 0.1  # train.json's tau_min
@@ -224,10 +231,12 @@ def train_row(protocol: dict, row: str, seed: int, train_dl: Path, run_dir: Path
     return spent
 
 
-def evaluate_row(protocol: dict, row: str, test_dl: Path, run_dir: Path) -> tuple[list[dict], float, float]:
-    """The bundle's evaluation of the trained row on the held-out phantoms; rows of metrics.csv."""
+def evaluate_row(protocol: dict, row: str, test_dl: Path, run_dir: Path,
+                 bn: str = "population") -> tuple[list[dict], float, float]:
+    """The bundle's evaluation of the trained row on the held-out phantoms with batch-norm statistics ``bn``
+    (evaluate.json's ``bn_inference``); rows of metrics.csv, wall and CPU seconds."""
     variant = CONFIGS / "variants" / f"{row}.json"
-    out = run_dir / "eval"
+    out = run_dir / ("eval" if bn == "population" else f"eval_{bn}")
     n = int(protocol["num_samples"])
     t0, c0 = time.perf_counter(), time.process_time()
     _bundle_run([CONFIGS / "inference.json", CONFIGS / "evaluate.json", variant],
@@ -236,7 +245,7 @@ def evaluate_row(protocol: dict, row: str, test_dl: Path, run_dir: Path) -> tupl
                 features=protocol["train"]["features"], n4_shrink_factor=protocol["train"]["n4_shrink_factor"],
                 n4_cache_dir=str(run_dir.parent.parent / "n4_cache"), num_samples=n, max_samples=n,
                 min_samples=min(n, 10), compute_dtype="float32", truth_geometry="resample", save_png=False, progress=False,
-                skip_existing=True)
+                skip_existing=True, bn_inference=bn)
     return _read_rows(out / "metrics.csv"), time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -260,13 +269,20 @@ def run_one(protocol: dict, row: str, seed: int, work: Path, results: Path, trai
     from mtl_med.io import atomic_write_json, json_finite
 
     run_dir = work / "runs" / row / f"seed{seed}"
-    stamp = run_dir / "protocol.json"  # a work folder holds one protocol's runs: its checkpoints and metrics rows
-    if stamp.is_file() and json.loads(stamp.read_text()) != protocol:
+    stamp = run_dir / "protocol.json"  # a work folder holds one training protocol's runs (checkpoints, metrics rows)
+    training = {k: v for k, v in protocol.items() if k not in EVAL_KEYS}
+    if stamp.is_file() and {k: v for k, v in json.loads(stamp.read_text()).items() if k not in EVAL_KEYS} != training:
         raise SystemExit(f"{run_dir} holds a run of another protocol; pass another --work")
-    atomic_write_json(protocol, stamp)
+    atomic_write_json(training, stamp)
     spent = train_row(protocol, row, seed, train_dl, run_dir)
-    cases, eval_s, eval_cpu = evaluate_row(protocol, row, test_dl, run_dir)
     storage = json.loads(test_dl.read_text()).get("storage", {})
+    by_bn, timings = {}, {}
+    for bn in protocol.get("bn_inference", ["population"]):
+        cases, eval_s, eval_cpu = evaluate_row(protocol, row, test_dl, run_dir, bn)
+        by_bn[bn] = {str(c["case"]): {"storage": storage.get(str(c["case"]), {}),
+                                      "metrics": {k: v for k, v in c.items() if k != "case" and isinstance(v, float)}}
+                     for c in cases}
+        timings[bn] = {"wall_s": round(eval_s, 1), "cpu_s": round(eval_cpu, 1)}
     record = {
         "benchmark": "table2_phantoms",
         "protocol": protocol,
@@ -280,11 +296,11 @@ def run_one(protocol: dict, row: str, seed: int, work: Path, results: Path, trai
         "train_wall_s": round(spent["seconds"], 1),
         "train_cpu_s": round(spent.get("cpu_seconds", float("nan")), 1),
         "train_segments": spent["segments"],
-        "eval_wall_s": round(eval_s, 1),
-        "eval_cpu_s": round(eval_cpu, 1),
-        "phantoms": {str(c["case"]): {"storage": storage.get(str(c["case"]), {}),
-                                      "metrics": {k: v for k, v in c.items() if k != "case" and isinstance(v, float)}}
-                     for c in cases},
+        "eval_wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
+        "eval_cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
+        "eval_by_bn": timings,
+        "phantoms": next(iter(by_bn.values())),  # the first mode's (population): what older readers expect
+        "phantoms_by_bn": by_bn,
     }
     atomic_write_json(json_finite(record), record_path(results, row, seed))
     return record
@@ -300,13 +316,23 @@ def load_records(results: Path = RESULTS, protocol: dict | None = None) -> list[
     return out
 
 
-def _values(records: list[dict], row: str, metric: str) -> dict[tuple[int, str], float]:
-    """(seed, phantom) -> value of ``metric`` for ``row`` (finite values only)."""
+def _phantoms(record: dict, bn: str) -> dict:
+    if "phantoms_by_bn" in record:
+        return record["phantoms_by_bn"].get(bn, {})
+    return record["phantoms"] if bn == "population" else {}
+
+
+def bn_modes(records: list[dict]) -> list[str]:
+    return [bn for bn in BN_TITLES if any(_phantoms(r, bn) for r in records)]
+
+
+def _values(records: list[dict], row: str, metric: str, bn: str = "population") -> dict[tuple[int, str], float]:
+    """(seed, phantom) -> value of ``metric`` for ``row`` under batch-norm statistics ``bn`` (finite values only)."""
     out = {}
     for r in records:
         if r["row"] != row:
             continue
-        for case, c in r["phantoms"].items():
+        for case, c in _phantoms(r, bn).items():
             v = c["metrics"].get(metric)
             if v is not None and math.isfinite(v):
                 out[(r["seed"], case)] = v
@@ -320,12 +346,13 @@ def _cell(vals, digits: int) -> str:
     return format_mean_std(vals, digits=digits) if vals else "-"
 
 
-def paired_tests(records: list[dict], metric: str, baseline: str, reference: str = REFERENCE) -> dict:
+def paired_tests(records: list[dict], metric: str, baseline: str, reference: str = REFERENCE,
+                 bn: str = "population") -> dict:
     """SFG against ``baseline`` over the (seed, phantom) pairs both have (``mtl_med.metrics.stats.paired_comparison``:
     mean difference with its 95 % t interval, paired t-test and Wilcoxon signed-rank p, pairs won / tied / lost)."""
     from mtl_med.metrics.stats import paired_comparison
 
-    a, b = _values(records, reference, metric), _values(records, baseline, metric)
+    a, b = _values(records, reference, metric, bn), _values(records, baseline, metric, bn)
     keys = sorted(set(a) & set(b))
     if not keys:
         return {"n": 0, "mean_diff": float("nan"), "t_p": float("nan"), "wilcoxon_p": float("nan"), "wins": 0,
@@ -337,26 +364,34 @@ def _p(v: float) -> str:
     return "-" if not math.isfinite(v) else (f"{v:.3f}" if v >= 0.001 else f"{v:.1e}")
 
 
-def render(records: list[dict] | None = None, results: Path = RESULTS) -> str:
-    """Markdown: the table (mean (sample std) over test phantoms and seeds), the paired tests, the reading."""
+def render(records: list[dict] | None = None, results: Path = RESULTS, bn: str | None = None) -> str:
+    """Markdown: per batch-norm mode (``bn``, default every mode the records have) the table (mean ± sample std
+    over test phantoms and seeds), the paired tests SFG vs each baseline, and the reading."""
     records = load_records(results) if records is None else records
     if not records:
         return "No Table 2 records yet."
-    rows = [r for r, _ in ROWS if any(x["row"] == r for x in records)]
-    names = dict(ROWS)
+    modes = [bn] if bn else bn_modes(records)
     seeds = sorted({r["seed"] for r in records})
     n_ph = sorted({len(r["phantoms"]) for r in records})
     lines = [f"{len(records)} of {len(ROWS) * len(records[0]['protocol']['seeds'])} (row, seed) runs; "
              f"training seeds {seeds}; {'/'.join(map(str, n_ph))} held-out phantoms each; "
-             f"{records[0]['protocol']['num_samples']} posterior samples. Mean ± sample std over phantoms and seeds.",
-             "",
-             "| Method | runs | " + " | ".join(f"PSNR {n} (dB)" for _, n in PSNR_COLUMNS) + " | "
+             f"{records[0]['protocol']['num_samples']} posterior samples. Mean ± sample std over phantoms and seeds."]
+    for mode in modes:
+        lines += ["", f"**Batch-norm at test: {BN_TITLES.get(mode, mode)}**", ""]
+        lines += _render_mode(records, mode)
+    return "\n".join(lines)
+
+
+def _render_mode(records: list[dict], bn: str) -> list[str]:
+    rows = [r for r, _ in ROWS if _values(records, r, "psnr_overall", bn) or _values(records, r, "dice_mean", bn)]
+    names = dict(ROWS)
+    lines = ["| Method | runs | " + " | ".join(f"PSNR {n} (dB)" for _, n in PSNR_COLUMNS) + " | "
              + " | ".join(f"Dice {n}" for _, n in DICE_COLUMNS) + " |",
              "| --- | --- |" + " --- |" * (len(PSNR_COLUMNS) + len(DICE_COLUMNS))]
     for row in rows:
-        runs = sum(1 for r in records if r["row"] == row)
-        cells = [_cell(_values(records, row, m).values(), 2) for m, _ in PSNR_COLUMNS]
-        cells += [_cell(_values(records, row, m).values(), 3) for m, _ in DICE_COLUMNS]
+        runs = sum(1 for r in records if r["row"] == row and _phantoms(r, bn))
+        cells = [_cell(_values(records, row, m, bn).values(), 2) for m, _ in PSNR_COLUMNS]
+        cells += [_cell(_values(records, row, m, bn).values(), 3) for m, _ in DICE_COLUMNS]
         lines.append(f"| {names[row]} | {runs} | " + " | ".join(cells) + " |")
     if REFERENCE in rows and len(rows) > 1:
         lines += ["", f"Paired tests, SFG minus each baseline over the (seed, phantom) pairs both have "
@@ -365,18 +400,18 @@ def render(records: list[dict] | None = None, results: Path = RESULTS) -> str:
         for row in rows:
             if row == REFERENCE:
                 continue
-            tests = [paired_tests(records, m, row) for m in TESTED]
+            tests = [paired_tests(records, m, row, bn=bn) for m in TESTED]
             lines.append(f"| {names[row]} | {tests[0]['n']} | " + " | ".join(
                 f"{t['mean_diff']:+.3f} ({t['wins']}/{t['losses']}; p {_p(t['t_p'])} / {_p(t['wilcoxon_p'])})"
                 for t in tests) + " |")
-    lines += ["", reading(records)]
-    return "\n".join(lines)
+    lines += ["", reading(records, bn)]
+    return lines
 
 
-def reading(records: list[dict]) -> str:
+def reading(records: list[dict], bn: str = "population") -> str:
     """Is SFG best on bones (the paper's finding)? Said from the means, with the paired tests' verdict."""
-    means = {r: np.mean(list(_values(records, r, "psnr_bones").values()))
-             for r, _ in ROWS if _values(records, r, "psnr_bones")}
+    means = {r: np.mean(list(_values(records, r, "psnr_bones", bn).values()))
+             for r, _ in ROWS if _values(records, r, "psnr_bones", bn)}
     if REFERENCE not in means:
         return "Reading: no SFG record yet, so whether SFG is best on bones cannot be said."
     if len(means) == 1:
@@ -387,12 +422,12 @@ def reading(records: list[dict]) -> str:
     names = dict(ROWS)
     if best == REFERENCE:
         others = [r for r in means if r != REFERENCE]
-        sig = [r for r in others if paired_tests(records, "psnr_bones", r)["t_p"] < 0.05]
+        sig = [r for r in others if paired_tests(records, "psnr_bones", r, bn=bn)["t_p"] < 0.05]
         return (f"Reading: SFG has the highest mean bone PSNR ({means[REFERENCE]:.2f} dB) of the {len(means)} rows "
                 f"with records; the paired t-test puts it significantly above (p < 0.05) "
                 f"{len(sig)} of {len(others)} baselines" + (f" ({', '.join(names[r] for r in sig)})" if sig else "")
                 + ". The paper found SFG best on bones.")
-    t = paired_tests(records, "psnr_bones", best)
+    t = paired_tests(records, "psnr_bones", best, bn=bn)
     return (f"Reading: SFG is not best on bones here: {names[best]} has the highest mean bone PSNR "
             f"({means[best]:.2f} dB against SFG's {means[REFERENCE]:.2f} dB; paired t-test p {_p(t['t_p'])}, "
             f"{t['n']} pairs). The paper found SFG best on bones.")
@@ -411,10 +446,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the protocol's, 1)")
     p.add_argument("--render", action="store_true", help="print the markdown table of the records and exit")
+    p.add_argument("--bn", choices=sorted(BN_TITLES), default=None,
+                   help="with --render: one batch-norm mode's table (default: every mode the records have)")
     args = p.parse_args(argv)
 
     if args.render:
-        print(render(results=args.results))
+        print(render(results=args.results, bn=args.bn))
         return 0
     protocol = json.loads(json.dumps(TINY if args.tiny else PROTOCOL))
     if args.seeds:
