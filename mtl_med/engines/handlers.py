@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from ignite.engine import Engine, Events
 
-from mtl_med.pelvis import CT_SCALE, SCT_TASK, SEG_TASK
 
 __all__ = ["ExampleSlicesHandler", "rank_zero_first"]
 
@@ -15,11 +14,13 @@ class ExampleSlicesHandler:
     row: MR, CT, synthetic CT, label map, predicted label map (the last two as labels / max label).
 
     Expects an evaluator output with ``image`` (``B1XYZ``), ``label`` and ``pred`` dicts holding
-    ``ct_key`` / ``seg_key`` in network units (CT / 1024 + 1, A.3) and logits.
+    ``ct_key`` / ``seg_key`` in network units (``HU = ct_scale * (x - 1)``; pelvis, A.3: CT / 1024 + 1) and logits.
     """
 
-    def __init__(self, summary_writer, step_transform=None, ct_key: str = SCT_TASK, seg_key: str = SEG_TASK, window=(-1024.0, 1500.0), tag: str = "val/example_slices"):
+    def __init__(self, summary_writer, ct_key: str, seg_key: str, ct_scale: float, step_transform=None,
+                 window=(-1024.0, 1500.0), tag: str = "val/example_slices"):
         self.writer, self.step_transform, self.ct_key, self.seg_key = summary_writer, step_transform, ct_key, seg_key
+        self.ct_scale = float(ct_scale)
         self.window, self.tag = window, tag
 
     def attach(self, engine: Engine) -> None:
@@ -34,7 +35,7 @@ class ExampleSlicesHandler:
             return torch.as_tensor(x)[0, 0, ..., z].detach().float().cpu()
 
         lo, hi = self.window
-        ct_unit = lambda x: ((plane(x) - 1.0) * CT_SCALE - lo) / (hi - lo)  # noqa: E731  CT/1024 + 1 -> window
+        ct_unit = lambda x: ((plane(x) - 1.0) * self.ct_scale - lo) / (hi - lo)  # noqa: E731  network scale -> window
         mr = plane(image)
         tiles = [(mr - mr.min()) / (mr.max() - mr.min()).clamp_min(1e-6)]
         if self.ct_key in label:

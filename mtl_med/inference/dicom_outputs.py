@@ -5,7 +5,8 @@ frame of reference. The CT series needs only pydicom; SEG and RTSTRUCT need the 
 
     src = read_headers(series_folder)                # mtl_med.data.dicom
     write_ct_series(hu, src, "out/case_sct_dicom")  # hu: (i, j, k) on the series' own grid
-    write_seg(labels, src, "out/case_seg.dcm"); write_rtstruct(labels, src, "out/case_rtstruct.dcm")
+    write_seg(labels, src, "out/case_seg.dcm", label_table=table)   # table: label -> organ name
+    write_rtstruct(labels, src, "out/case_rtstruct.dcm", label_table=table)
 
 Every output is marked research use only (series description, image comments, derivation description): a
 synthetic CT and automatic contours from this package are not a clinical device.
@@ -30,7 +31,6 @@ import numpy as np
 
 from mtl_med.data.dicom import BODY_PART, MANUFACTURER, SeriesHeaders, _now, _set_plane
 from mtl_med.errors import InputError
-from mtl_med.pelvis import LABEL_TABLE
 
 __all__ = ["RESEARCH_ONLY", "write_ct_series", "write_seg", "write_rtstruct"]
 
@@ -197,7 +197,7 @@ def _label_slices(labels: np.ndarray, src: SeriesHeaders) -> np.ndarray:
 
 
 def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
-              label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None, provenance: Any = None) -> Path:
+              label_table: Mapping[int, str], series_number: int | None = None, provenance: Any = None) -> Path:
     """The label map as a binary DICOM SEG (highdicom), one segment per organ of ``label_table`` (SNOMED CT
     codes), frames referencing the source MR slices."""
     import highdicom as hd
@@ -256,7 +256,7 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
-                   label_table: Mapping[int, str] = LABEL_TABLE, series_number: int | None = None,
+                   label_table: Mapping[int, str], series_number: int | None = None,
                    provenance: Any = None) -> Path:
     """The label map as an RT Structure Set: one ROI per organ of ``label_table``, closed planar contours per
     slice in patient coordinates, each referencing its MR slice.

@@ -15,7 +15,6 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from mtl_med.io import atomic_write
-from mtl_med.pelvis import LABEL_TABLE
 
 __all__ = ["save_overview", "axial_view", "to_ras"]
 
@@ -46,8 +45,8 @@ def axial_view(vol: np.ndarray, affine: np.ndarray | None = None, k: int | None 
     return _display(ras, ras.shape[2] // 2 if k is None else k)
 
 
-def _build_figure(mr, sct, seg, uncertainty, *, affine=None, sct_std=None, ct=None, label=None, slice_index=None,
-                  title="", metrics=None, uncertainty_name="disagreement"):
+def _build_figure(mr, sct, seg, uncertainty, *, label_table, affine=None, sct_std=None, ct=None, label=None,
+                  slice_index=None, title="", metrics=None, uncertainty_name="disagreement"):
     """The overview figure (not saved), so tests can read its legends and title."""
     import matplotlib
 
@@ -78,7 +77,7 @@ def _build_figure(mr, sct, seg, uncertainty, *, affine=None, sct_std=None, ct=No
     # world z of the slice centre (an oblique slice is not at one z)
     z_mm = (ras_affine @ np.array([(ref.shape[0] - 1) / 2, (ref.shape[1] - 1) / 2, k, 1.0]))[2]
 
-    n_labels = len(LABEL_TABLE)
+    n_labels = len(label_table)
     cmap = ListedColormap(LABEL_COLOURS[:n_labels])
     ct_kw = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1]}
     label_kw = {"cmap": cmap, "vmin": 0, "vmax": n_labels - 1, "interpolation": "nearest"}
@@ -95,7 +94,7 @@ def _build_figure(mr, sct, seg, uncertainty, *, affine=None, sct_std=None, ct=No
     for ax in axes.ravel():
         ax.axis("off")
     outline = [pe.withStroke(linewidth=2, foreground="black")]  # readable on bright and dark pixels alike
-    handles = [Patch(facecolor=LABEL_COLOURS[i], edgecolor="white", label=LABEL_TABLE[i]) for i in range(1, n_labels)]
+    handles = [Patch(facecolor=LABEL_COLOURS[i], edgecolor="white", label=label_table[i]) for i in range(1, n_labels)]
     for ax, (name, vol, kw) in zip(axes.ravel(), panels):
         # aspect: displayed rows run along RAS y, columns along RAS x, so anisotropic voxels keep their true shape
         im = ax.imshow(_display(ras(vol), k), aspect=spacing[1] / spacing[0], **kw)
@@ -126,6 +125,7 @@ def save_overview(
     seg: np.ndarray,
     uncertainty: np.ndarray,
     *,
+    label_table: Mapping[int, str],
     affine: np.ndarray | None = None,
     sct_std: np.ndarray | None = None,
     ct: np.ndarray | None = None,
@@ -138,12 +138,13 @@ def save_overview(
     """Write the overview of one axial slice atomically.
 
     All arrays lie on one voxel grid whose voxel-to-world RAS+ mm ``affine`` (nibabel convention) is given (None:
-    identity, i.e. RAS storage). ``slice_index`` counts along the reoriented inferior->superior axis; default: the
+    identity, i.e. RAS storage). ``label_table``: label -> organ name of the legend (background 0 included).
+    ``slice_index`` counts along the reoriented inferior->superior axis; default: the
     slice with most labelled voxels (``label`` if given, else ``seg``).
     """
     import matplotlib.pyplot as plt
 
-    fig = _build_figure(mr, sct, seg, uncertainty, affine=affine, sct_std=sct_std, ct=ct, label=label,
+    fig = _build_figure(mr, sct, seg, uncertainty, label_table=label_table, affine=affine, sct_std=sct_std, ct=ct, label=label,
                         slice_index=slice_index, title=title, metrics=metrics, uncertainty_name=uncertainty_name)
     path = Path(path)
     try:

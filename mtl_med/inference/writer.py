@@ -86,10 +86,13 @@ class CaseWriter:
     """Writes ``output_dir/<case>/<case>_<postfix>.nii.gz`` (MONAI ``SaveImage``'s separate-folder layout, the case
     name kept whole: ``FolderLayout`` would cut it at its first dot), the overview (``save_png``) and the DICOM
     outputs (``dicom_outputs``, :func:`check_dicom_outputs`), each checked to lie in the case folder inside
-    ``output_dir``; ``uncertainty`` names the uncertainty map in the overview."""
+    ``output_dir``; ``label_table`` (label -> organ name) names the organs of the overview and the DICOM SEG /
+    RTSTRUCT, ``uncertainty`` the uncertainty map of the overview."""
 
-    def __init__(self, output_dir: str | os.PathLike = "./output", postfixes: Mapping[str, str] | None = None,
-                 save_png: bool = True, dicom_outputs: Sequence[str] = (), uncertainty: str = "disagreement"):
+    def __init__(self, label_table: Mapping[int, str], output_dir: str | os.PathLike = "./output",
+                 postfixes: Mapping[str, str] | None = None, save_png: bool = True, dicom_outputs: Sequence[str] = (),
+                 uncertainty: str = "disagreement"):
+        self.label_table = {int(k): str(v) for k, v in dict(label_table).items()}
         self.output_dir = output_dir
         self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
         self.save_png = as_bool(save_png, "save_png")
@@ -130,7 +133,7 @@ class CaseWriter:
             if "overview" in paths:
                 self._write_overview(tmp / paths["overview"].name, case, item, out, geometry, metrics)
             if self.dicom_outputs:
-                write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()}, identity=identity)
+                write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()}, self.label_table, identity=identity)
             if record is not None:
                 write_run_record(record([p.name for p in paths.values()]), tmp / paths["run_record"].name)
             # DICOM outputs of an earlier run with other settings are ours too: never carried over stale
@@ -163,13 +166,13 @@ class CaseWriter:
         truth = _truth_on_input_grid(item) if geometry.from_file and ("ct" in item or "label" in item) else {}
         save_overview(path, geometry.mr_array(), out["sct"], out["seg"], out["seg_uncertainty"],
                       affine=geometry.affine, sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
-                      title=case, metrics=metrics, uncertainty_name=self.uncertainty)
+                      title=case, metrics=metrics, uncertainty_name=self.uncertainty, label_table=self.label_table)
 
 
 def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
-                identity: Any = None) -> None:
-    """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`), each naming the package, model and weights'
-    MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment."""
+                label_table: Mapping[int, str], identity: Any = None) -> None:
+    """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`; organs named by ``label_table``), each naming
+    the package, model and weights' MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment."""
     from mtl_med.inference import dicom_outputs
 
     src = item.get("dicom_mr")
@@ -179,6 +182,7 @@ def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: M
     if "dicom_ct" in paths:
         dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=identity)
     if "dicom_seg" in paths:
-        dicom_outputs.write_seg(seg, src, paths["dicom_seg"], provenance=identity)
+        dicom_outputs.write_seg(seg, src, paths["dicom_seg"], label_table=label_table, provenance=identity)
     if "dicom_rtstruct" in paths:
-        dicom_outputs.write_rtstruct(seg, src, paths["dicom_rtstruct"], provenance=identity)
+        dicom_outputs.write_rtstruct(seg, src, paths["dicom_rtstruct"], label_table=label_table,
+                                     provenance=identity)

@@ -21,6 +21,7 @@ from mtl_med.data import dicom
 from mtl_med.data.phantoms import generate_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import dicom_outputs
+from mtl_med.pelvis import LABEL_TABLE
 
 pytest.importorskip("highdicom")
 
@@ -59,8 +60,8 @@ def outputs(tmp_path_factory):
         "root": root, "src": src, "affine": aff, "hu": hu,
         "mr": mr_files,
         "ct": dicom_outputs.write_ct_series(hu, src, root / "ct"),
-        "seg": [dicom_outputs.write_seg(ph.label, src, root / "seg.dcm")],
-        "rtstruct": [dicom_outputs.write_rtstruct(ph.label, src, root / "rtstruct.dcm")],
+        "seg": [dicom_outputs.write_seg(ph.label, src, root / "seg.dcm", label_table=LABEL_TABLE)],
+        "rtstruct": [dicom_outputs.write_rtstruct(ph.label, src, root / "rtstruct.dcm", label_table=LABEL_TABLE)],
     }
 
 
@@ -111,8 +112,8 @@ def test_writers_pass_pydicoms_strict_writing_validation(outputs, tmp_path, monk
     dicom.write_mr_series(ph.mr, outputs["affine"], tmp_path / "mr")
     src = dicom.read_headers(tmp_path / "mr")
     dicom_outputs.write_ct_series(outputs["hu"], src, tmp_path / "ct")
-    dicom_outputs.write_seg(ph.label, src, tmp_path / "seg.dcm")
-    dicom_outputs.write_rtstruct(ph.label, src, tmp_path / "rtstruct.dcm")
+    dicom_outputs.write_seg(ph.label, src, tmp_path / "seg.dcm", label_table=LABEL_TABLE)
+    dicom_outputs.write_rtstruct(ph.label, src, tmp_path / "rtstruct.dcm", label_table=LABEL_TABLE)
 
 
 def test_ct_series_keeps_the_source_geometry_and_hu_through_the_rounding(outputs):

@@ -287,8 +287,8 @@ def test_writers_keep_every_organ_exactly(tmp_path):
     idx = np.indices(labels.shape).reshape(3, -1)
     on_grid[tuple(np.rint(m[:3, :3] @ idx + m[:3, 3:]).astype(int))] = labels.reshape(-1)
     assert len(np.unique(on_grid)) >= 4
-    dicom_outputs.write_rtstruct(on_grid, src, tmp_path / "rt.dcm")
-    dicom_outputs.write_seg(on_grid, src, tmp_path / "seg.dcm")
+    dicom_outputs.write_rtstruct(on_grid, src, tmp_path / "rt.dcm", label_table=LABEL_TABLE)
+    dicom_outputs.write_seg(on_grid, src, tmp_path / "seg.dcm", label_table=LABEL_TABLE)
     expected = on_grid.transpose(2, 1, 0)
     present = {int(v): LABEL_TABLE[int(v)] for v in np.unique(on_grid) if v > 0}
     back = rasterise_rtstruct(tmp_path / "rt.dcm", sitk.Cast(_sitk_series(tmp_path / "mr"), sitk.sitkFloat32), present)

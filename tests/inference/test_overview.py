@@ -62,7 +62,7 @@ def test_axial_view_radiological_and_identical_for_all_storages():
 
 def test_save_overview_writes_png_for_each_storage(tmp_path):
     for name, (mr, label, aff) in _storages().items():
-        out = overview.save_overview(tmp_path / f"{name}.png", mr, mr * 10, label, mr / 100, affine=aff,
+        out = overview.save_overview(tmp_path / f"{name}.png", mr, mr * 10, label, mr / 100, label_table=LABEL_TABLE, affine=aff,
                                      sct_std=mr, ct=mr * 10, label=label, title=name)
         img = mpimg.imread(out)
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.shape[2] in (3, 4)
@@ -72,7 +72,7 @@ def test_save_overview_writes_png_for_each_storage(tmp_path):
 def test_figure_legend_title_and_markers():
     titles = {}
     for name, (mr, label, aff) in _storages().items():
-        fig = overview._build_figure(mr, mr * 10, label, mr / 100, affine=aff, ct=mr * 10, label=label)
+        fig = overview._build_figure(mr, mr * 10, label, mr / 100, label_table=LABEL_TABLE, affine=aff, ct=mr * 10, label=label)
         try:
             titles[name] = fig._suptitle.get_text()
             legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
@@ -95,10 +95,10 @@ def test_figure_legend_title_and_markers():
 
 def test_slice_index_counts_along_reoriented_axis():
     mr, label, aff = _storages()["permuted"]
-    fig = overview._build_figure(mr, mr, label, mr, affine=aff, slice_index=5)
+    fig = overview._build_figure(mr, mr, label, mr, label_table=LABEL_TABLE, affine=aff, slice_index=5)
     try:
         assert "axial slice 5 of 0..7" in fig._suptitle.get_text()
     finally:
         plt.close(fig)
     with pytest.raises(ValueError, match="slice_index"):
-        overview._build_figure(mr, mr, label, mr, affine=aff, slice_index=8)
+        overview._build_figure(mr, mr, label, mr, label_table=LABEL_TABLE, affine=aff, slice_index=8)
