@@ -1,8 +1,8 @@
 """The pelvis application (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range and
 scale, task names, datalist roles and the organs of its metric tables.
 
-Generic code (NIfTI checks, transforms, metrics, inference) takes these names from here, usually as defaults
-of its parameters, so another application changes them in one place. The bundle
+Generic code (NIfTI checks, transforms, metrics, inference) takes these values as arguments; the bundle's configs
+and the pelvis tables pass them from here, so another application changes them in one place. The bundle
 ``bundles/sfg_highresnet_pelvis`` states the same values in ``configs/metadata.json`` (``tests/test_pelvis.py``
 checks that the two agree). Imports nothing from the package.
 """
@@ -22,6 +22,8 @@ __all__ = [
     "BINARY_ROLES",
     "PSNR_ORGANS",
     "DICE_ORGANS",
+    "PSNR_DATA_RANGE_HU",
+    "TABLE2_METRICS",
 ]
 
 # DESIGN.md "Medical data conventions": the SFG paper's organs.
@@ -54,3 +56,7 @@ BINARY_ROLES = ("bone", "body", "mask")
 # Table 2a: per-organ PSNR columns; Table 2b: Dice columns (every organ of LABEL_TABLE)
 PSNR_ORGANS: dict[str, int] = {"prostate": 3, "bladder": 4, "rectum": 5}
 DICE_ORGANS: dict[str, int] = {name.replace(" ", "_"): idx for idx, name in LABEL_TABLE.items() if idx > 0}
+# Table 2's PSNR data range R (HU): the width of the CT range, 3524 HU
+PSNR_DATA_RANGE_HU = CT_RANGE_HU[1] - CT_RANGE_HU[0]
+# the keyword arguments of mtl_med.metrics.medical.case_metrics for Table 2
+TABLE2_METRICS = {"data_range": PSNR_DATA_RANGE_HU, "psnr_organs": PSNR_ORGANS, "dice_organs": DICE_ORGANS}

@@ -1,5 +1,5 @@
 """The pelvis application's constants (mtl_med.pelvis) agree with what the bundle states in its metadata and
-configs, and the generic code takes its defaults from them."""
+configs, and the bundle's configs pass them to the generic code, which has no pelvis defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from mtl_med import pelvis
-from mtl_med.metrics.medical import PSNR_DATA_RANGE_HU, pelvis_metrics
+from mtl_med.metrics.medical import case_metrics
+from mtl_med.pelvis import PSNR_DATA_RANGE_HU
 from mtl_med.transforms.intensity import ScaleCTd
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis" / "configs"
@@ -44,5 +45,5 @@ def test_constants_and_the_defaults_that_use_them():
     t = ScaleCTd()
     assert t.clip == pelvis.CT_RANGE_HU and t.scale == pelvis.CT_SCALE
     assert PSNR_DATA_RANGE_HU == pelvis.CT_RANGE_HU[1] - pelvis.CT_RANGE_HU[0]
-    row = pelvis_metrics(seg=[[0, 1]], label=[[0, 1]])
+    row = case_metrics(seg=[[0, 1]], label=[[0, 1]], **pelvis.TABLE2_METRICS)
     assert set(row) == {f"dice_{k}" for k in pelvis.DICE_ORGANS} | {"dice_mean"}

@@ -30,15 +30,16 @@ SUMMARY_METRICS = ("psnr_overall", "psnr_bones", "psnr_organs", "mae_overall", "
 
 class CaseMetrics:
     """Table 2 metrics of one case on the preprocessed (common, A.3: 1.46 mm) grid, when its item has a CT and / or
-    labels (:func:`~mtl_med.metrics.medical.pelvis_metrics`): the bone region is the item's "bone" mask, else
+    labels (:func:`~mtl_med.metrics.medical.case_metrics`): the bone region is the item's "bone" mask, else
     the true CT at or above ``bone_threshold_hu``; ``psnr_organs`` / ``dice_organs`` (organ name -> label) name
     the per-organ columns and ``data_range`` (HU) is the PSNR's."""
 
-    def __init__(self, bone_threshold_hu: float = 250.0, psnr_organs: Mapping[str, int] | None = None,
-                 dice_organs: Mapping[str, int] | None = None, data_range: float | None = None):
+    def __init__(self, data_range: float, psnr_organs: Mapping[str, int], dice_organs: Mapping[str, int],
+                 bone_threshold_hu: float = 250.0):
         self.bone_threshold_hu = float(bone_threshold_hu)
-        self.columns = {k: v for k, v in (("psnr_organs", psnr_organs), ("dice_organs", dice_organs),
-                                          ("data_range", data_range)) if v is not None}
+        self.data_range = float(data_range)
+        self.columns = {"data_range": self.data_range, "psnr_organs": dict(psnr_organs),
+                        "dice_organs": dict(dice_organs)}
 
     def __call__(self, data: Mapping[str, Any], maps: Mapping[str, Any], item: Mapping[str, Any],
                  to_hu: Callable[[Any], Any]) -> dict:
@@ -47,7 +48,7 @@ class CaseMetrics:
         import numpy as np
         import torch
 
-        from mtl_med.metrics.medical import pelvis_metrics
+        from mtl_med.metrics.medical import case_metrics
 
         def arr(key):
             v = data.get(key) if key in item else None
@@ -56,7 +57,7 @@ class CaseMetrics:
         ct, label, bone = arr("ct"), arr("label"), arr("bone")
         if ct is None and label is None:
             return {}
-        m = pelvis_metrics(
+        m = case_metrics(
             maps["sct"][0] if ct is not None else None, to_hu(ct.float()) if ct is not None else None,
             maps["seg"][0] if label is not None else None, label.round().long() if label is not None else None,
             (bone > 0.5) if bone is not None else None, bone_threshold_hu=self.bone_threshold_hu, **self.columns,
@@ -133,7 +134,8 @@ def _summarise(rows: list[dict[str, Any]], path: Path, section: str, predictor: 
     from mtl_med.metrics.medical import write_metrics_summary
 
     summary = write_metrics_summary(
-        rows, path, section=section, num_samples=predictor.num_samples,
+        rows, path, data_range=predictor.case_metrics.data_range, label_table=predictor.writer.label_table,
+        section=section, num_samples=predictor.num_samples,
         inference_mode=predictor.inference_mode, failed=res["failed"], skipped=res["skipped"],
     )
     logger.info("metrics of %d case(s) written to %s", len(rows), path.parent)

@@ -81,7 +81,7 @@ class VolumePredictor:
     """
 
     def __init__(self, sampler: PosteriorSampler, preprocessing: Any, inferer: Inferer, maps: OutputMaps,
-                 writer: CaseWriter, metrics: CaseMetrics | None = None, ckpt_path: str | os.PathLike | None = None,
+                 writer: CaseWriter, metrics: CaseMetrics, ckpt_path: str | os.PathLike | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, progress: bool = True):
         self.device = torch.device(device)
         self.sampler = sampler
@@ -90,7 +90,7 @@ class VolumePredictor:
         self._preprocessing = preprocessing
         self.inferer = inferer
         self.maps, self.writer = maps, writer
-        self.case_metrics = metrics if metrics is not None else CaseMetrics()
+        self.case_metrics = metrics
         self.ckpt_path = ckpt_path
         self.seed = int(seed)
         self.progress = as_bool(progress, "progress")

@@ -10,9 +10,8 @@ from .multitask import (
     write_task_csv,
 )
 from .medical import (
-    PSNR_DATA_RANGE_HU,
+    case_metrics,
     dice_per_label,
-    pelvis_metrics,
     psnr,
     region_mae,
     region_psnr,

@@ -1,11 +1,13 @@
-"""Metrics of the SFG paper's pelvis experiment (section 5.2, Table 2).
+"""Metrics of the SFG paper's pelvis experiment (section 5.2, Table 2), for any CT range and organ table: the pelvis
+application's (:mod:`mtl_med.pelvis`: ``PSNR_DATA_RANGE_HU``, ``PSNR_ORGANS``, ``DICE_ORGANS``, ``LABEL_TABLE``)
+are passed by its bundle's configs and its tables.
 
 * CT synthesis (Table 2a): PSNR over the whole volume, the bones, all organ labels and each of prostate,
   bladder and rectum; and the mean absolute error in HU.
 * Segmentation (Table 2b): Dice per organ (left / right femoral head, prostate, bladder, rectum) and their mean.
 
 PSNR convention: ``PSNR = 10 log10(R^2 / MSE)`` with the data range ``R`` of the CT intensity range,
-``R = 2500 - (-1024) = 3524`` HU (A.3: CT range [-1024, 2500]); MSE in HU^2 over the voxels of the region.
+``R = 2500 - (-1024) = 3524`` HU for the pelvis (A.3: CT range [-1024, 2500]); MSE in HU^2 over the voxels of the region.
 The whole-volume value is MONAI's ``PSNRMetric(max_val=R)``; a region is the same formula over a mask (MONAI
 has no masked PSNR). A region with no voxels gives NaN, a perfect match +inf. Dice is MONAI's
 ``compute_dice`` on one-hot labels; an organ absent from the ground truth gives NaN (left out of the mean).
@@ -25,30 +27,25 @@ from monai.metrics import PSNRMetric, compute_dice
 from monai.networks.utils import one_hot
 
 from mtl_med.io import atomic_write, atomic_write_json, json_finite
-from mtl_med.pelvis import CT_RANGE_HU, DICE_ORGANS, LABEL_TABLE, PSNR_ORGANS
 
 __all__ = [
-    "PSNR_DATA_RANGE_HU",
     "psnr",
     "region_psnr",
     "region_mae",
     "dice_per_label",
-    "pelvis_metrics",
+    "case_metrics",
     "summarize_cases",
     "write_case_csv",
     "write_metrics_summary",
     "uncertainty_quality",
 ]
 
-PSNR_DATA_RANGE_HU = CT_RANGE_HU[1] - CT_RANGE_HU[0]  # 3524 HU (A.3: [-1024, 2500])
-
-
 def _t(x: Any, dtype=torch.float64) -> torch.Tensor:
     t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     return t.to(dtype)
 
 
-def psnr(pred_hu: Any, target_hu: Any, data_range: float = PSNR_DATA_RANGE_HU) -> float:
+def psnr(pred_hu: Any, target_hu: Any, data_range: float) -> float:
     """Whole-volume PSNR (dB) with MONAI's ``PSNRMetric``; +inf for identical volumes."""
     p, t = _t(pred_hu), _t(target_hu)
     if p.shape != t.shape:
@@ -57,7 +54,7 @@ def psnr(pred_hu: Any, target_hu: Any, data_range: float = PSNR_DATA_RANGE_HU) -
     return float(value.reshape(-1)[0])
 
 
-def region_psnr(pred_hu: Any, target_hu: Any, mask: Any = None, data_range: float = PSNR_DATA_RANGE_HU) -> float:
+def region_psnr(pred_hu: Any, target_hu: Any, mask: Any = None, *, data_range: float) -> float:
     """PSNR (dB) over the voxels where ``mask`` is non-zero (whole volume when None); NaN for an empty mask."""
     if mask is None:
         return psnr(pred_hu, target_hu, data_range)
@@ -85,7 +82,7 @@ def region_mae(pred_hu: Any, target_hu: Any, mask: Any = None) -> float:
     return float(d.mean()) if d.numel() else math.nan
 
 
-def dice_per_label(pred_labels: Any, target_labels: Any, labels: Mapping[str, int] = DICE_ORGANS) -> dict[str, float]:
+def dice_per_label(pred_labels: Any, target_labels: Any, labels: Mapping[str, int]) -> dict[str, float]:
     """Dice of each label (``name -> value``) with MONAI's ``compute_dice``; NaN where the label is absent
     from the target."""
     p, t = _t(pred_labels, torch.long), _t(target_labels, torch.long)
@@ -101,17 +98,17 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(v)) if v else math.nan
 
 
-def pelvis_metrics(
+def case_metrics(
     sct_hu: Any = None,
     ct_hu: Any = None,
     seg: Any = None,
     label: Any = None,
     bone: Any = None,
     *,
+    data_range: float,
+    psnr_organs: Mapping[str, int],
+    dice_organs: Mapping[str, int],
     bone_threshold_hu: float = 250.0,
-    psnr_organs: Mapping[str, int] = PSNR_ORGANS,
-    dice_organs: Mapping[str, int] = DICE_ORGANS,
-    data_range: float = PSNR_DATA_RANGE_HU,
 ) -> dict[str, float]:
     """One case's row of Table 2: ``psnr_overall``, ``psnr_bones``, ``psnr_organs``, ``psnr_<organ>``,
     ``mae_overall`` (HU), ``mae_bones``, ``dice_<organ>`` and ``dice_mean``.
@@ -122,18 +119,19 @@ def pelvis_metrics(
         bone: bone mask; None: true CT >= ``bone_threshold_hu``.
         psnr_organs: organ name -> label for the per-organ PSNR columns ("organs" is every label > 0).
         dice_organs: organ name -> label for the Dice columns.
+        data_range: the PSNR's data range R (HU): the width of the CT range.
     """
     row: dict[str, float] = {}
     if sct_hu is not None and ct_hu is not None:
         ct = _t(ct_hu)
         bones = _t(bone, torch.bool) if bone is not None else ct >= bone_threshold_hu
-        row["psnr_overall"] = region_psnr(sct_hu, ct, None, data_range)
-        row["psnr_bones"] = region_psnr(sct_hu, ct, bones, data_range)
+        row["psnr_overall"] = region_psnr(sct_hu, ct, None, data_range=data_range)
+        row["psnr_bones"] = region_psnr(sct_hu, ct, bones, data_range=data_range)
         if label is not None:
             lab = _t(label, torch.long)
-            row["psnr_organs"] = region_psnr(sct_hu, ct, lab > 0, data_range)
+            row["psnr_organs"] = region_psnr(sct_hu, ct, lab > 0, data_range=data_range)
             for name, idx in psnr_organs.items():
-                row[f"psnr_{name}"] = region_psnr(sct_hu, ct, lab == idx, data_range)
+                row[f"psnr_{name}"] = region_psnr(sct_hu, ct, lab == idx, data_range=data_range)
         row["mae_overall"] = region_mae(sct_hu, ct)
         row["mae_bones"] = region_mae(sct_hu, ct, bones) if bool(bones.any()) else math.nan
     if seg is not None and label is not None:
@@ -172,12 +170,14 @@ def write_case_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
-def write_metrics_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, **extra: Any) -> dict:
-    """Summary JSON ``{"num_cases", "metrics": {name: {mean, std, n}}, "psnr_data_range_hu", ...}``, atomic."""
+def write_metrics_summary(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, data_range: float,
+                          label_table: Mapping[int, str], **extra: Any) -> dict:
+    """Summary JSON ``{"num_cases", "psnr_data_range_hu", "labels", "metrics": {name: {mean, std, n}}, ...}``
+    (``data_range``: the PSNR's, HU; ``label_table``: label -> organ name), atomic."""
     summary = {
         "num_cases": len(rows),
-        "psnr_data_range_hu": PSNR_DATA_RANGE_HU,
-        "labels": {str(k): v for k, v in LABEL_TABLE.items()},
+        "psnr_data_range_hu": data_range,
+        "labels": {str(k): v for k, v in label_table.items()},
         "metrics": summarize_cases(rows),
         **extra,
     }

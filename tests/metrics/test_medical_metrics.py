@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_med.pelvis import DICE_ORGANS, LABEL_TABLE, PSNR_DATA_RANGE_HU, TABLE2_METRICS
 from mtl_med.metrics.medical import (
-    PSNR_DATA_RANGE_HU,
     dice_per_label,
-    pelvis_metrics,
+    case_metrics,
     psnr,
     region_mae,
     region_psnr,
@@ -34,21 +34,21 @@ def test_region_psnr_known_values():
     mask[2:4, 2:4, 1] = True  # 4 voxels
     pred[mask] += 100.0  # error of 100 HU inside the region only
     expected_region = 20 * math.log10(3524 / 100)
-    assert region_psnr(pred, target, mask) == pytest.approx(expected_region, abs=1e-9)
+    assert region_psnr(pred, target, mask, data_range=PSNR_DATA_RANGE_HU) == pytest.approx(expected_region, abs=1e-9)
     # whole volume (MONAI's PSNRMetric): MSE = 4 * 100^2 / 400
     expected_whole = 10 * math.log10(3524**2 / (4 * 100**2 / 400))
-    assert psnr(pred, target) == pytest.approx(expected_whole, abs=1e-6)
-    assert region_psnr(pred, target) == pytest.approx(expected_whole, abs=1e-6)
+    assert psnr(pred, target, PSNR_DATA_RANGE_HU) == pytest.approx(expected_whole, abs=1e-6)
+    assert region_psnr(pred, target, data_range=PSNR_DATA_RANGE_HU) == pytest.approx(expected_whole, abs=1e-6)
     # errors outside the region do not count
     pred2 = pred.copy()
     pred2[0, 0, 0] += 500
-    assert region_psnr(pred2, target, mask) == pytest.approx(expected_region, abs=1e-9)
-    assert math.isnan(region_psnr(pred, target, np.zeros_like(mask)))
-    assert region_psnr(target, target, mask) == math.inf
+    assert region_psnr(pred2, target, mask, data_range=PSNR_DATA_RANGE_HU) == pytest.approx(expected_region, abs=1e-9)
+    assert math.isnan(region_psnr(pred, target, np.zeros_like(mask), data_range=PSNR_DATA_RANGE_HU))
+    assert region_psnr(target, target, mask, data_range=PSNR_DATA_RANGE_HU) == math.inf
     assert region_mae(pred, target, mask) == pytest.approx(100.0)
     assert region_mae(pred, target) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
-        region_psnr(pred, target[:-1], mask)
+        region_psnr(pred, target[:-1], mask, data_range=PSNR_DATA_RANGE_HU)
 
 
 def test_dice_known_values():
@@ -58,12 +58,12 @@ def test_dice_known_values():
     pred[0:4, 0:4, 0:2] = 3  # 32 voxels, all inside
     target[5:7, 5:7, 5:7] = 4  # bladder, 8 voxels, not predicted
     pred[5:6, 0:1, 0:1] = 1  # left femoral head predicted, absent from the truth
-    d = dice_per_label(pred, target)
+    d = dice_per_label(pred, target, DICE_ORGANS)
     assert d["prostate"] == pytest.approx(2 * 32 / (64 + 32))
     assert d["bladder"] == 0.0
     assert math.isnan(d["left_femoral_head"])  # not in the ground truth: left out
     assert math.isnan(d["rectum"])
-    row = pelvis_metrics(seg=pred, label=target)
+    row = case_metrics(seg=pred, label=target, **TABLE2_METRICS)
     assert row["dice_mean"] == pytest.approx((2 * 32 / 96 + 0.0) / 2)
 
 
@@ -74,7 +74,7 @@ def test_pelvis_metrics_regions_and_bone_threshold():
     label[4, 4, :] = 4  # bladder
     sct = ct.copy()
     sct[1:3, 1:3, :] += 50.0
-    row = pelvis_metrics(sct, ct, label, label)
+    row = case_metrics(sct, ct, label, label, **TABLE2_METRICS)
     assert row["psnr_bones"] == pytest.approx(20 * math.log10(3524 / 50))
     assert row["psnr_bladder"] == math.inf and row["psnr_organs"] == math.inf
     assert math.isnan(row["psnr_prostate"])
@@ -83,7 +83,7 @@ def test_pelvis_metrics_regions_and_bone_threshold():
     # an explicit bone mask replaces the threshold
     bone = np.zeros(ct.shape, bool)
     bone[4, 4, :] = True
-    assert pelvis_metrics(sct, ct, bone=bone)["psnr_bones"] == math.inf
+    assert case_metrics(sct, ct, bone=bone, **TABLE2_METRICS)["psnr_bones"] == math.inf
 
 
 def test_summary_and_files(tmp_path):
@@ -95,7 +95,7 @@ def test_summary_and_files(tmp_path):
     with open(tmp_path / "m.csv") as f:
         read = list(csv.DictReader(f))
     assert [r["case"] for r in read] == ["a", "b"] and float(read[1]["psnr_overall"]) == 30.0
-    write_metrics_summary(rows, tmp_path / "m.json")
+    write_metrics_summary(rows, tmp_path / "m.json", data_range=PSNR_DATA_RANGE_HU, label_table=LABEL_TABLE)
     obj = json.loads((tmp_path / "m.json").read_text())  # strict JSON: NaN became null
     assert obj["num_cases"] == 2 and obj["metrics"]["psnr_overall"]["std"] == 5.0
     assert not list(tmp_path.glob(".*"))  # no temporary files left
