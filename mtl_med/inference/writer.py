@@ -172,7 +172,8 @@ class CaseWriter:
 def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
                 label_table: Mapping[int, str], identity: Any = None) -> None:
     """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`; organs named by ``label_table``), each naming
-    the package, model and weights' MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment."""
+    the package, model and weights' MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its
+    contributing equipment."""
     from mtl_med.inference import dicom_outputs
 
     src = item.get("dicom_mr")
