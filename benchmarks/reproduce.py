@@ -77,13 +77,15 @@ FINDINGS = {
                   "--patience", "15"],
                  ["--random", "8", "--max_epochs", "100", "--patience", "15"]),
     # AdaShare's identical-task null control: the search on ten distinct tasks and on ten copies of one task, each
-    # writing one record per seed to results/adashare_null/ (the audit's short schedule; --full: the variant's 10 + 40)
+    # of three digits (how far copies spread depends on the task copied), each writing one record per seed to
+    # results/adashare_null/ (the audit's short schedule; --full: the variant's 10 + 40)
     **{name: ("adashare_digits.py", None,
               [*extra, "--search_only", "--record", "--record_tag", "short", "--seeds", *map(str, range(10)), "--warmup_epochs", "1",
                "--policy_epochs", "10", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8"],
               [*extra, "--search_only", "--record", "--record_tag", "variant", "--seeds", "0", "1", "2", "--warmup_epochs", "10",
                "--policy_epochs", "40", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8"])
-       for name, extra in (("adashare_null", []), ("adashare_null_identical", ["--identical-tasks"]))},
+       for name, extra in (("adashare_null", []),
+                           *((f"adashare_null_identical{d}", ["--identical-tasks", "--identical_digit", d]) for d in ("0", "3", "8")))},
     # Branched MTN: affinity falls with depth (fig. 2a); searched vs random trees
     "branched": ("branched_digits.py", None, [], ["--max_epochs", "100", "--patience", "15"]),
     # Selective Sharing: groups form; Table 1 ordering
