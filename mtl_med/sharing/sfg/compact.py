@@ -163,8 +163,6 @@ def dense_cropped(network: nn.Module, x: torch.Tensor, crop, generator: torch.Ge
                 ys = plan.module(layer.conv, torch.cat(inputs, 0), frame).split(batch, 0)
             z = layer.groups(batch, generator)
             feats = [_channel_mask(z, g, net.spatial_dims) * h(y) for g, (h, y) in enumerate(zip(layer.post, ys))]
-            if layer.cross_stitch is not None:
-                feats = layer._stitch(feats)
         else:
             feats = [_channel_mask(z, g, net.spatial_dims) * _block_chain(tower, f, frame, plan) for g, (tower, f) in enumerate(zip(layer, feats))]
     shared = feats[T]
@@ -462,9 +460,6 @@ class CompactSFG:
                         w = w.index_select(1, cols)
             y = self._run(inp, self._w(w), shift[ids].to(self.dtype), layer.conv)
             outs[g] = self._act(getattr(layer.post[g], "A", nn.Identity()), y, ids)
-        if layer.cross_stitch is not None:
-            mixed = layer.cross_stitch([outs[t].float() for t in range(self.T)])
-            outs.update({t: self._cast(v) for t, v in enumerate(mixed)})
         a = torch.cat([outs[g] for g in self.order if g in outs], 1)
         return a, perm, spans
 

@@ -231,9 +231,6 @@ class SFGConv(nn.Module):
             if merge == "concat" and not first
             else None
         )
-        # no cross-stitch option any more (the CS baseline is the registered method cross_stitch);
-        # the attribute stays, always None, for readers written against the older layer
-        self.cross_stitch = None
 
     def _inputs(self, x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.first:
