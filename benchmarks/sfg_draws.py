@@ -70,12 +70,12 @@ class Scorer:
         """One pass; ``clip=False`` keeps the synthetic CT outside the CT range (HU)."""
         for n, m in self.layers:
             m.fix(assignment[n])
-        saved = self.pred.ct_clip
-        self.pred.ct_clip = saved if clip else None
+        saved = self.pred.maps.ct_clip
+        self.pred.maps.ct_clip = saved if clip else (-math.inf, math.inf)
         try:
             return self.pred.sample(self.data, None)
         finally:
-            self.pred.ct_clip = saved
+            self.pred.maps.ct_clip = saved
             for _, m in self.layers:
                 m.fix(None)
 
