@@ -67,7 +67,7 @@ class Case:
             self.x_in = self.x.contiguous(memory_format=torch.channels_last)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if fmt.startswith("bf16")
                          else contextlib.nullcontext())
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)  # as the bundles: one kernel per op for all tensors
 
     def step(self):
         with self.autocast:
