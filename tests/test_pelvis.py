@@ -9,7 +9,6 @@ from pathlib import Path
 from mtl_med import pelvis
 from mtl_med.metrics.medical import case_metrics
 from mtl_med.pelvis import PSNR_DATA_RANGE_HU
-from mtl_med.transforms.intensity import ScaleCTd
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis" / "configs"
 
@@ -42,8 +41,11 @@ def test_constants_and_the_defaults_that_use_them():
     assert pelvis.DICE_ORGANS == {"left_femoral_head": 1, "right_femoral_head": 2, "prostate": 3, "bladder": 4,
                                   "rectum": 5}
     assert set(pelvis.PSNR_ORGANS.values()) <= set(pelvis.LABEL_TABLE) - {0}
-    t = ScaleCTd()
-    assert t.clip == pelvis.CT_RANGE_HU and t.scale == pelvis.CT_SCALE
+    for name in ("inference.json", "evaluate.json"):  # the bundle's CT scaling is the pelvis range and scale
+        pre = json.loads((BUNDLE / name).read_text())["volume_preprocessing"]
+        assert pre["ct_clip"] == "$mtl_med.pelvis.CT_RANGE_HU" and pre["ct_scale"] == "$mtl_med.pelvis.CT_SCALE"
+    train = json.loads((BUNDLE / "train.json").read_text())["preprocessing"]
+    assert "ct_clip=mtl_med.pelvis.CT_RANGE_HU, ct_scale=mtl_med.pelvis.CT_SCALE" in train
     assert PSNR_DATA_RANGE_HU == pelvis.CT_RANGE_HU[1] - pelvis.CT_RANGE_HU[0]
     row = case_metrics(seg=[[0, 1]], label=[[0, 1]], **pelvis.TABLE2_METRICS)
     assert set(row) == {f"dice_{k}" for k in pelvis.DICE_ORGANS} | {"dice_mean"}

@@ -119,7 +119,7 @@ def test_sampler_with_a_margin_crops_its_passes_and_matches_the_uncropped_run(en
 
     def run(crop):
         monkeypatch.setattr(PosteriorSampler, "receptive_crop", crop)
-        s = PosteriorSampler(net, 4, max_batch=4, labels={"seg": 3}, engine=engine, margin=margin, dtype="float32",
+        s = PosteriorSampler(net, 4, max_batch=4, regression=("sct",), labels={"seg": 3}, engine=engine, margin=margin, dtype="float32",
                              generator=torch.Generator().manual_seed(1))
         with FlopCounterMode(display=False) as fc:
             maps = s.run(SimpleInferer(), x)
@@ -146,11 +146,11 @@ def test_engine_auto_rule_picks_dense_for_small_images_and_compact_for_large(mon
     calls = []
     real = type(engine).__call__
     monkeypatch.setattr(type(engine), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    small = PosteriorSampler(net, 2, max_batch=64, labels={"seg": 6}, dtype="float32")
+    small = PosteriorSampler(net, 2, max_batch=64, regression=("sct",), labels={"seg": 6}, dtype="float32")
     small.run(SimpleInferer(), torch.randn(1, 1, 32, 32))
     assert not calls
-    PosteriorSampler(net, 2, max_batch=64, labels={"seg": 6}, dtype="float32").run(SimpleInferer(), torch.randn(1, 1, 96, 96))
+    PosteriorSampler(net, 2, max_batch=64, regression=("sct",), labels={"seg": 6}, dtype="float32").run(SimpleInferer(), torch.randn(1, 1, 96, 96))
     assert calls
     calls.clear()
-    PosteriorSampler(net, 2, max_batch=64, labels={"seg": 6}, dtype="float32", engine="compact").run(SimpleInferer(), torch.randn(1, 1, 32, 32))
+    PosteriorSampler(net, 2, max_batch=64, regression=("sct",), labels={"seg": 6}, dtype="float32", engine="compact").run(SimpleInferer(), torch.randn(1, 1, 32, 32))
     assert calls  # an explicit engine is obeyed

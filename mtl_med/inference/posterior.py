@@ -26,7 +26,6 @@ from torch.nn import functional as F
 from mtl_med.networks.receptive import crop_unsupported as trunk_crop_unsupported
 from mtl_med.networks.receptive import cropped_forward
 from mtl_med.networks.utils import unwrap
-from mtl_med.pelvis import CT_SCALE, NUM_LABELS, SCT_TASK, SEG_TASK
 
 __all__ = [
     "PosteriorAggregator",
@@ -44,9 +43,9 @@ ENGINES = ("auto", "compact", "dense")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # num_samples="auto": the stopping rule's defaults (see PosteriorSampler)
 AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES = 50, 10
-# 30 HU in the network's sCT units (A.3: HU = 1024 (x - 1)): under the 48 HU mean by which two 50-pass means of
-# the demo weights differ with different seeds, so stopping moves the mean less than re-running the fixed 50 passes
-AUTO_REGRESSION_TOL = 30.0 / CT_SCALE
+# the regression tolerance has no default: it is in the network's units of the caller's outputs (the pelvis bundle:
+# 30 HU over its CT scale, under the 48 HU mean by which two 50-pass means of the demo weights differ with
+# different seeds, so stopping moves the mean less than re-running the fixed 50 passes)
 # 2% of the organ voxels: re-running the fixed 50 passes of the demo weights with another seed changes the
 # modal label of 0.67% of all voxels, about 6% of the organ voxels (docs/performance.md)
 AUTO_LABEL_TOL = 0.02
@@ -247,8 +246,9 @@ class PosteriorSampler:
         max_batch: images per step (images x sample copies): the memory budget of the dense path; the
             compacted path runs each distinct assignment alone, a few images a call.
         mode: ``"sample"`` (posterior draws), ``"argmax"`` (deterministic: one pass, std 0) or ``"relaxed"``.
-        regression: regression outputs; labels: label output -> number of classes (default ``{"seg": 6}``,
-            the pelvis labels of :mod:`mtl_med.pelvis`).
+        regression: regression outputs; labels: label output -> number of classes. At least one output must be
+            given (the pelvis bundle: ``("sct",)`` and ``{"seg": 6}``, from its config's ``task_names`` and
+            ``num_classes``).
         generator: random generator of the group draws (same seed, same samples).
         amp: float16 autocast on CUDA (``dtype="auto"`` then means float16; ignored elsewhere).
         progress: a tqdm bar to advance by the number of image-passes done.
@@ -270,7 +270,8 @@ class PosteriorSampler:
         max_samples, min_samples: bounds of ``num_samples="auto"`` (50 and 10).
         regression_tol: ``"auto"`` stops when the root-mean-square over the image of the expected change of
             every regression mean, were the remaining passes up to ``max_samples`` made, is at most this
-            (network units; default 30 HU of the pelvis sCT) ...
+            (network units; required with ``"auto"`` and regression outputs; the pelvis bundle: 30 HU over its
+            CT scale, ``regression_tol_hu``) ...
         label_tol: ... and the expected fraction of organ voxels (modal label not 0) whose modal label those
             passes would change is at most this (default 2%). See docs/performance.md.
     """
@@ -282,7 +283,7 @@ class PosteriorSampler:
         *,
         max_batch: int = 64,
         mode: str = "sample",
-        regression: Iterable[str] = (SCT_TASK,),
+        regression: Iterable[str] = (),
         labels: Mapping[str, int] | None = None,
         generator: torch.Generator | None = None,
         amp: bool = False,
@@ -294,7 +295,7 @@ class PosteriorSampler:
         channels_last: bool | None = None,
         max_samples: int = AUTO_MAX_SAMPLES,
         min_samples: int = AUTO_MIN_SAMPLES,
-        regression_tol: float = AUTO_REGRESSION_TOL,
+        regression_tol: float | None = None,
         label_tol: float = AUTO_LABEL_TOL,
     ):
         self.adaptive = num_samples == "auto"
@@ -314,19 +315,25 @@ class PosteriorSampler:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if not (isinstance(dtype, torch.dtype) or dtype == "auto" or dtype in DTYPES):
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+        regression, labels = tuple(regression), dict(labels or {})
+        if not regression and not labels:
+            raise ValueError("nothing to sample: give regression and/or label output names")
+        if self.adaptive and regression and regression_tol is None:
+            raise ValueError("num_samples='auto' with regression outputs needs regression_tol (network units)")
         self.network = network
         self.requested_samples = int(num_samples)
         self.max_batch = int(max_batch)
         self.mode = mode
-        self.regression = tuple(regression)
-        self.labels = dict(labels if labels is not None else {SEG_TASK: NUM_LABELS})
+        self.regression = regression
+        self.labels = labels
         self.generator = generator
         self.amp = bool(amp)
         self.progress = progress
         self.margin = int(margin)
         self.forward = forward
         self.engine, self.dtype, self.channels_last = engine, dtype, channels_last
-        self.min_samples, self.regression_tol, self.label_tol = int(min_samples), float(regression_tol), float(label_tol)
+        self.min_samples, self.label_tol = int(min_samples), float(label_tol)
+        self.regression_tol = float(regression_tol) if regression_tol is not None else None
         self.passes: list[int] = []  # passes made for each batch since the last reset_passes()
 
     @property
@@ -486,6 +493,8 @@ class PosteriorSampler:
         r = n - s
         if r <= 0:
             return True
+        if self.regression and self.regression_tol is None:
+            raise ValueError("num_samples='auto' with regression outputs needs regression_tol (network units)")
         for name in self.regression:
             var = agg._m2[name] / s
             if math.sqrt(float(var.mean()) * r / (n * s)) > self.regression_tol:
@@ -531,7 +540,7 @@ def sample_posterior(
     x: torch.Tensor,
     num_samples: int | str = 50,
     samples_per_batch: int = 10,
-    regression: Iterable[str] = (SCT_TASK,),
+    regression: Iterable[str] = (),
     labels: Mapping[str, int] | None = None,
     generator: torch.Generator | None = None,
     forward: Callable | None = None,
@@ -542,7 +551,8 @@ def sample_posterior(
     Each chunk repeats the batch ``k`` times along dim 0 and draws one group assignment per
     copy, so the passes of a chunk run as a single forward call. ``forward(model, batch,
     generator)`` can replace ``model(batch, generator)`` (e.g. to use an inferer). ``options`` go
-    to :class:`PosteriorSampler` (``mode``, ``margin``, ``amp``, ``progress``). Returns ``<reg>`` (mean),
+    to :class:`PosteriorSampler` (``mode``, ``margin``, ``amp``, ``progress``); ``regression`` / ``labels`` name
+    the outputs (at least one). Returns ``<reg>`` (mean),
     ``<reg>_std``, ``<label>`` (mode), ``<label>_disagreement`` and ``<label>_entropy``.
     """
     if (num_samples != "auto" and int(num_samples) < 1) or samples_per_batch < 1:

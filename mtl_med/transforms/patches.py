@@ -76,12 +76,15 @@ def preprocess_transforms(
     check: bool = True,
     axcodes: str | None = CANONICAL_AXCODES,
     truth_geometry: str | None = None,
+    ct_clip: Sequence[float] | None = None,
+    ct_scale: float | None = None,
 ) -> Compose:
     """Deterministic preprocessing of a datalist item (file paths) into network-ready volumes.
 
     Order: load + checks -> every volume reoriented to ``axcodes`` (A.3 / NiftyNet: a standard orientation
     first; the training data's, recorded in the bundle) -> N4 on the MR's own grid (its spacing, A.3 ref. [38]) -> histogram standardisation
-    with the training landmarks and zero mean / unit variance (A.3 ref. [40]) -> CT clip + CT/1024 + 1 (A.3) ->
+    with the training landmarks and zero mean / unit variance (A.3 ref. [40]) -> CT clipped to ``ct_clip`` and
+    scaled to ``CT / ct_scale + 1`` (A.3: [-1024, 2500] HU, CT / 1024 + 1) ->
     MR, CT and labels resampled onto one ``pixdim`` grid aligned with the world axes (A.3: 1.46 mm; an oblique MR
     is straightened, so axis 2 is the true axial direction; None keeps the MR grid). CT is scaled before
     resampling, so fill outside its field of view is air. Every spatial step is invertible (MONAI ``Invertd``):
@@ -99,8 +102,13 @@ def preprocess_transforms(
             stored axes (then slicing follows the storage, not the anatomy).
         truth_geometry: None (training: CT and labels are resampled onto the MR grid, A.3), "raise" (evaluation:
             a CT / label not on its MR's grid is an input error) or "resample" (resampled, with a warning).
+        ct_clip, ct_scale: the CT's HU range and network scale (:class:`ScaleCTd`), required with a "ct" key (the
+            pelvis bundle passes ``mtl_med.pelvis.CT_RANGE_HU`` and ``mtl_med.pelvis.CT_SCALE``).
     """
     keys = list(keys)
+    if "ct" in keys and (ct_clip is None or ct_scale is None):
+        raise ValueError("preprocess_transforms with a 'ct' key needs ct_clip and ct_scale (the CT's HU range and "
+                         "network scale, e.g. mtl_med.pelvis.CT_RANGE_HU and mtl_med.pelvis.CT_SCALE)")
     xforms: list[Callable] = [LoadVolumesd(keys, check=check, allow_missing_keys=True)]
     if check:
         xforms.append(CheckVolumesd(keys, min_overlap=min_overlap, allow_missing_keys=True))
@@ -118,7 +126,7 @@ def preprocess_transforms(
     if landmarks is not None and "mr" in keys:
         xforms.append(HistogramStandardized("mr", landmarks=landmarks, foreground_method=foreground_method))
     if "ct" in keys:
-        xforms.append(ScaleCTd("ct", allow_missing_keys=True))
+        xforms.append(ScaleCTd("ct", clip=tuple(ct_clip), scale=ct_scale, allow_missing_keys=True))
     xforms.append(resample_transforms(keys, ref_key="mr", pixdim=pixdim, diagonal=axcodes is not None))
     xforms.append(EnsureTyped(keys, dtype=np.float32, allow_missing_keys=True))
     return CheckedCompose(xforms)
@@ -302,15 +310,18 @@ def make_train_loader(
     preprocess_kwargs: Mapping[str, Any] | None = None,
     patch_kwargs: Mapping[str, Any] | None = None,
     check_volumes: bool = True,
+    ct_clip: Sequence[float] | None = None,
+    ct_scale: float | None = None,
 ) -> DataLoader:
     """Training loader over ``datalist[section]``: checked, preprocessed, cached volumes; random patches.
 
     ``samples_per_volume`` repeats each item that many times per epoch (one patch per draw). With
     ``check_volumes`` every file is checked up front, so a bad case raises ``InputError`` naming it before
-    any caching starts.
+    any caching starts. ``ct_clip`` / ``ct_scale`` go to :func:`preprocess_transforms` (required with a "ct" key).
     """
     items = check_datalist(datalist, sections=(section,), check_volumes=check_volumes)[section]
-    pre = preprocess_transforms(keys, landmarks=landmarks, **dict(preprocess_kwargs or {}))
+    pre = preprocess_transforms(keys, landmarks=landmarks, ct_clip=ct_clip, ct_scale=ct_scale,
+                                **dict(preprocess_kwargs or {}))
     pat = train_patch_transforms(keys, spatial_dims=spatial_dims, seed=seed, **dict(patch_kwargs or {}))
     ds = make_dataset(items, pre, pat, cache=cache, cache_dir=cache_dir)
     if samples_per_volume > 1:  # the same cached volumes, drawn several times per epoch

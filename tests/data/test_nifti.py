@@ -13,6 +13,7 @@ import mtl_med.data.nifti
 from mtl_med.data.nifti import check_case, check_datalist, check_volume
 from mtl_med.data.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
 from mtl_med.transforms import preprocess_transforms
 
 
@@ -81,7 +82,7 @@ def test_bad_volumes(tmp_path, case, name, make, role, problem):
     assert err.value.path == str(path)
     # the loading pipeline raises the same error before any processing
     with pytest.raises(InputError, match=problem):
-        preprocess_transforms(("mr", "ct", "label"), n4=False)({**case, role: str(path)})
+        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)({**case, role: str(path)})
 
 
 def test_empty_volume(tmp_path):
@@ -100,7 +101,7 @@ def test_no_physical_overlap(tmp_path, case):
     with pytest.raises(InputError, match=r"ct_moved\.nii\.gz: ct does not overlap mr .*mr\.nii\.gz"):
         check_case({**case, "ct": str(moved)})
     with pytest.raises(InputError, match="does not overlap"):
-        preprocess_transforms(("mr", "ct", "label"), n4=False)({**case, "ct": str(moved)})
+        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)({**case, "ct": str(moved)})
 
 
 def test_datalist_checks(tmp_path, case):

@@ -88,7 +88,7 @@ def test_sampler_compact_and_dense_engines_agree_and_empty_groups_skip_their_tow
     torch.manual_seed(0)
     net = _randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
     x = torch.randn(3, 1, 12, 12)
-    run = lambda engine: sample_posterior(net, x, num_samples=5, samples_per_batch=2, labels={"seg": 3},  # noqa: E731
+    run = lambda engine: sample_posterior(net, x, num_samples=5, samples_per_batch=2, regression=("sct",), labels={"seg": 3},  # noqa: E731
                                           generator=torch.Generator().manual_seed(2), engine=engine, margin=2, dtype="float32")
     dense, compact = run("dense"), run("compact")
     torch.testing.assert_close(compact["sct"], dense["sct"], rtol=1e-5, atol=1e-5)
@@ -110,7 +110,7 @@ def test_sliding_window_3d_patches_run_compacted_unchanged():
     net = _randomise_statistics(_highresnet(["sct", "seg"], 3, "sfg"))
     vol = torch.randn(1, 1, 10, 8, 6)
     inferer = SlidingWindowInferer(roi_size=(6, 6, 6), sw_batch_size=2, overlap=0.25, progress=False)
-    maps = {e: PosteriorSampler(net, 3, max_batch=4, labels={"seg": 3}, engine=e, dtype="float32").run(inferer, vol, generator=torch.Generator().manual_seed(0))
+    maps = {e: PosteriorSampler(net, 3, max_batch=4, regression=("sct",), labels={"seg": 3}, engine=e, dtype="float32").run(inferer, vol, generator=torch.Generator().manual_seed(0))
             for e in ("dense", "compact")}
     assert maps["compact"]["sct_mean"].shape == (1, 1, 10, 8, 6)
     torch.testing.assert_close(maps["compact"]["sct_mean"], maps["dense"]["sct_mean"], rtol=1e-5, atol=1e-5)
@@ -146,11 +146,12 @@ def test_bfloat16_channels_last_is_close_to_float32():
 def test_auto_pass_count_stops_early_without_spread_and_runs_to_the_maximum_with_it():
     x = torch.randn(2, 1, 8, 8)
     hard = build_network("highresnet", "hard_sharing", ("sct", "seg"), (1, 6), features=(4, 8, 8))  # deterministic
-    sampler = PosteriorSampler(hard, "auto", max_batch=8, min_samples=4, max_samples=12)
+    sampler = PosteriorSampler(hard, "auto", max_batch=8, regression=("sct",), labels={"seg": 6}, min_samples=4,
+                               max_samples=12, regression_tol=30.0 / 1024.0)
     sampler.run(SimpleInferer(), x)
     assert sampler.passes == [4] and sampler.num_samples == 12  # no spread: settled at the minimum
     noisy = _randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
-    sampler = PosteriorSampler(noisy, "auto", max_batch=8, labels={"seg": 3}, min_samples=4, max_samples=8, regression_tol=1e-6, label_tol=0.0)
+    sampler = PosteriorSampler(noisy, "auto", max_batch=8, regression=("sct",), labels={"seg": 3}, min_samples=4, max_samples=8, regression_tol=1e-6, label_tol=0.0)
     sampler.run(SimpleInferer(), x)
     assert sampler.passes_used() == {"batches": 1, "mean": 8.0, "min": 8, "max": 8}
     with pytest.raises(ValueError, match="auto"):

@@ -3,6 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
 from mtl_med.transforms import make_train_loader, train_patch_transforms
 from mtl_med.transforms.histogram import learn_landmarks, save_landmarks
 
@@ -89,7 +90,7 @@ def test_train_loader_batches(phantom_set, tmp_path):
     import nibabel as nib
 
     lm = save_landmarks(tmp_path / "lm.json", learn_landmarks([nib.load(x["mr"]).get_fdata() for x in dl["training"]]))
-    loader = make_train_loader(out / "datalist.json", landmarks=lm, samples_per_volume=4,
+    loader = make_train_loader(out / "datalist.json", landmarks=lm, samples_per_volume=4, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE,
                                preprocess_kwargs={"n4_shrink_factor": 2, "n4_threads": 2})
     batch = next(iter(loader))
     assert tuple(batch["mr"].shape) == (10, 1, 136, 136)  # A.3: batch of 10
@@ -106,7 +107,7 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_
     cache = tmp_path / "cache"
 
     def load(**kw):
-        ds = make_dataset(items, preprocess_transforms(n4=False, **kw), cache="disk", cache_dir=cache)
+        ds = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, **kw), cache="disk", cache_dir=cache)
         return [ds[i] for i in range(len(ds))]
 
     first = load()
@@ -115,10 +116,10 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_
     again = load()  # the same preprocessing rebuilt: the same keys, nothing new written
     assert sorted(cache.iterdir()) == entries
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in ("mr", "ct", "label"))
-    memory = make_dataset(items, preprocess_transforms(n4=False), cache="memory")
+    memory = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE), cache="memory")
     assert torch.equal(memory[0]["mr"], first[0]["mr"])
     coarse = load(pixdim=3.0)  # another parameter value must not reuse the 1.46 mm entries
     assert len(list(cache.iterdir())) == 4
     assert coarse[0]["mr"].shape != first[0]["mr"].shape
     with pytest.raises(ValueError, match="cache_dir"):
-        make_dataset(items, preprocess_transforms(n4=False), cache="disk")
+        make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE), cache="disk")
