@@ -6,8 +6,8 @@ Every rendered table sits in a markdown file between two markers::
     ...generated, do not edit by hand...
     <!-- /report:adashare_null_short -->
 
-``python benchmarks/report.py`` rewrites the text between every pair of markers in ``docs/reproduction.md``
-and the bundles' docs (``bundles/*/docs/*.md``) with its rendering from the records;
+``python benchmarks/report.py`` rewrites the text between every pair of markers in ``docs/reproduction.md``,
+``docs/performance.md`` and the bundles' docs (``bundles/*/docs/*.md``) with its rendering from the records;
 ``--check`` rewrites nothing and exits 1, naming each table whose committed text differs from its
 rendering (or whose marker names no known table); ``--list`` prints the tables and their records.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mtl_med.metrics.stats import format_mean_std, mean_ci, paired_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/reproduction.md", "bundles/*/docs/*.md")
+DOCS = ("docs/reproduction.md", "docs/performance.md", "bundles/*/docs/*.md")
 MARKER = re.compile(r"<!-- report:(?P<name>[A-Za-z0-9_.-]+) -->\n(?P<body>.*?)<!-- /report:(?P=name) -->", re.S)
 
 
@@ -177,7 +177,38 @@ def uncertainty(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table2_phantoms(results: Path) -> str:
+    """The paper's Table 2 rows trained and evaluated on phantoms (``benchmarks/table2_phantoms.py``)."""
+    import table2_phantoms as t2
+
+    recs = load(results, "table2")
+    return t2.render(recs).rstrip("\n") + "\n"
+
+
+def training_step(results: Path) -> str:
+    """SFG's training step against a plain network of the same backbone (``benchmarks/sfg_highresnet_step.py``),
+    one row per record and pair: seconds per step per precision / memory format, FLOP ratio, overhead beyond it."""
+    recs = load(results, "training_step")
+    lines = ["| record | pair | Adam | FLOP ratio | format | plain (s/step) | SFG (s/step) | time ratio | overhead beyond FLOPs | conv rate fp32 / bf16 (GFLOP/s) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in recs:
+        rate = r["metrics"]["conv_rate_gflops"]
+        rates = f"{rate['fp32']:.0f} / {rate['bf16']:.0f}" if "bf16" in rate else f"{rate['fp32']:.0f} / -"
+        for pair, row in r["metrics"]["pairs"].items():
+            plain, sfg = sorted(row["flops"], key=row["flops"].get)  # the plain network has fewer FLOPs (keys are stored sorted)
+            for fmt, over in row["overhead"].items():
+                a, b = row["seconds"][plain][fmt], row["seconds"][sfg][fmt]
+                lines.append(f"| {r['name']} | {pair}: {sfg} vs {plain} | {r['config'].get('adam', 'foreach')} | {row['flop_ratio']:.2f}x | {fmt} | "
+                             f"{a:.3f} | {b:.3f} | {b / a:.2f}x | {over:.2f}x | {rates} |")
+    lines += ["", f"Records: `results/training_step/*.json`; batch {recs[0]['config']['batch']}, {recs[0]['config']['size']}^2 pixels "
+                  f"(pelvis; the vision pair 64^2), the fastest of {recs[0]['config']['steps']} steps per round, median over "
+                  f"{recs[0]['config']['rounds']} rounds; {machine_line(recs)}; code {revisions(recs)}."]
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
+    "table2_phantoms": (table2_phantoms, "results/table2/*.json"),
+    "training_step": (training_step, "results/training_step/*.json"),
     "adashare_null_short": (lambda res: adashare_null(res, "short"), "results/adashare_null/short_*.json"),
     "adashare_null_short_summary": (lambda res: adashare_null_summary(res, "short"), "results/adashare_null/short_*.json"),
     "adashare_null_variant": (lambda res: adashare_null(res, "variant"), "results/adashare_null/variant_*.json"),

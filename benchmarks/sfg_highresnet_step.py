@@ -54,6 +54,8 @@ def conv_rate(device, dtype=torch.float32, size=128, channels=32, batch=8, repea
 class Case:
     """One network with its inputs, loss and optimiser, stepped in a given precision and memory format."""
 
+    foreach = True  # as the bundles' optimisers: one kernel per op for all tensors
+
     def __init__(self, name, make, x, targets, loss_fn, device):
         self.name, self.make, self.x, self.targets, self.loss_fn, self.device = name, make, x, targets, loss_fn, device
 
@@ -67,7 +69,7 @@ class Case:
             self.x_in = self.x.contiguous(memory_format=torch.channels_last)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if fmt.startswith("bf16")
                          else contextlib.nullcontext())
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=True)  # as the bundles: one kernel per op for all tensors
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3, foreach=self.foreach)
 
     def step(self):
         with self.autocast:
@@ -140,11 +142,13 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--formats", nargs="+", default=None, help="fp32, bf16, bf16_cl (default: all the machine computes natively)")
+    parser.add_argument("--adam", choices=("foreach", "loop"), default="foreach", help="Adam's implementation (the bundles: foreach)")
     parser.add_argument("--record", default=None, help="write results/training_step/NAME.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    Case.foreach = args.adam == "foreach"
     bf16 = device.type == "cuda" or native_bfloat16()
     formats = args.formats or (["fp32", "fp32_cl", "bf16", "bf16_cl"] if bf16 else ["fp32", "fp32_cl"])
     pairs = {"pelvis": pelvis_cases(device, args.batch, args.size), "vision": vision_cases(device, args.batch)}
@@ -184,7 +188,7 @@ def main():
         import records
 
         records.write_record("training_step", args.record, seed=0,
-                             config={k: getattr(args, k) for k in ("rounds", "steps", "batch", "size", "device")} | {"formats": formats},
+                             config={k: getattr(args, k) for k in ("rounds", "steps", "batch", "size", "device", "adam")} | {"formats": formats},
                              metrics={"pairs": rows, "conv_rate_gflops": rate},
                              timings={"raw_seconds": {f"{n}|{f}": v for (n, f), v in times.items()}})
 

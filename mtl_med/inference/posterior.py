@@ -51,7 +51,7 @@ AUTO_MAX_SAMPLES, AUTO_MIN_SAMPLES = 50, 10
 AUTO_LABEL_TOL = 0.02
 # engine="auto": the fixed cost of one convolution call in multiply-accumulates of work. The compacted pass
 # makes about 60 calls per image-pass (one assignment per call), the dense forward 47 calls shared by every
-# row it carries; any value between 7.5 M and 68 M reproduces the CPU figures of issue 32 (SFG-HighResNet 16/32/64:
+# row it carries; any value between 7.5 M and 68 M reproduces earlier CPU figures (SFG-HighResNet 16/32/64:
 # compacted 0.85x the dense sampler at 32 x 32, 1.5x faster at 96 x 96; docs/performance.md)
 CALL_COST_MACS = 2.0e7
 
