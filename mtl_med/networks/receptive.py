@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .blocks import HighResBlock, Trunk
 from .heads import DenseHeads
+from .utils import unwrap
 
 __all__ = [
     "conv_radius",
@@ -201,20 +202,17 @@ def run_trunk(trunk: Trunk, x: torch.Tensor, frame: Sequence[int], plan: CropPla
 
 
 def _trunks(net: nn.Module) -> list[Trunk] | None:
-    if isinstance(getattr(net, "trunk", None), Trunk) and getattr(net, "name", "") == "hard_sharing":
-        return [net.trunk]
-    cols = getattr(net, "columns", None)
-    if getattr(net, "name", "") == "single_task" and isinstance(cols, nn.ModuleList) and all(isinstance(c, Trunk) for c in cols):
-        return list(cols)
-    return None
+    hook = getattr(net, "plain_trunks", None)  # a sharing method's hook (mtl_med.sharing.base)
+    trunks = hook() if callable(hook) else None
+    return list(trunks) if trunks and all(isinstance(t, Trunk) for t in trunks) else None
 
 
 def crop_unsupported(network: nn.Module) -> str | None:
     """Why :func:`cropped_forward` cannot run ``network`` (then run it whole and crop), or ``None``."""
-    net = getattr(network, "module", network)
+    net = unwrap(network)
     trunks = _trunks(net)
     if trunks is None:
-        return f"{type(net).__name__} is not a plain trunk network (hard sharing or single-task columns)"
+        return f"{type(net).__name__} has no plain trunks (its plain_trunks() gives none)"
     if net.training or getattr(net, "bn_inference", "population") == "batch":
         return "the network is training or normalises with test-batch statistics"
     if net._forward_pre_hooks or net._forward_hooks:
@@ -237,7 +235,7 @@ def cropped_forward(network: nn.Module, x: torch.Tensor, crop: Sequence[int] | i
     reason = crop_unsupported(network)
     if reason:
         raise ValueError(f"receptive-field cropping cannot run this network: {reason}")
-    net = getattr(network, "module", network)
+    net = unwrap(network)
     frame = tuple(x.shape[2:])
     plan = plan or CropPlan(crop, x.ndim - 2)
     trunks = _trunks(net)

@@ -114,6 +114,11 @@ class MultiTaskNetwork(nn.Module):
         network's own forward runs (here: always)."""
         return None
 
+    def plain_trunks(self) -> list | None:
+        """The method's trunks when its features are nothing but plain trunks run on the input, one for
+        every task or one per task (what receptive-field cropping can run layer by layer); ``None`` else."""
+        return None
+
     def parameter_groups(self, lr: float, **options) -> list:
         """The optimiser's parameters, or groups of them with their own rates (SFG: its grouping
         logits at a scaled rate); ``options`` are the method's settings, ignored here: one group."""

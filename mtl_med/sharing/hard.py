@@ -17,6 +17,9 @@ class HardSharing(MultiTaskNetwork):
         super().__init__(backbone, task_names, heads, bn_inference)
         self.trunk = Trunk(backbone)
 
+    def plain_trunks(self):
+        return [self.trunk]
+
     def task_features(self, x, task, generator=None):
         y = self.trunk(x)
         return [y] * self.num_tasks if task is None else y

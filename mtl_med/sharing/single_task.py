@@ -21,6 +21,9 @@ class SingleTask(MultiTaskNetwork):
         super().__init__(backbone, task_names, heads, bn_inference)
         self.columns = nn.ModuleList(Trunk(backbone) for _ in self.task_names)
 
+    def plain_trunks(self):
+        return list(self.columns)
+
     def task_features(self, x, task, generator=None):
         if task is None:
             return [c(x) for c in self.columns]
