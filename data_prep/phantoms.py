@@ -11,8 +11,7 @@ and CT noise, orientation (oblique or not) and storage (RAS or LPS) (``mtl_med.d
 an option given explicitly fixes that property for every case.
 
 The generator itself (``generate_phantom``, ``write_phantom``, ``generate_dataset``, ``PRESETS``, ...) lives in
-:mod:`mtl_med.data.phantoms`; its names are re-exported here so that ``from data_prep.phantoms import ...``
-in existing scripts keeps working. New code should import them from the library.
+:mod:`mtl_med.data.phantoms`; import it from there.
 """
 
 from __future__ import annotations
@@ -25,40 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.report import finish, refuse_existing_output
-from mtl_med.data.phantoms import (  # noqa: F401  (re-exported for backwards compatibility)
-    CT_HU,
-    DEFAULT_SPACING,
-    MR_SCALE,
-    MR_T2,
-    PAPER_CT_SPACING,
-    PAPER_MR_SPACING,
-    PRESETS,
-    TISSUES,
-    VARIATION,
-    Phantom,
-    generate_dataset,
-    generate_phantom,
-    grid_affine,
-    split_cases,
-    varied_phantom_kwargs,
-    write_phantom,
-)
+from mtl_med.data.phantoms import DEFAULT_SPACING, PAPER_CT_SPACING, PAPER_MR_SPACING, PRESETS, generate_dataset
 
-__all__ = [
-    "PRESETS",
-    "TISSUES",
-    "CT_HU",
-    "MR_T2",
-    "Phantom",
-    "grid_affine",
-    "generate_phantom",
-    "write_phantom",
-    "generate_dataset",
-    "split_cases",
-    "varied_phantom_kwargs",
-    "build_parser",
-    "main",
-]
+__all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("data_prep.phantoms")
 

@@ -71,15 +71,6 @@ def test_non_empty_output_folder_is_refused_unless_overwrite(tmp_path, capsys, c
                           "--quiet"]) == 0
 
 
-def test_generator_names_re_exported_for_existing_scripts():
-    """``from data_prep.phantoms import generate_phantom, ...`` keeps working: the library's own objects."""
-    for name in ("PRESETS", "TISSUES", "CT_HU", "MR_T2", "Phantom", "grid_affine", "generate_phantom", "write_phantom",
-                 "generate_dataset", "split_cases"):
-        assert getattr(phantoms, name) is getattr(library, name), name
-    for name in ("VARIATION", "varied_phantom_kwargs"):
-        assert getattr(phantoms, name) is getattr(library, name), name
-
-
 def test_varied_cohort_command(tmp_path, capsys):
     args = ["--cases", "6", "--seed", "2", "--shape", "24", "24", "8", "--quiet"]
     assert phantoms.main(["--out", str(tmp_path / "v"), "--varied", *args]) == 0
