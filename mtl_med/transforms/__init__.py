@@ -18,7 +18,6 @@ from mtl_med.transforms.patches import (
     PADDED_SIZE_2D,
     PATCH_SIZE_2D,
     make_dataset,
-    make_train_loader,
     preprocess_transforms,
     train_patch_transforms,
 )

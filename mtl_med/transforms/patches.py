@@ -7,7 +7,6 @@
   for labels), zero padding to 136 x 136 and a "mask" key that is 1 exactly on voxels holding image data
   and 0 on padding, for losses computed only inside it. ``spatial_dims=3`` gives 3D patches with the same
   options.
-* :func:`make_train_loader` - the two above over a datalist, batch size 10 (A.3).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
 from monai.transforms import (
     Compose,
@@ -33,7 +31,6 @@ from monai.transforms import (
     SqueezeDimd,
 )
 
-from mtl_med.data.nifti import check_datalist
 from mtl_med.transforms.histogram import HistogramStandardized
 from mtl_med.transforms.intensity import ScaleCTd
 from mtl_med.transforms.io import AddMaskd, CheckedCompose, CheckGeometryd, CheckVolumesd, LoadVolumesd
@@ -49,7 +46,6 @@ __all__ = [
     "train_patch_transforms",
     "content_hash",
     "make_dataset",
-    "make_train_loader",
 ]
 
 PATCH_SIZE_2D = (128, 128)  # A.3: 128x128 patches from axial slices
@@ -292,38 +288,3 @@ def make_dataset(
     if cache is None:
         return Dataset(data, transform)
     raise ValueError(f'cache must be "memory", "disk" or None, got {cache!r}')
-
-
-def make_train_loader(
-    datalist: str | os.PathLike | Mapping[str, Any],
-    *,
-    section: str = "training",
-    landmarks: Any = None,
-    keys: Sequence[str] = ("mr", "ct", "label"),
-    spatial_dims: int = 2,
-    batch_size: int = BATCH_SIZE,
-    samples_per_volume: int = 1,
-    cache: str | None = "memory",
-    cache_dir: str | os.PathLike | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    preprocess_kwargs: Mapping[str, Any] | None = None,
-    patch_kwargs: Mapping[str, Any] | None = None,
-    check_volumes: bool = True,
-    ct_clip: Sequence[float] | None = None,
-    ct_scale: float | None = None,
-) -> DataLoader:
-    """Training loader over ``datalist[section]``: checked, preprocessed, cached volumes; random patches.
-
-    ``samples_per_volume`` repeats each item that many times per epoch (one patch per draw). With
-    ``check_volumes`` every file is checked up front, so a bad case raises ``InputError`` naming it before
-    any caching starts. ``ct_clip`` / ``ct_scale`` go to :func:`preprocess_transforms` (required with a "ct" key).
-    """
-    items = check_datalist(datalist, sections=(section,), check_volumes=check_volumes)[section]
-    pre = preprocess_transforms(keys, landmarks=landmarks, ct_clip=ct_clip, ct_scale=ct_scale,
-                                **dict(preprocess_kwargs or {}))
-    pat = train_patch_transforms(keys, spatial_dims=spatial_dims, seed=seed, **dict(patch_kwargs or {}))
-    ds = make_dataset(items, pre, pat, cache=cache, cache_dir=cache_dir)
-    if samples_per_volume > 1:  # the same cached volumes, drawn several times per epoch
-        ds = ConcatDataset([ds] * int(samples_per_volume))
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=False)

@@ -4,7 +4,7 @@ import torch
 from monai.data import MetaTensor
 
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
-from mtl_med.transforms import make_train_loader, train_patch_transforms
+from mtl_med.transforms import train_patch_transforms
 from mtl_med.transforms.histogram import learn_landmarks, save_landmarks
 
 
@@ -90,8 +90,14 @@ def test_train_loader_batches(phantom_set, tmp_path):
     import nibabel as nib
 
     lm = save_landmarks(tmp_path / "lm.json", learn_landmarks([nib.load(x["mr"]).get_fdata() for x in dl["training"]]))
-    loader = make_train_loader(out / "datalist.json", landmarks=lm, samples_per_volume=4, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE,
-                               preprocess_kwargs={"n4_shrink_factor": 2, "n4_threads": 2})
+    # composed as the bundle's train.json composes it: checked datalist, preprocessing, patches, batch of 10
+    from monai.data import DataLoader
+    from mtl_med.data.nifti import check_datalist
+    from mtl_med.transforms import make_dataset, preprocess_transforms
+
+    items = check_datalist(out / "datalist.json", sections=("training",))["training"]
+    pre = preprocess_transforms(("mr", "ct", "label"), landmarks=lm, n4_shrink_factor=2, n4_threads=2, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)
+    loader = DataLoader(make_dataset(items * 4, pre, train_patch_transforms(("mr", "ct", "label"))), batch_size=10, shuffle=True)
     batch = next(iter(loader))
     assert tuple(batch["mr"].shape) == (10, 1, 136, 136)  # A.3: batch of 10
     assert tuple(batch["mask"].shape) == (10, 1, 136, 136)
