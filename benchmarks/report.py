@@ -181,8 +181,8 @@ def table2_phantoms(results: Path) -> str:
     """The paper's Table 2 rows trained and evaluated on phantoms (``benchmarks/table2_phantoms.py``)."""
     import table2_phantoms as t2
 
-    recs = load(results, "table2")
-    return t2.render(recs).rstrip("\n") + "\n"
+    load(results, "table2")  # raises when there are none
+    return t2.render(results=results / "table2").rstrip("\n") + "\n"
 
 
 def training_step(results: Path) -> str:
@@ -206,7 +206,31 @@ def training_step(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def posterior_paper(results: Path, name: str) -> str:
+    """The paper job per slice-pass (``benchmarks/posterior_inference.py --paper-table``), one record."""
+    path = results / "performance" / f"{name}.json"
+    rec = json.loads(path.read_text())
+    rows = rec["timings"]
+    base = next(r for r in rows if r["engine"] == "dense" and not r["cropped"] and r["dtype"] == "float32")
+    lines = ["| engine | regions | dtype | s / pass | CPU s / pass | GFLOP / pass | GFLOP/s | of 3x3 conv rate | job (min) | vs dense fp32 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['engine']} | {'cropped' if r['cropped'] else 'whole frame'} | {r['dtype']} | {r['seconds_per_pass']:.2f} | "
+                     f"{r['cpu_seconds_per_pass']:.2f} | {r['gflop_per_pass']:.1f} | {r['gflops_achieved']:.1f} | "
+                     f"{100 * r['fraction_of_conv_rate']:.0f}% | {r['job_minutes']:.1f} | {base['seconds_per_pass'] / r['seconds_per_pass']:.2f}x |")
+    m, rate = rec["machine"], rec["metrics"]["conv_rate_gflops"]
+    load = ", ".join(f"{v:.1f}" for v in m.get("load_average", []))
+    lines += ["", f"3x3 convolution rate in the same run: {rate['float32']:.1f} GFLOP/s float32"
+                  + (f", {rate['bfloat16']:.1f} GFLOP/s bfloat16" if "bfloat16" in rate else "")
+                  + f". Record: `results/performance/{name}.json`; {m.get('cpus')}-core {m.get('cpu_model')} "
+                  f"({', '.join(m.get('flags', []))}), {m.get('threads')} threads, load average {load}; code "
+                  f"{str(rec['git'].get('revision'))[:10]}{' with local changes' if rec['git'].get('dirty') else ''}."]
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
+    "posterior_paper": (lambda res: posterior_paper(res, "posterior_paper_20261207T200955Z"),
+                        "results/performance/posterior_paper_20261207T200955Z.json"),
     "table2_phantoms": (table2_phantoms, "results/table2/*.json"),
     "training_step": (training_step, "results/training_step/*.json"),
     "adashare_null_short": (lambda res: adashare_null(res, "short"), "results/adashare_null/short_*.json"),
