@@ -170,6 +170,11 @@ def _unit_ok(u: nn.Module) -> str | None:
         return f"unit {type(u).__name__} is neither a convolution unit nor a HighResNet block"
     if not all(_elementwise(p) for p in parts):
         return "a normalisation or activation between convolutions is not elementwise (training mode, batch statistics?)"
+    return convs_unsupported(convs)
+
+
+def convs_unsupported(convs) -> str | None:
+    """Why these convolutions cannot run on regions (strided, unpadded: :func:`conv_radius` refuses), or ``None``."""
     try:
         for c in convs:
             conv_radius(c)

@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .layers import SFGConv, _channel_mask
 from mtl_med.networks.blocks import HighResBlock
 from mtl_med.networks.heads import DenseHeads
-from mtl_med.networks.receptive import CropPlan, conv_radius, crop_of, take
+from mtl_med.networks.receptive import CropPlan, conv_radius, convs_unsupported, crop_of, take
 from mtl_med.networks.utils import unwrap
 
 __all__ = ["CompactSFG", "compact_unsupported", "crop_unsupported", "plan_crop", "dense_cropped", "rows_per_call"]
@@ -108,11 +108,9 @@ def crop_unsupported(network: nn.Module) -> str | None:
             convs = [c for b in blocks for c in (b.conv1, b.conv2)]
         else:
             return "the network pools (the regions would change resolution)"
-        try:
-            for c in convs:
-                conv_radius(c)
-        except ValueError as e:
-            return str(e)
+        reason = convs_unsupported(convs)
+        if reason:
+            return reason
     return None
 
 
