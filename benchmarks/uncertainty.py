@@ -13,6 +13,7 @@ record to the JSON as it finishes, so a stopped run keeps what it did and ``--js
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import subprocess
@@ -101,7 +102,7 @@ def figure(record: dict, path: Path) -> None:
     ax[0].legend(fontsize=7)
     ax[1].axhline(0.5, color="grey", ls="--", lw=1)
     ax[1].set(ylim=(0, 1), xlabel="phantom seed", ylabel="ROC AUC", title="vote entropy as a detector of wrong labels")
-    fig.suptitle(f"demonstration weights, {record['config']['num_samples']} posterior samples", fontsize=9)
+    fig.suptitle(f"weights {record['config']['weights']}, {record['config']['num_samples']} posterior samples", fontsize=9)
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -131,12 +132,16 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, default=Path("uncertainty_work"), help="phantoms are written here")
     p.add_argument("--json", type=Path, default=None, help="the record (resumed when it exists)")
     p.add_argument("--figure", type=Path, default=None)
+    p.add_argument("--weights", type=Path, default=None,
+                   help="a folder with model.pt and landmarks.json (default: the bundle's models/demo)")
     args = p.parse_args(argv)
 
     from mtl_med.inference import Predictor
     from mtl_med.io import atomic_write_json, json_finite
 
-    config = {"seeds": args.seeds, "num_samples": args.num_samples, "preset": args.preset, "weights": "demo",
+    # weights other than the shipped ones are named by the MD5 of their model.pt
+    weights = "demo" if args.weights is None else "md5:" + hashlib.md5((args.weights / "model.pt").read_bytes()).hexdigest()
+    config = {"seeds": args.seeds, "num_samples": args.num_samples, "preset": args.preset, "weights": weights,
               "uncertainty": "entropy", "mask": "body"}
     record = {"benchmark": "uncertainty", "config": config, "machine": machine(), "cases": {}}
     if args.json and args.json.is_file():
@@ -145,7 +150,8 @@ def main(argv=None) -> int:
             record["cases"] = earlier.get("cases", {})
     pred = Predictor(BUNDLE, [BUNDLE / "configs" / "inference.json", BUNDLE / "configs" / "demo.json"],
                      num_samples=args.num_samples, uncertainty="entropy", save_png=False, progress=False,
-                     truth_geometry="resample")  # the oblique phantom's CT is on a grid of its own
+                     truth_geometry="resample",  # the oblique phantom's CT is on a grid of its own
+                     **({"ckpt_dir": str(args.weights.resolve())} if args.weights else {}))
     for i, seed in enumerate(args.seeds):
         if str(seed) in record["cases"]:
             continue

@@ -1,0 +1,56 @@
+"""The flagship training driver's bookkeeping: the validation curve read back from the bundle's TensorBoard
+events, the plateau rule that ends training, and a record that refuses to mix two protocols."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def driver():
+    spec = importlib.util.spec_from_file_location("flagship_training", ROOT / "benchmarks" / "flagship_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_validation_curve_reads_every_run_of_the_log_dir(driver, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # two training chunks append to one log dir, as resumed runs of train.json do
+    for epochs in ((10, 20), (30, 40)):
+        w = SummaryWriter(log_dir=str(tmp_path))
+        for e in epochs:
+            w.add_scalar("val_dice", e / 100, e)
+            w.add_scalar("val_psnr", 20 + e / 10, e)
+            w.add_scalar("train_loss", 1.0, e)  # not a validation tag
+        w.close()
+    curve = driver.validation_curve(tmp_path)
+    assert set(curve) == {"val_dice", "val_psnr"}
+    assert [e for e, _ in curve["val_dice"]] == [10, 20, 30, 40]
+    assert [v for _, v in curve["val_dice"]] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+
+
+@pytest.mark.parametrize("dice, stop", [
+    ([0.3, 0.5, 0.6, 0.6, 0.601, 0.602, 0.603], True),   # four chunks within 0.005 of the best before them
+    ([0.3, 0.5, 0.6, 0.6, 0.601, 0.602, 0.61], False),   # the last chunk gained 0.01
+    ([0.3, 0.5, 0.6, 0.6], False),                       # too few chunks to judge
+    ([0.9, 0.5, 0.5, 0.5, 0.5], True),                   # a collapse after the best is a plateau too
+])
+def test_plateau_rule(driver, dice, stop):
+    assert driver.plateaued([{"best_val_dice": d} for d in dice], patience=4, min_gain=0.005) is stop
+
+
+def test_record_of_another_protocol_is_refused(driver, tmp_path):
+    path = tmp_path / "training.json"
+    path.write_text(json.dumps({"benchmark": "flagship_training", "config": {"seed": 0}, "chunks": [{}]}))
+    assert driver.load_record(path, {"seed": 0})["chunks"] == [{}]
+    with pytest.raises(SystemExit, match="another training protocol"):
+        driver.load_record(path, {"seed": 1})
+    assert driver.load_record(tmp_path / "new.json", {"seed": 1})["chunks"] == []
