@@ -14,6 +14,16 @@ stage relative to one single-task training. A benchmark prints; it never asserts
     python benchmarks/branched_digits.py                      # the settings of the bundle README
     python benchmarks/branched_digits.py --seeds 0 --max_epochs 2 --fractions 0.5
     python benchmarks/branched_digits.py --merge a.json b.json        # runs of other seeds on copies of one workdir
+    python benchmarks/branched_digits.py --same-task-control --seeds 0 1 2 3 4 5 --record --record_tag digits
+
+``--same-task-control`` runs only the affinity stage, once per seed of ``--seeds``, and measures the
+noise ceiling of the affinity: the seeds are paired in order ((0, 1), (2, 3), ...) and each task's
+single-task network of one seed of a pair is compared with the same task's network of the other seed,
+at every block, with exactly the measure of the distinct-task affinities (one call of
+``BranchedSearch.affinity_of`` for every network of every seed, on the K held-out images of the
+seed-0 stage). Records (``results/branched_affinity/``): per seed the distinct-task affinity tensor,
+per seed pair the same-task affinities and the distinct-task affinities across the two seeds;
+``benchmarks/report.py`` renders the comparison (table ``branched_affinity``).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from records import add_record_arguments, run_config, tagged, write_record
+from records import add_record_arguments, code_revision, machine, run_config, tagged, write_record
 from vision_digits import BUNDLE, check_data, data_overrides, describe, run_bundle
 
 from mtl_med.sharing.branched import canonical_tree, load_affinity, load_tree_json, save_tree_json, search_beam, tree_params
@@ -134,6 +144,109 @@ def figure(path: str, affinity: dict | None, trees: dict, results: dict) -> None
     print(f"figure: {path}")
 
 
+#: the seed of the benchmark's affinity stage, whose held-out images the same-task control measures on
+AFFINITY_SEED = 0
+#: arguments of the tree and accuracy runs, not of the control's records
+CONTROL_DROP = ("seeds", "json", "merge", "workdir", "record", "record_tag", "figure", "fractions", "max_epochs", "patience")
+
+
+def stage_overrides(args: argparse.Namespace, common: dict) -> dict:
+    """The affinity stage's bundle overrides (``train.json`` + ``affinity.json``) apart from the seed."""
+    return dict(affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
+                encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
+
+
+def branched_search(stage_dir: Path, seed: int, overrides: dict):
+    """The bundle's ``branched_search`` of the affinity stage in ``stage_dir`` at ``seed`` (as the stage
+    builds it), for measuring the affinity of other checkpoints with the stage's protocol."""
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file=[str(BUNDLE / "configs" / c) for c in ("train.json", "affinity.json")],
+                        meta_file=str(BUNDLE / "configs" / "metadata.json"), logging_file=False, workflow_type=None,
+                        bundle_root=str(stage_dir), seed=seed, **overrides)
+    wf.initialize()
+    return wf, wf.parser.get_parsed_content("branched_search")
+
+
+def network_name(task: str, seed: int) -> str:
+    return f"{task}@seed{seed}"
+
+
+def control_metrics(A: np.ndarray, tasks: list[str], names: list[str], seed: int, other: int | None = None) -> dict:
+    """From the affinity ``A`` (D, M, M) of every network (rows ``names``, see :func:`network_name`): with
+    ``other`` None, the distinct-task affinity of ``seed`` (the (D, N, N) block of its networks and its
+    mean over the N (N - 1) / 2 task pairs per block); else the same-task affinity of ``seed`` against
+    ``other`` (task t of one seed with task t of the other, (D, N), and its mean over tasks) and the
+    distinct-task affinity across the two seeds ((D, N, N), rows ``seed``, columns ``other``; its mean over
+    the N (N - 1) ordered pairs of different tasks)."""
+    row = [names.index(network_name(t, seed)) for t in tasks]
+    n = len(tasks)
+    off = ~np.eye(n, dtype=bool)
+    if other is None:
+        block = A[:, row][:, :, row]
+        upper = np.triu_indices(n, 1)
+        return {"affinity": block, "mean_over_pairs": block[:, upper[0], upper[1]].mean(axis=1)}
+    col = [names.index(network_name(t, other)) for t in tasks]
+    cross = A[:, row][:, :, col]
+    same = np.stack([np.diag(c) for c in cross])
+    return {"same_task": same, "mean_same_task": same.mean(axis=1), "distinct_other_seed": cross,
+            "mean_distinct_other_seed": np.stack([c[off].mean() for c in cross])}
+
+
+def same_task_control(p: argparse.ArgumentParser, args: argparse.Namespace, root: Path, common: dict) -> None:
+    """The affinity stage at every seed of ``--seeds``, then every network's affinity with every other on
+    the seed-0 stage's held-out images: distinct tasks within a seed against the same task across the two
+    seeds of a pair. Writes one record per seed and one per pair with ``--record``; prints the table."""
+    seeds = list(args.seeds)
+    if len(seeds) < 2 or len(seeds) % 2 or len(set(seeds)) != len(seeds):
+        p.error(f"--same-task-control pairs the seeds in order, (s0, s1), (s2, s3), ...: give an even number of distinct seeds, got {seeds}")
+    pairs = list(zip(seeds[0::2], seeds[1::2]))
+    over = stage_overrides(args, common)
+    stage: dict[int, dict] = {}
+    for s in seeds:  # the affinity stage as the benchmark runs it, at each seed
+        d = root / f"affinity_stage_seed{s}"
+        reused = sorted(c.parent.name for c in (d / "affinity" / "single_task").glob("*/model_final.pt"))
+        cpu0 = time.process_time()
+        run_bundle(["train.json", "affinity.json"], d, seed=s, **over)
+        stage[s] = {"dir": d, "cpu_s": time.process_time() - cpu0, "encoders_reused": reused}
+        print(f"affinity stage, seed {s}: {stage[s]['cpu_s']:.0f} CPU-s" + (f" (encoders reused: {reused})" if reused else ""), flush=True)
+    tasks = list(load_tree_json(stage[seeds[0]]["dir"] / "affinity" / "tree.json")["task_names"])
+    checkpoints = {network_name(t, s): stage[s]["dir"] / "affinity" / "single_task" / t / "model_final.pt" for s in seeds for t in tasks}
+    cpu0 = time.process_time()
+    wf, search = branched_search(root / f"affinity_stage_seed{seeds[0]}", AFFINITY_SEED, over)
+    try:
+        result = search.affinity_of(checkpoints)
+    finally:
+        wf.finalize()
+    measure_cpu = time.process_time() - cpu0
+    A, names = np.asarray(result.affinity), list(result.task_names)
+    cfg = dict(tasks=tasks, seeds=seeds, pairs=[list(q) for q in pairs], image_seed=AFFINITY_SEED, num_images=result.num_images,
+               location_names=list(result.location_names), center_features=result.center_features)
+    records = []
+    for s in seeds:
+        m = control_metrics(A, tasks, names, s)
+        own = load_affinity(stage[s]["dir"] / "affinity" / "affinity.npz")  # the stage's own measurement (images drawn with seed s)
+        m["stage_affinity"] = own.affinity
+        records.append(("distinct", s, None, m, {"stage_cpu_s": stage[s]["cpu_s"], "encoders_reused": stage[s]["encoders_reused"]}))
+    for s, o in pairs:
+        records.append(("same_task", s, o, control_metrics(A, tasks, names, s, o), {"affinity_cpu_s": measure_cpu}))
+    out = []
+    for kind, s, o, m, timing in records:
+        name = f"{kind}_seed{s}" + (f"_seed{o}" if o is not None else "")
+        config = run_config(args, drop=CONTROL_DROP, kind=kind, other_seed=o, **cfg)
+        rec = {"benchmark": "branched_affinity", "name": tagged(args, name), "seed": s, "config": config, "metrics": m, "timings": timing,
+               "code": code_revision(), "machine": machine()}
+        out.append(json.loads(json.dumps(rec, default=lambda x: x.tolist())))
+        if args.record:
+            write_record("branched_affinity", tagged(args, name), config=config, seed=s, metrics=m, timings=timing)
+    print(f"\n{describe(args)}; VGG-11 (BN) width x{args.width}, {args.image_size}x{args.image_size}; single-task networks of "
+          f"{args.encoder_epochs} epochs; seeds {seeds} (pairs {pairs}); RSA on {result.num_images} held-out images (drawn with seed "
+          f"{AFFINITY_SEED}); affinity of {len(checkpoints)} networks {measure_cpu:.0f} CPU-s\n")
+    from report import branched_affinity_table
+
+    print(branched_affinity_table(out), end="")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -154,6 +267,9 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="print the table of earlier --json files (e.g. one process per group of seeds, on copies of one affinity stage) and exit")
     p.add_argument("--figure", default=None, help="also draw the affinity against depth and the searched-minus-random differences to this PNG")
+    p.add_argument("--same-task-control", dest="same_task_control", action="store_true",
+                   help="only the affinity stage, at each of --seeds (paired in order), and each task's affinity with itself trained with "
+                        "the other seed of its pair against the distinct-task affinities; records go to results/branched_affinity/")
     args = p.parse_args()
     if args.merge:
         runs = []
@@ -186,6 +302,9 @@ def main() -> None:
     logging.disable(logging.INFO)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="branched_digits_"))
     common = dict(image_size=args.image_size, width=args.width, batch_size=64, **data_overrides(args))
+    if args.same_task_control:
+        same_task_control(p, args, root, common)
+        return
     train = dict(common, max_epochs=args.max_epochs, patience=args.patience)
 
     # stage 1: one single-task network per task (seed 0), affinity, the tree at the middle budget
@@ -193,12 +312,10 @@ def main() -> None:
     cpu0 = time.process_time()
     # encoders train for a fixed number of epochs: the validation score averages every task's head,
     # and only one is trained, so it cannot pick a single-task network's best epoch
-    run_bundle(["train.json", "affinity.json"], aff_root, seed=0, affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
-               encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
+    run_bundle(["train.json", "affinity.json"], aff_root, seed=AFFINITY_SEED, **stage_overrides(args, common))
     stage_cpu = time.process_time() - cpu0
     cpu0 = time.process_time()  # again, the encoders reused: the affinity and the search alone
-    run_bundle(["train.json", "affinity.json"], aff_root, seed=0, affinity_images=args.affinity_images, max_epochs=args.encoder_epochs,
-               encoder_config=[str(BUNDLE / "configs" / "train.json")], **common)
+    run_bundle(["train.json", "affinity.json"], aff_root, seed=AFFINITY_SEED, **stage_overrides(args, common))
     search_cpu = time.process_time() - cpu0
     record = load_tree_json(aff_root / "affinity" / "tree.json")
     encoder_cpu = (stage_cpu - search_cpu) / len(record["task_names"])

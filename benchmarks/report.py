@@ -228,6 +228,76 @@ def posterior_paper(results: Path, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pval(p: float) -> str:
+    return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
+
+
+def branched_affinity_table(recs: list[dict]) -> str:
+    """Branched MTN's task affinity per block against its noise ceiling (``branched_digits.py
+    --same-task-control``): distinct tasks within a seed against the same task trained with the other seed
+    of a pair, and distinct tasks across the two seeds; differences paired by seed pair."""
+    distinct = {r["seed"]: r for r in recs if r["config"]["kind"] == "distinct"}
+    same = sorted((r for r in recs if r["config"]["kind"] == "same_task"), key=lambda r: r["seed"])
+    if not distinct or not same:
+        raise ValueError(f"branched_affinity: need 'distinct' and 'same_task' records, got {sorted({r['config']['kind'] for r in recs})}")
+    protocol = ("tasks", "num_images", "image_seed", "width", "image_size", "encoder_epochs", "dataset", "location_names")
+    cfg = same[0]["config"]
+    for r in recs:
+        differ = [k for k in protocol if r["config"].get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"branched_affinity: {r['name']} differs from {same[0]['name']} in {differ}")
+    pairs = [(r["seed"], r["config"]["other_seed"]) for r in same]
+    missing = sorted({s for q in pairs for s in q} - set(distinct))
+    if missing:
+        raise ValueError(f"branched_affinity: no 'distinct' record of seed(s) {missing}")
+    seeds = sorted({s for q in pairs for s in q})
+    if len(seeds) != 2 * len(pairs):
+        raise ValueError(f"branched_affinity: the seed pairs {pairs} share a seed; they must be disjoint")
+    blocks, tasks, n = cfg["location_names"], cfg["tasks"], len(same)
+    dist = {s: distinct[s]["metrics"]["mean_over_pairs"] for s in seeds}
+    lines = [f"| block | distinct tasks, same seed ({len(seeds)} seeds) | same task, other seed ({n} pairs) | "
+             f"distinct minus same task, paired (95 % CI) | t p | distinct tasks, other seed ({n} pairs) | "
+             "distinct (other seed) minus same task (95 % CI) | t p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for b, block in enumerate(blocks):
+        d = [(dist[s][b] + dist[o][b]) / 2 for s, o in pairs]
+        t = [r["metrics"]["mean_same_task"][b] for r in same]
+        x = [r["metrics"]["mean_distinct_other_seed"][b] for r in same]
+        a, c = paired_comparison(d, t), paired_comparison(x, t)
+        lines.append(f"| {block} | {format_mean_std([dist[s][b] for s in seeds], digits=3)} | {format_mean_std(t, digits=3)} | "
+                     f"{a.mean_diff:+.3f} ({a.ci_low:+.3f} to {a.ci_high:+.3f}) | {_pval(a.t_p)} | {format_mean_std(x, digits=3)} | "
+                     f"{c.mean_diff:+.3f} ({c.ci_low:+.3f} to {c.ci_high:+.3f}) | {_pval(c.t_p)} |")
+    per_task = np.array([r["metrics"]["same_task"] for r in same])  # (pairs, D, N)
+    low, high = per_task.mean(axis=0).min(axis=1), per_task.mean(axis=0).max(axis=1)
+    own = max(float(np.abs(np.array(distinct[s]["metrics"]["stage_affinity"]) - np.array(distinct[s]["metrics"]["affinity"])).max())
+              for s in seeds if s == cfg["image_seed"]) if cfg["image_seed"] in seeds else float("nan")
+    stage = [distinct[s]["timings"]["stage_cpu_s"] for s in seeds]
+    lines += [
+        "",
+        f"RSA task affinity at the end of each of VGG-11 (BN)'s blocks (width x{cfg['width']}, {cfg['image_size']}x{cfg['image_size']} "
+        f"{cfg.get('dataset', 'digits')}, {len(tasks)} tasks {', '.join(f'`{x}`' for x in tasks)}); one single-task network per task "
+        f"and seed, {cfg['encoder_epochs']} epochs, as the benchmark's affinity stage; seeds {', '.join(map(str, seeds))}, paired "
+        f"{', '.join(f'({s}, {o})' for s, o in pairs)}. Every network is measured on the same {cfg['num_images']} held-out "
+        f"validation images (drawn with seed {cfg['image_seed']}): RDM of 1 - Pearson between images, Spearman between "
+        "upper triangles. Distinct tasks, same seed: mean over the "
+        f"{len(tasks) * (len(tasks) - 1) // 2} task pairs of one seed (mean ± sample std over seeds); same task, other seed: "
+        "each task's network against the same task's of the other seed of its pair, mean over tasks (± over pairs); "
+        "distinct tasks, other seed: the task pairs across the two seeds of a pair. Differences per seed pair (the "
+        f"same-seed value: the mean of its two seeds), paired t-test and its 95 % CI over the {n} pairs "
+        "(`mtl_med.metrics.stats.paired_comparison`). Same-task affinity of single tasks, mean over pairs, ranges "
+        + "; ".join(f"{bl} {lo:.2f}-{hi:.2f}" for bl, lo, hi in zip(blocks, low, high)) + ".",
+        "",
+        f"Records: `results/branched_affinity/*.json`; the seed-{cfg['image_seed']} stage's own affinity file agrees with its "
+        f"rows here to {own:.1e}; affinity stage {min(stage):.0f}-{max(stage):.0f} CPU-s a seed "
+        f"({len(tasks)} networks), one torch thread, {machine_line(recs)}; code {revisions(recs)}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def branched_affinity(results: Path) -> str:
+    return branched_affinity_table(load(results, "branched_affinity"))
+
+
 TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "posterior_paper": (lambda res: posterior_paper(res, "posterior_paper_20261207T200955Z"),
                         "results/performance/posterior_paper_20261207T200955Z.json"),
@@ -237,6 +307,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "adashare_null_short_summary": (lambda res: adashare_null_summary(res, "short"), "results/adashare_null/short_*.json"),
     "adashare_null_variant": (lambda res: adashare_null(res, "variant"), "results/adashare_null/variant_*.json"),
     "uncertainty": (uncertainty, "results/uncertainty/*.json"),
+    "branched_affinity": (branched_affinity, "results/branched_affinity/*.json"),
 }
 
 

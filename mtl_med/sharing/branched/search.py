@@ -25,7 +25,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from mtl_med.errors import ConfigError
-from .affinity import affinity_image, pareto_image, save_affinity, select_images, task_affinity, tree_image
+from .affinity import AffinityResult, affinity_image, pareto_image, save_affinity, select_images, task_affinity, tree_image
 from .trees import budget_from_fraction, save_tree_json, search_beam, search_exhaustive
 
 __all__ = ["BranchedSearch", "held_out_slices"]
@@ -203,22 +203,26 @@ class BranchedSearch:
         return state[self.ckpt_key]
 
     # --- stage 2: affinity and tree --------------------------------------------------------------
+    def affinity_of(self, checkpoints: Mapping[str, str | os.PathLike]) -> AffinityResult:
+        """The RSA affinity between any single-task networks of this recipe, ``{name: checkpoint}``
+        (for instance one task's networks trained with two seeds: a same-task control), measured as
+        :meth:`run` measures the tasks' (the same held-out images, drawn with ``seed``, the same
+        locations and correlations). Names are the rows and columns of the result."""
+        nets = {}
+        for name, path in checkpoints.items():
+            net = self._network(sharing="hard_sharing")
+            net.load_state_dict(self._load(os.fspath(path)))
+            nets[str(name)] = net.to(self.device)
+        images = self._held_out()
+        log.info("Branched MTN: affinity of %d networks on %d held-out images", len(nets), min(self.num_images, images.shape[0]))
+        return task_affinity(nets, images, num_images=self.num_images, seed=self.seed,
+                             center_features=self.center_features, pool_to=self.pool_to, device=self.device)
+
     def run(self) -> dict:
         """Encoders, affinity, search; returns the ``tree.json`` record."""
         os.makedirs(self.output_dir, exist_ok=True)
-        nets = []
-        for task, path in zip(self.task_names, self.train_encoders()):
-            net = self._network(sharing="hard_sharing")
-            net.load_state_dict(self._load(path))
-            nets.append(net.to(self.device))
-        images = self._held_out()
-        num_images = min(self.num_images, images.shape[0])
-        log.info("Branched MTN: task affinity on %d held-out images", num_images)
-        result = task_affinity(nets, images, num_images=self.num_images, seed=self.seed,
-                               center_features=self.center_features, pool_to=self.pool_to, device=self.device)
-        A = result.affinity if hasattr(result, "affinity") else result[0]
-        locations = getattr(result, "location_names", None)
-        del nets, images
+        result = self.affinity_of(dict(zip(self.task_names, self.train_encoders())))
+        A, locations, num_images = result.affinity, result.location_names, result.num_images
 
         shared = self._network(sharing="branched")  # every block shared: the per-block parameter counts
         block_params = [sum(p.numel() for p in branches[0].parameters()) for branches in shared.blocks]
