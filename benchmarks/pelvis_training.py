@@ -46,7 +46,7 @@ CONFIGS = REPO / "bundles" / "sfg_highresnet_pelvis" / "configs"
 BENCHMARK = "performance"
 #: the test's size: every value a config id of train.json
 TINY = {"features": [4, 8, 8], "patch_size": [24, 24], "padded_size": [32, 32], "batch_size": 2,
-        "samples_per_volume": 2, "grouping_interval": 1, "log_interval": 1, "n4_shrink_factor": 2}
+        "samples_per_volume": 2, "grouping_interval": 1000, "log_interval": 1000, "n4_shrink_factor": 2}
 
 
 def tensor_hash(tensors) -> str:
@@ -229,7 +229,7 @@ def loading(args, datalist: Path) -> dict:
                                 overrides=overrides, datalist=_datalist_summary(datalist),
                                 loader=r["loader"])
     if args.record:
-        name = records.tagged(args, "data_loading")
+        name = records.slug(f"data_loading_{args.record_tag}" if args.record_tag else "data_loading")
         path = records.write_record(BENCHMARK, name, root=args.results, config=config, seed=args.seeds[0], metrics=summary,
                                     timings={k: v for k, v in t.items()})
         print(f"record: {path}")
@@ -274,3 +274,86 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# --- tables (benchmarks/report.py renders them into docs/performance.md) -------------------------
+
+
+def _records(results: Path, prefix: str) -> list[dict]:
+    folder = Path(results) / BENCHMARK
+    recs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{prefix}*.json"))]
+    if not recs:
+        raise FileNotFoundError(f"no records {folder}/{prefix}*.json")
+    return recs
+
+
+def _machine(rec: dict) -> str:
+    m = rec["machine"]
+    flags = ", ".join(m.get("cpu_flags") or []) or "no bf16 / AMX flags"
+    return f"{m.get('cpus')}-core {m.get('cpu_model')} ({flags}), torch {m.get('torch')} with {m.get('torch_threads')} threads"
+
+
+def _code(rec: dict) -> str:
+    c = rec.get("code") or {}
+    return f"{str(c.get('commit'))[:10]}{' with local changes' if c.get('local_changes') else ''}"
+
+
+def render_accuracy(results: Path) -> str:
+    """fp32 against bf16 autocast, one pair of rows per seed and the difference bf16 - fp32."""
+    recs = sorted(_records(results, "amp_accuracy_seed"), key=lambda r: r["seed"])
+    lines = ["| seed | precision | iterations | first-iteration loss sct / seg | final loss sct / seg | Dice mean | PSNR (dB, HU) | MAE (HU) "
+             "| Dice / PSNR / MAE, fp32 evaluator | train CPU-s | CPU-s / iteration (median) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in recs:
+        m = r["metrics"]
+        for p in ("fp32", "bf16"):
+            x, v, f = m[p], m[p]["validation"]["bundle"], m[p]["validation"]["fp32"]
+            lines.append(f"| {r['seed']} | {p} | {x['iterations']} | {x['first_loss']['sct']:.4f} / {x['first_loss']['seg']:.4f} | "
+                         f"{x['final_loss_last_epoch']['sct']:.4f} / {x['final_loss_last_epoch']['seg']:.4f} | {v['val_dice']:.3f} | "
+                         f"{v['val_psnr_hu']:.2f} | {v['val_mae_hu']:.1f} | {f['val_dice']:.3f} / {f['val_psnr_hu']:.2f} / {f['val_mae_hu']:.1f} | "
+                         f"{x['train_cpu_s']:.0f} | {x['median_iteration_cpu_s']:.2f} |")
+        a, b = m["fp32"], m["bf16"]
+        va, vb = a["validation"]["bundle"], b["validation"]["bundle"]
+        lines.append(f"| {r['seed']} | bf16 - fp32 | | {b['first_loss']['sct'] - a['first_loss']['sct']:+.4f} / "
+                     f"{b['first_loss']['seg'] - a['first_loss']['seg']:+.4f} | {b['final_loss_last_epoch']['sct'] - a['final_loss_last_epoch']['sct']:+.4f} / "
+                     f"{b['final_loss_last_epoch']['seg'] - a['final_loss_last_epoch']['seg']:+.4f} | {vb['val_dice'] - va['val_dice']:+.3f} | "
+                     f"{vb['val_psnr_hu'] - va['val_psnr_hu']:+.2f} | {vb['val_mae_hu'] - va['val_mae_hu']:+.1f} | | "
+                     f"{b['train_cpu_s'] / a['train_cpu_s']:.2f}x | {b['median_iteration_cpu_s'] / a['median_iteration_cpu_s']:.2f}x |")
+    r0 = recs[0]
+    c, d = r0["config"], r0["config"]["datalist"]
+    same = all(r["metrics"]["fp32"][k] == r["metrics"]["bf16"][k] for r in recs for k in ("initial_weights_sha256", "first_batch_sha256"))
+    bf16 = "; ".join(sorted({f"bf16 {r['bf16']}" for r in recs}))
+    lines += ["", f"Per seed, both precisions start from {'the same' if same else 'DIFFERENT'} initial weights and first batch "
+                  f"(sha256 in the records); one pair of runs per seed, {len(recs)} seed{'s' if len(recs) > 1 else ''}. "
+                  f"`train.json` + `configs/demo.json`, {c['max_epochs']} epochs of {r0['metrics']['fp32']['epoch_length']} iterations "
+                  f"(batch {c['loader']['batch_size']}, {c['loader']['samples_per_volume']} patches per volume); "
+                  f"{c['cases']} phantoms (preset {c['preset']}, data seed {c['data_seed']}): {d['training']} training, {d['validation']} validation. "
+                  "Final loss: mean over the last epoch; validation: the bundle's evaluator on the validation phantoms after the last "
+                  "iteration (autocast as the trainer), and again with the evaluator in float32. CPU seconds: `time.process_time` of "
+                  f"the training loop (all threads). Records: `results/performance/amp_accuracy_seed*.json`; {bf16}; {_machine(r0)}; "
+                  f"code {', '.join(sorted({_code(r) for r in recs}))}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_loading(results: Path) -> str:
+    """One epoch: time waiting on the data loader against time in the iterations, one row per record."""
+    recs = _records(results, "data_loading")
+    lines = ["| record | num_workers | cache | batch | iterations | epoch (s / CPU-s) | waiting on data (s / CPU-s) | in iterations (s / CPU-s) "
+             "| waiting on data, share of the epoch (wall / CPU) | set-up before the epoch (s / CPU-s) | load average (start, end) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in recs:
+        m, ld = r["metrics"], r["config"]["loader"]
+        la = ", ".join(f"{x:.1f}" for x in m["load_average_1min_start_end"])
+        lines.append(f"| {r['name']} | {ld['num_workers']} | {ld['cache']} | {ld['batch_size']} | {m['iterations']} | "
+                     f"{m['epoch_wall_s']:.1f} / {m['epoch_cpu_s']:.1f} | {m['data_wait_wall_s']:.1f} / {m['data_wait_cpu_s']:.1f} | "
+                     f"{m['iteration_wall_s']:.1f} / {m['iteration_cpu_s']:.1f} | {100 * m['data_wait_fraction_wall']:.1f}% / "
+                     f"{100 * m['data_wait_fraction_cpu']:.1f}% | {m['setup_wall_s']:.1f} / {m['setup_cpu_s']:.1f} | {la} |")
+    r0 = recs[0]
+    c, d = r0["config"], r0["config"]["datalist"]
+    lines += ["", f"One epoch of `train.json` + `configs/demo.json` (no validation), {d['training']} training phantoms (preset {c['preset']}) x "
+                  f"{c['loader']['samples_per_volume']} patches; waiting on data: ignite's `GET_BATCH_STARTED` -> `GET_BATCH_COMPLETED`; "
+                  "in iterations: `ITERATION_STARTED` -> `ITERATION_COMPLETED` (forward, loss, backward, Adam and the bundle's iteration "
+                  "handlers); CPU seconds: `time.process_time` (all threads and, with workers, not the workers' own). Set-up: the workflow's "
+                  f"`initialize` (landmarks, network, datasets filled). Records: `results/performance/data_loading*.json`; {_machine(r0)}; "
+                  f"code {', '.join(sorted({_code(r) for r in recs}))}."]
+    return "\n".join(lines) + "\n"
