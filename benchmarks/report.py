@@ -298,6 +298,14 @@ def branched_affinity(results: Path) -> str:
     return branched_affinity_table(load(results, "branched_affinity"))
 
 
+def pelvis_training(results: Path, table: str) -> str:
+    """The pelvis bundle's short training runs (``benchmarks/pelvis_training.py``): fp32 against bf16 autocast,
+    and one epoch's time waiting on the data loader."""
+    import pelvis_training as pt
+
+    return pt.render_accuracy(results) if table == "amp_accuracy" else pt.render_loading(results)
+
+
 TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "posterior_paper": (lambda res: posterior_paper(res, "posterior_paper_20261207T200955Z"),
                         "results/performance/posterior_paper_20261207T200955Z.json"),
@@ -308,6 +316,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "adashare_null_variant": (lambda res: adashare_null(res, "variant"), "results/adashare_null/variant_*.json"),
     "uncertainty": (uncertainty, "results/uncertainty/*.json"),
     "branched_affinity": (branched_affinity, "results/branched_affinity/*.json"),
+    "data_loading": (lambda res: pelvis_training(res, "data_loading"), "results/performance/data_loading*.json"),
 }
 
 
