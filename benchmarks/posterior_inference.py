@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from monai.inferers import SliceInferer  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from mtl_med.data.phantoms import generate_phantom  # noqa: E402
+from mtl_med.pelvis.phantoms import generate_phantom  # noqa: E402
 from mtl_med.inference import PosteriorAggregator, PosteriorSampler, sampling_mode  # noqa: E402
 from mtl_med.inference.posterior import native_bfloat16  # noqa: E402
 from mtl_med.build import build_network  # noqa: E402
@@ -315,7 +315,7 @@ def paper_table(args, device, reduced):
 def accuracy(args, device, reduced):
     """Demo weights on a phantom (the bundle's preprocessing): float32 against ``reduced`` with the same draws,
     then ``num_samples='auto'`` against the fixed count."""
-    from mtl_med.data.phantoms import write_phantom
+    from mtl_med.pelvis.phantoms import write_phantom
     from mtl_med.inference import Predictor
 
     S = args.accuracy_samples

@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom  # noqa: E402
+from mtl_med.pelvis.phantoms import PRESETS, generate_phantom, write_phantom  # noqa: E402
 from mtl_med.errors import InputError  # noqa: E402
 from mtl_med.inference.bundle import Predictor, default_bundle  # noqa: E402
 from mtl_med.sharing.sfg.layers import StochasticFilterGroups  # noqa: E402

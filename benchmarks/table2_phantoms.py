@@ -133,7 +133,7 @@ def test_storage(index: int) -> dict:
 
 def make_data(protocol: dict, work: Path) -> tuple[Path, Path]:
     """The varied training cohort and the held-out test phantoms (made once; reused when present)."""
-    from mtl_med.data.phantoms import PRESETS, generate_dataset, generate_phantom, write_phantom
+    from mtl_med.pelvis.phantoms import PRESETS, generate_dataset, generate_phantom, write_phantom
     from mtl_med.io import atomic_write_json
 
     shape = tuple(protocol.get("shape") or PRESETS[protocol["preset"]])

@@ -34,7 +34,7 @@ def storage(seed_index: int) -> tuple[str, float]:
 
 
 def make_case(seed: int, index: int, preset: str, root: Path) -> dict[str, str]:
-    from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom
+    from mtl_med.pelvis.phantoms import PRESETS, generate_phantom, write_phantom
 
     axes, oblique = storage(index)
     paths = write_phantom(generate_phantom(seed, shape=PRESETS[preset], oblique_deg=oblique), root / f"seed{seed}")

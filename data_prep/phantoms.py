@@ -1,4 +1,4 @@
-"""Command line for the synthetic pelvis phantoms of :mod:`mtl_med.data.phantoms`.
+"""Command line for the synthetic pelvis phantoms of :mod:`mtl_med.pelvis.phantoms`.
 
 From the repository root::
 
@@ -7,11 +7,11 @@ From the repository root::
 writes ``DIR/case_XXX/{mr,ct,label,bone,body,bias,tissue}.nii.gz`` and ``DIR/datalist.json``.
 Same seed, same bytes. A non-empty ``DIR`` is refused unless ``--overwrite`` is given. ``--varied`` makes a
 training cohort that covers what inference meets: each case also draws its body size (+-15 %), bias field, MR
-and CT noise, orientation (oblique or not) and storage (RAS or LPS) (``mtl_med.data.phantoms.VARIATION``);
+and CT noise, orientation (oblique or not) and storage (RAS or LPS) (``mtl_med.pelvis.phantoms.VARIATION``);
 an option given explicitly fixes that property for every case.
 
 The generator itself (``generate_phantom``, ``write_phantom``, ``generate_dataset``, ``PRESETS``, ...) lives in
-:mod:`mtl_med.data.phantoms`; import it from there.
+:mod:`mtl_med.pelvis.phantoms`; import it from there.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.report import finish, refuse_existing_output
-from mtl_med.data.phantoms import DEFAULT_SPACING, PAPER_CT_SPACING, PAPER_MR_SPACING, PRESETS, generate_dataset
+from mtl_med.pelvis.phantoms import DEFAULT_SPACING, PAPER_CT_SPACING, PAPER_MR_SPACING, PRESETS, generate_dataset
 
 __all__ = ["build_parser", "main"]
 

@@ -28,13 +28,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     parser.add_argument("--num-samples", type=int, default=50, help="posterior samples (section 5.2: 50)")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="phantom seed")
-    parser.add_argument("--preset", default="medium", help="phantom size preset of mtl_med.data.phantoms")
+    parser.add_argument("--preset", default="medium", help="phantom size preset of mtl_med.pelvis.phantoms")
     parser.add_argument("--bundle", default=None, help="bundle folder (default: $MTL_MED_BUNDLE or the checkout's flagship)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from mtl_med.data.phantoms import PRESETS, generate_phantom, write_phantom
+    from mtl_med.pelvis.phantoms import PRESETS, generate_phantom, write_phantom
     from mtl_med.inference import predict_case
     from mtl_med.inference.bundle import default_bundle
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from mtl_med import cli
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.build import sfg_highresnet
 from mtl_med.transforms import learn_landmarks, save_landmarks
 

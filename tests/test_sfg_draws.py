@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,6 @@
-"""mtl_med.data: readers and checks for the vision and pelvis data, and the synthetic pelvis phantoms.
+"""mtl_med.data: readers and checks for the vision and medical data (NIfTI volumes, DICOM series, datalists).
 
-The phantom constants (``PRESETS``, ``TISSUES``, ``CT_HU``, ``MR_T2``, ...) stay in :mod:`mtl_med.data.phantoms`
-(``from mtl_med.data.phantoms import PRESETS``); the functions and :class:`Phantom` are exported here.
+The synthetic pelvis phantoms belong to the pelvis application: :mod:`mtl_med.pelvis.phantoms`.
 """
 
 from mtl_med.errors import InputError
@@ -23,12 +22,4 @@ from .nifti import (
     check_datalist,
     check_overlap,
     check_volume,
-)
-from .phantoms import (
-    Phantom,
-    generate_dataset,
-    generate_phantom,
-    grid_affine,
-    split_cases,
-    write_phantom,
 )

@@ -13,7 +13,7 @@ import torch
 import yaml
 from monai.bundle import ConfigWorkflow
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "sfg_highresnet_pelvis"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import Predictor
 from mtl_med.build import sfg_highresnet

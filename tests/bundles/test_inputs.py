@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import Predictor
 from mtl_med.build import sfg_highresnet

@@ -41,7 +41,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """The data the train workflows read: a pelvis phantom datalist and a few synthetic scenes."""
-    from mtl_med.data.phantoms import generate_phantom, write_phantom
+    from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 
     root = tmp_path_factory.mktemp("tools")
     c = write_phantom(generate_phantom(3, shape=(16, 16, 4)), root / "case_0")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import CaseFailures, user_error
 from mtl_med.inference import Predictor, bundle_parser
 from mtl_med.inference import read_case_csv

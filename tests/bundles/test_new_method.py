@@ -12,7 +12,7 @@ from monai.bundle import ConfigWorkflow
 from monai.bundle import run as bundle_run
 from torch import nn
 
-from mtl_med.data.phantoms import generate_dataset
+from mtl_med.pelvis.phantoms import generate_dataset
 from mtl_med.networks.blocks import Trunk
 from mtl_med.sharing import METHODS, MultiTaskNetwork, register
 

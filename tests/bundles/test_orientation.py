@@ -11,7 +11,7 @@ import nibabel as nib
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.inference import Predictor
 from mtl_med.transforms import preprocess_transforms, train_patch_transforms
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med import inference
 from mtl_med.inference import Predictor, publish, writer
 from mtl_med.build import sfg_highresnet

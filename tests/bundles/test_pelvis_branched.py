@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import run as bundle_run
 
-from mtl_med.data.phantoms import generate_dataset
+from mtl_med.pelvis.phantoms import generate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "sfg_highresnet_pelvis"

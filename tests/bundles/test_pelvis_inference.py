@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import CaseFailures, ConcatTaskOutputs, Predictor, bundle_parser, load_checkpoint, predict_case
 from mtl_med.build import sfg_highresnet

@@ -10,7 +10,7 @@ import nibabel as nib
 import pytest
 import torch
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor, evaluate_cases, sample_posterior
 from mtl_med.build import sfg_highresnet
 from mtl_med.pelvis import CT_SCALE

@@ -83,7 +83,7 @@ def test_a_lazily_loaded_nibabel_image_is_checked_before_it_is_read(bomb):
 
 def test_the_predictor_refuses_the_bomb_and_runs_the_other_cases(tmp_path, bomb):
     """The predictor lists the input folder, then one bad case fails in one line and the good one is written."""
-    from mtl_med.data.phantoms import generate_phantom, write_phantom
+    from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
     from mtl_med.inference import Predictor
     from mtl_med.build import sfg_highresnet
     from mtl_med.transforms import learn_landmarks, save_landmarks

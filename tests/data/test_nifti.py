@@ -11,7 +11,7 @@ import pytest
 import mtl_med.data
 import mtl_med.data.nifti
 from mtl_med.data.nifti import check_case, check_datalist, check_volume
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
 from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
 from mtl_med.transforms import preprocess_transforms

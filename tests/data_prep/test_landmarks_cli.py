@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from data_prep import landmarks
-from mtl_med.data.phantoms import generate_dataset
+from mtl_med.pelvis.phantoms import generate_dataset
 from mtl_med.transforms import learn_from_datalist, load_landmarks
 
 

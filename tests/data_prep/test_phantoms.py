@@ -1,4 +1,4 @@
-"""The phantoms command line (data_prep.phantoms); the generator is tested in tests/data/test_phantoms.py."""
+"""The phantoms command line (data_prep.phantoms); the generator is tested in tests/pelvis/test_phantoms.py."""
 
 import hashlib
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import mtl_med.data.phantoms as library
+import mtl_med.pelvis.phantoms as library
 from data_prep import phantoms
 from mtl_med.data.nifti import check_datalist
 

@@ -4,7 +4,7 @@ import pytest
 
 from data_prep import synthrad
 from mtl_med.data.nifti import check_datalist
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.errors import InputError
 from mtl_med.io import atomic_save_nifti
 

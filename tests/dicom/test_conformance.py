@@ -18,7 +18,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 
 from mtl_med.data import dicom
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.errors import InputError
 from mtl_med.inference import dicom_outputs
 from mtl_med.pelvis import LABEL_TABLE

@@ -21,7 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from mtl_med.data import dicom
 from mtl_med.inference import dicom_outputs
 from mtl_med.data.nifti import check_datalist
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.errors import ConfigError, InputError
 from mtl_med.inference import Predictor
 from mtl_med.inference import check_dicom_outputs, list_cases

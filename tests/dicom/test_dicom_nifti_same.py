@@ -12,7 +12,7 @@ import torch
 
 from mtl_med.build import sfg_highresnet
 from mtl_med.data.dicom import load_series, write_mr_series
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.inference import Predictor
 from mtl_med.transforms import learn_landmarks, save_landmarks
 

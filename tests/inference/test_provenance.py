@@ -29,7 +29,7 @@ import yaml
 import mtl_med
 from mtl_med.data import dicom
 from mtl_med.inference import dicom_outputs, provenance
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.inference import Predictor
 from mtl_med.inference import evaluate_cases
 from mtl_med.build import sfg_highresnet

@@ -143,7 +143,7 @@ def make_series():
     """``make_series(folder, seed)``: a phantom MR (32 x 32 x 8) written as a DICOM MR series of its own study
     and frame of reference (:func:`mtl_med.data.dicom.write_mr_series`); returns the folder's files."""
     from mtl_med.data import dicom
-    from mtl_med.data.phantoms import generate_phantom
+    from mtl_med.pelvis.phantoms import generate_phantom
 
     def make(folder: Path, seed: int) -> list[Path]:
         ph = generate_phantom(seed, shape=SHAPE)
@@ -158,7 +158,7 @@ def tiny_bundle(tmp_path_factory):
     bundle's inference run them quickly (2 samples, no N4, no PNG): as ``{id: value}``."""
     import torch
 
-    from mtl_med.data.phantoms import generate_phantom
+    from mtl_med.pelvis.phantoms import generate_phantom
     from mtl_med.build import sfg_highresnet
     from mtl_med.transforms import learn_landmarks, save_landmarks
 

@@ -3,7 +3,7 @@
 import pytest
 
 from mtl_med.data.nifti import check_datalist
-from mtl_med.data.phantoms import generate_dataset
+from mtl_med.pelvis.phantoms import generate_dataset
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from mtl_med.data.phantoms import generate_phantom
+from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.errors import InputError
 from mtl_med.transforms import N4BiasFieldCorrectiond
 from mtl_med.transforms.n4 import N4BiasFieldCorrection, n4_bias_field, shrink_factors

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from monai.transforms import Compose
 
-from mtl_med.data.phantoms import generate_phantom, write_phantom
+from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.transforms import LoadVolumesd, invert_to_input, resample_transforms
 
 

@@ -10,7 +10,7 @@ from mtl_med import pelvis
 from mtl_med.metrics.medical import case_metrics
 from mtl_med.pelvis import PSNR_DATA_RANGE_HU
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "sfg_highresnet_pelvis" / "configs"
+BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis" / "configs"
 
 
 def _labels(channel_def):

@@ -1,10 +1,10 @@
-"""The pelvis application (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range and
-scale, task names, datalist roles and the organs of its metric tables.
+"""The pelvis application's values (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range
+and scale, task names, datalist roles and the organs of its metric tables.
 
 Generic code (NIfTI checks, transforms, metrics, inference) takes these values as arguments; the bundle's configs
-and the pelvis tables pass them from here, so another application changes them in one place. The bundle
-``bundles/sfg_highresnet_pelvis`` states the same values in ``configs/metadata.json`` (``tests/test_pelvis.py``
-checks that the two agree). Imports nothing from the package.
+and the pelvis tables pass them from :mod:`mtl_med.pelvis`, so another application changes them in one place. The
+bundle ``bundles/sfg_highresnet_pelvis`` states the same values in ``configs/metadata.json``
+(``tests/pelvis/test_constants.py`` checks that the two agree).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The phantom generator of the library (mtl_med.data.phantoms); its command line is tested in tests/data_prep."""
+"""The phantom generator of the library (mtl_med.pelvis.phantoms); its command line is tested in tests/data_prep."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from mtl_med.data.phantoms import PRESETS, generate_phantom, grid_affine, write_phantom
+from mtl_med.pelvis.phantoms import PRESETS, generate_phantom, grid_affine, write_phantom
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -67,7 +67,7 @@ def test_paper_preset_grid():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from mtl_med.data.phantoms import VARIATION, varied_phantom_kwargs  # noqa: E402
+from mtl_med.pelvis.phantoms import VARIATION, varied_phantom_kwargs  # noqa: E402
 
 SMALL = (24, 24, 8)
 
@@ -145,7 +145,7 @@ def test_varied_kwargs_are_reproducible_and_cover_the_ranges():
 
 def test_varied_dataset_records_each_case_and_keeps_the_anatomy_of_its_seed(tmp_path):
     from mtl_med.data.nifti import check_datalist
-    from mtl_med.data.phantoms import generate_dataset
+    from mtl_med.pelvis.phantoms import generate_dataset
 
     dl, failed = generate_dataset(tmp_path / "v", 4, seed=11, shape=SMALL, varied=True)
     assert not failed and set(dl["variations"]) == {f"case_{i:03d}" for i in range(4)}

@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from mtl_med.io import atomic_save_nifti, atomic_write_json
-from mtl_med.pelvis import LABEL_TABLE
+from mtl_med.pelvis.constants import LABEL_TABLE
 
 __all__ = [
     "PRESETS",
