@@ -4,8 +4,9 @@ The "mr" and "ct" entries of a datalist may also name a DICOM series folder (:da
 :func:`mtl_med.data.dicom.read_headers` and read by MONAI's ITK reader.
 
 Every check raises :class:`~mtl_med.errors.InputError` whose message names the file and the problem, before
-anything is written. The roles, the label table and the datalist image keys are the pelvis application's
-(:mod:`mtl_med.pelvis`).
+anything is written. A datalist item names its image files under :data:`IMAGE_KEYS`; a role decides the value
+checks (:data:`SIGNAL_ROLES`, "label", :data:`BINARY_ROLES`). The label values a label volume may hold are the
+application's: ``label_table`` (label value -> name) is an argument of every check that may see a "label".
 
 Size limits: a volume is read only after its header is checked (:func:`check_claimed_size`), so a tiny file
 whose header claims a huge grid (a gzip "bomb", a corrupt header) is refused in one line instead of driving
@@ -34,7 +35,6 @@ import nibabel as nib
 import numpy as np
 
 from mtl_med.errors import ConfigError, InputError  # noqa: F401  (InputError also importable from here)
-from mtl_med.pelvis import BINARY_ROLES, IMAGE_KEYS, LABEL_TABLE, SIGNAL_ROLES
 
 __all__ = [
     "InputError",
@@ -53,7 +53,17 @@ __all__ = [
     "source_name",
     "world_bounds",
     "DICOM_ROLES",
+    "IMAGE_KEYS",
+    "SIGNAL_ROLES",
+    "BINARY_ROLES",
 ]
+
+# the datalist convention: keys of an item that name image files (others, such as "fold", are passed through)
+IMAGE_KEYS = ("mr", "ct", "label", "bone", "body", "mask", "bias", "tissue")
+# roles whose volumes must not be constant (a constant MR or CT carries no image)
+SIGNAL_ROLES = ("mr", "ct")
+# roles whose volumes are binary masks
+BINARY_ROLES = ("bone", "body", "mask")
 
 # datalist keys that may name a DICOM series folder instead of a NIfTI file, and the series' modality
 DICOM_ROLES = {"mr": "MR", "ct": "CT"}
@@ -214,7 +224,8 @@ def source_name(obj: Any, default: str = "<in-memory volume>") -> str:
     return default
 
 
-def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr", spatial_ndim: int | None = 3) -> None:
+def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr", spatial_ndim: int | None = 3,
+                label_table: Mapping[int, Any] | None = None) -> None:
     """Check voxel values of an already-loaded volume (numpy array or tensor).
 
     Args:
@@ -222,11 +233,15 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
         path: the name used in error messages.
         role: "mr", "ct", "label" or a mask role ("bone", "body", "mask"); decides the value checks.
         spatial_ndim: required number of spatial axes (None: any).
+        label_table: label value -> name, the values a "label" volume may hold; required for that role.
 
     Raises:
         InputError: empty, wrong dimensionality, NaN / inf voxels, constant MR / CT, label values outside
-            :data:`mtl_med.pelvis.LABEL_TABLE`, non-binary masks.
+            ``label_table``, non-binary masks.
+        ValueError: a "label" volume checked without ``label_table``.
     """
+    if role == "label" and label_table is None:
+        raise ValueError(f"checking the label volume {path} needs label_table (label value -> name)")
     arr = np.asarray(array.detach().cpu() if hasattr(array, "detach") else array)
     if arr.size == 0:
         raise InputError(path, f"empty volume (shape {tuple(arr.shape)})")
@@ -249,10 +264,10 @@ def check_array(array: Any, path: Any = "<in-memory volume>", *, role: str = "mr
             raise InputError(path, f"empty {role} volume: every voxel is {float(arr.min())}")
     elif role == "label":
         values = np.unique(arr)
-        bad = [v for v in values.tolist() if not (float(v).is_integer() and int(v) in LABEL_TABLE)]
+        bad = [v for v in values.tolist() if not (float(v).is_integer() and int(v) in label_table)]
         if bad:
             raise InputError(
-                path, f"label values {bad[:10]} outside the label table {sorted(LABEL_TABLE)} ({LABEL_TABLE})"
+                path, f"label values {bad[:10]} outside the label table {sorted(label_table)} ({label_table})"
             )
     elif role in BINARY_ROLES:
         values = np.unique(arr)
@@ -278,16 +293,20 @@ def read_header(path: str | os.PathLike, *, role: str = "mr", max_voxels: int | 
     return img
 
 
-def check_volume(path: str | os.PathLike, *, role: str = "mr", max_voxels: int | None = None) -> nib.Nifti1Image:
+def check_volume(path: str | os.PathLike, *, role: str = "mr", max_voxels: int | None = None,
+                 label_table: Mapping[int, Any] | None = None) -> nib.Nifti1Image:
     """Load a NIfTI volume and check it; returns the nibabel image (data already read and verified). The
     header is checked before any voxel is read: at most ``max_voxels`` voxels (None: ``$MTL_MED_MAX_VOXELS``,
-    else :data:`MAX_VOXELS` = 2^30) and no more bytes than the memory available.
+    else :data:`MAX_VOXELS` = 2^30) and no more bytes than the memory available. ``label_table``: the values a
+    "label" volume may hold (:func:`check_array`).
 
     Raises:
         InputError: missing, unreadable or truncated file; a header claiming too large (or an empty / negative)
             grid; not 3D; NaN / inf; see :func:`check_claimed_size` and :func:`check_array`.
     """
     path = Path(path)
+    if role == "label" and label_table is None:
+        raise ValueError(f"checking the label volume {path} needs label_table (label value -> name)")
     img = read_header(path, role=role, max_voxels=max_voxels)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
@@ -297,7 +316,7 @@ def check_volume(path: str | os.PathLike, *, role: str = "mr", max_voxels: int |
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # truncated gzip stream / short file
         raise InputError(path, f"truncated or corrupt voxel data ({_one_line(err)})") from err
-    check_array(data, path, role=role, spatial_ndim=3)
+    check_array(data, path, role=role, spatial_ndim=3, label_table=label_table)
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(path, "invalid affine (singular or non-finite voxel-to-world matrix)")
@@ -342,9 +361,11 @@ def check_overlap(volumes: Mapping[str, tuple[Any, Sequence[int], np.ndarray]], 
                 )
 
 
-def check_case(item: Mapping[str, Any], *, min_overlap: float = 0.5, keys: Sequence[str] = IMAGE_KEYS) -> None:
+def check_case(item: Mapping[str, Any], *, min_overlap: float = 0.5, keys: Sequence[str] = IMAGE_KEYS,
+               label_table: Mapping[int, Any] | None = None) -> None:
     """Check every volume of a datalist item (``{"mr": path, "ct": path, "label": path, ...}``) and that they
-    overlap in physical space. Paths must already be resolved (see :func:`check_datalist`).
+    overlap in physical space. Paths must already be resolved (see :func:`check_datalist`). ``label_table``: the
+    values a "label" volume may hold, required when the item has one (:func:`check_array`).
 
     Raises:
         InputError: for the first bad file.
@@ -357,7 +378,7 @@ def check_case(item: Mapping[str, Any], *, min_overlap: float = 0.5, keys: Seque
             if key in DICOM_ROLES and Path(item[key]).is_dir():
                 geoms[key] = (item[key], *_series_geometry(item[key], key))
                 continue
-            img = check_volume(item[key], role=key)
+            img = check_volume(item[key], role=key, label_table=label_table)
             geoms[key] = (item[key], img.shape, img.affine)
     check_overlap(geoms, min_overlap=min_overlap)
 
@@ -377,6 +398,7 @@ def check_datalist(
     require_targets: bool = False,
     check_volumes: bool = False,
     min_overlap: float = 0.5,
+    label_table: Mapping[int, Any] | None = None,
 ) -> dict[str, list[dict]]:
     """Read a datalist (file or dict) and check that every file it names exists.
 
@@ -387,6 +409,8 @@ def check_datalist(
     Args:
         require_targets: training / validation items must have "ct" or "label".
         check_volumes: also run :func:`check_case` on every item (reads every volume).
+        label_table: label value -> name, the values a "label" volume may hold (needed with ``check_volumes``
+            when an item has a "label").
 
     Raises:
         InputError: unreadable JSON, no known section, an item without "mr", a missing file.
@@ -445,5 +469,5 @@ def check_datalist(
                         continue
                     raise InputError(item[key], f'file listed as "{key}" in {sec}[{idx}] of {name} does not exist')
             if check_volumes:
-                check_case(item, min_overlap=min_overlap)
+                check_case(item, min_overlap=min_overlap, label_table=label_table)
     return loaded

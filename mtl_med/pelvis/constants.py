@@ -1,5 +1,6 @@
 """The pelvis application's values (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range
-and scale, task names, datalist roles and the organs of its metric tables.
+and scale, task names and the organs of its metric tables. (The datalist's image keys and roles are the generic
+datalist convention of :mod:`mtl_med.data.nifti`: they name no organ.)
 
 Generic code (NIfTI checks, transforms, metrics, inference) takes these values as arguments; the bundle's configs
 and the pelvis tables pass them from :mod:`mtl_med.pelvis`, so another application changes them in one place. The
@@ -17,9 +18,6 @@ __all__ = [
     "SCT_TASK",
     "SEG_TASK",
     "TASK_NAMES",
-    "IMAGE_KEYS",
-    "SIGNAL_ROLES",
-    "BINARY_ROLES",
     "PSNR_ORGANS",
     "DICE_ORGANS",
     "PSNR_DATA_RANGE_HU",
@@ -45,13 +43,6 @@ CT_SCALE = 1024.0
 SCT_TASK = "sct"
 SEG_TASK = "seg"
 TASK_NAMES = (SCT_TASK, SEG_TASK)
-
-# keys of a datalist item that name image files (others, such as "fold", are passed through)
-IMAGE_KEYS = ("mr", "ct", "label", "bone", "body", "mask", "bias", "tissue")
-# roles whose volumes must not be constant (a constant MR or CT carries no image)
-SIGNAL_ROLES = ("mr", "ct")
-# roles whose volumes are binary masks
-BINARY_ROLES = ("bone", "body", "mask")
 
 # Table 2a: per-organ PSNR columns; Table 2b: Dice columns (every organ of LABEL_TABLE)
 PSNR_ORGANS: dict[str, int] = {"prostate": 3, "bladder": 4, "rectum": 5}

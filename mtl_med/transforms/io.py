@@ -64,13 +64,16 @@ class LoadVolumesd(MapTransform):
             by MONAI, cheap next to N4).
         allow_missing_keys: skip keys absent from the item (inference-only items have no "ct" / "label").
         max_voxels: the most voxels a header may claim (None: ``$MTL_MED_MAX_VOXELS``, else 2^30).
+        label_table: label value -> name, the values a "label" file may hold; required to check a "label".
     """
 
     def __init__(self, keys: KeysCollection = ("mr", "ct", "label"), check: bool = True,
-                 allow_missing_keys: bool = True, max_voxels: int | None = None) -> None:
+                 allow_missing_keys: bool = True, max_voxels: int | None = None,
+                 label_table: Mapping[int, Any] | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.check = check
         self.max_voxels = max_voxels
+        self.label_table = label_table
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         from mtl_med.data.nifti import DICOM_ROLES, check_volume, read_header
@@ -90,7 +93,7 @@ class LoadVolumesd(MapTransform):
                 d[key] = as_metatensor(d[key], name=f"<in-memory {key}>")
         for key in files:  # the header's claim first, the voxels after (a tiny file may claim terabytes)
             if self.check:
-                check_volume(d[key], role=str(key), max_voxels=self.max_voxels)
+                check_volume(d[key], role=str(key), max_voxels=self.max_voxels, label_table=self.label_table)
             else:
                 read_header(d[key], role=str(key), max_voxels=self.max_voxels)
         if not files:
@@ -112,12 +115,14 @@ class CheckVolumesd(MapTransform):
         keys: keys to check; each key's name is its role ("mr", "ct", "label", "bone", "body").
         min_overlap: see :func:`mtl_med.data.nifti.check_overlap`.
         allow_missing_keys: skip absent keys.
+        label_table: label value -> name, the values a "label" volume may hold; required to check a "label".
     """
 
     def __init__(self, keys: KeysCollection = ("mr", "ct", "label"), min_overlap: float = 0.5,
-                 allow_missing_keys: bool = True) -> None:
+                 allow_missing_keys: bool = True, label_table: Mapping[int, Any] | None = None) -> None:
         super().__init__(keys, allow_missing_keys)
         self.min_overlap = min_overlap
+        self.label_table = label_table
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -125,7 +130,7 @@ class CheckVolumesd(MapTransform):
         for key in self.key_iterator(d):
             img = d[key]
             name = source_name(img, f"<{key}>")
-            check_array(img, name, role=str(key), spatial_ndim=3)
+            check_array(img, name, role=str(key), spatial_ndim=3, label_table=self.label_table)
             if isinstance(img, MetaTensor):
                 geoms[str(key)] = (name, tuple(img.shape[-3:]), np.asarray(img.affine, float))
         check_overlap(geoms, min_overlap=self.min_overlap)

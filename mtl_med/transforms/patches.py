@@ -74,6 +74,7 @@ def preprocess_transforms(
     truth_geometry: str | None = None,
     ct_clip: Sequence[float] | None = None,
     ct_scale: float | None = None,
+    label_table: Mapping[int, Any] | None = None,
 ) -> Compose:
     """Deterministic preprocessing of a datalist item (file paths) into network-ready volumes.
 
@@ -100,14 +101,19 @@ def preprocess_transforms(
             a CT / label not on its MR's grid is an input error) or "resample" (resampled, with a warning).
         ct_clip, ct_scale: the CT's HU range and network scale (:class:`ScaleCTd`), required with a "ct" key (the
             pelvis bundle passes ``mtl_med.pelvis.CT_RANGE_HU`` and ``mtl_med.pelvis.CT_SCALE``).
+        label_table: label value -> name, the values a "label" volume may hold; required with a "label" key when
+            ``check`` is set (the pelvis bundle passes ``mtl_med.pelvis.LABEL_TABLE``).
     """
     keys = list(keys)
     if "ct" in keys and (ct_clip is None or ct_scale is None):
         raise ValueError("preprocess_transforms with a 'ct' key needs ct_clip and ct_scale (the CT's HU range and "
                          "network scale, e.g. mtl_med.pelvis.CT_RANGE_HU and mtl_med.pelvis.CT_SCALE)")
-    xforms: list[Callable] = [LoadVolumesd(keys, check=check, allow_missing_keys=True)]
+    if check and "label" in keys and label_table is None:
+        raise ValueError("preprocess_transforms with a 'label' key needs label_table (label value -> name, e.g. "
+                         "mtl_med.pelvis.LABEL_TABLE) to check the label values")
+    xforms: list[Callable] = [LoadVolumesd(keys, check=check, allow_missing_keys=True, label_table=label_table)]
     if check:
-        xforms.append(CheckVolumesd(keys, min_overlap=min_overlap, allow_missing_keys=True))
+        xforms.append(CheckVolumesd(keys, min_overlap=min_overlap, allow_missing_keys=True, label_table=label_table))
     if truth_geometry is not None:
         xforms.append(CheckGeometryd([k for k in keys if k != "mr"], on_mismatch=truth_geometry))
     if axcodes is not None:

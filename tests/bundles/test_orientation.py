@@ -14,6 +14,7 @@ import torch
 from mtl_med.pelvis.phantoms import generate_phantom
 from mtl_med.inference import Predictor
 from mtl_med.transforms import preprocess_transforms, train_patch_transforms
+from mtl_med.pelvis import LABEL_TABLE
 
 BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "sfg_highresnet_pelvis"
 CONFIGS = BUNDLE / "configs"
@@ -116,7 +117,7 @@ def test_oblique_storage_gives_the_same_answer(results):
 
 def test_training_volumes_are_oriented_the_same_way(storages):
     """What training caches and samples patches from: identical arrays and affines for every storage."""
-    pre = preprocess_transforms(("mr", "label"), n4=False)
+    pre = preprocess_transforms(("mr", "label"), n4=False, label_table=LABEL_TABLE)
     vols = {name: pre(dict(p)) for name, p in storages.items() if name != "oblique"}
     ref = vols["asis"]
     for name, d in vols.items():

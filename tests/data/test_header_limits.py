@@ -20,6 +20,7 @@ import mtl_med.data.nifti as nifti
 from mtl_med.data.nifti import MAX_VOXELS, check_claimed_size, check_volume, voxel_limit
 from mtl_med.errors import CaseFailures, ConfigError, InputError
 from mtl_med.transforms import LoadVolumesd, preprocess_transforms
+from mtl_med.pelvis import LABEL_TABLE
 
 BOMB_SHAPE = (1400, 1400, 1400)
 BOMB_CLAIM = r"header claims 1400 x 1400 x 1400 voxels of int16 \(5\.5 GB\)"
@@ -149,19 +150,19 @@ def test_available_memory_is_a_positive_count_or_unknown():
 def test_limit_from_environment_and_argument(tmp_path, monkeypatch):
     path = tmp_path / "small.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), np.eye(4)), str(path))  # 4096 voxels
-    assert check_volume(path, role="label").shape == (16, 16, 16)
+    assert check_volume(path, role="label", label_table=LABEL_TABLE).shape == (16, 16, 16)
     monkeypatch.setenv("MTL_MED_MAX_VOXELS", "1000")
     with pytest.raises(InputError, match=r"16 x 16 x 16 voxels of uint8 \(4\.1 kB\), more than the limit of 1,000 voxels"):
-        check_volume(path, role="label")
+        check_volume(path, role="label", label_table=LABEL_TABLE)
     with pytest.raises(InputError, match="limit of 1,000 voxels"):
-        LoadVolumesd(("label",))({"label": str(path)})
-    assert check_volume(path, role="label", max_voxels=4096).shape == (16, 16, 16)  # the argument wins
-    assert LoadVolumesd(("label",), max_voxels=2**12)({"label": str(path)})["label"].shape == (1, 16, 16, 16)
+        LoadVolumesd(("label",), label_table=LABEL_TABLE)({"label": str(path)})
+    assert check_volume(path, role="label", label_table=LABEL_TABLE, max_voxels=4096).shape == (16, 16, 16)  # the argument wins
+    assert LoadVolumesd(("label",), max_voxels=2**12, label_table=LABEL_TABLE)({"label": str(path)})["label"].shape == (1, 16, 16, 16)
     monkeypatch.setenv("MTL_MED_MAX_VOXELS", "2^12")
-    assert voxel_limit() == 4096 and check_volume(path, role="label").shape == (16, 16, 16)
+    assert voxel_limit() == 4096 and check_volume(path, role="label", label_table=LABEL_TABLE).shape == (16, 16, 16)
     monkeypatch.setenv("MTL_MED_MAX_VOXELS", "lots")
     with pytest.raises(ConfigError, match=r"MTL_MED_MAX_VOXELS: must be a positive whole number"):
-        check_volume(path, role="label")
+        check_volume(path, role="label", label_table=LABEL_TABLE)
     monkeypatch.delenv("MTL_MED_MAX_VOXELS")
     assert voxel_limit() == MAX_VOXELS == 2**30
     with pytest.raises(ConfigError, match="max_voxels"):
@@ -235,10 +236,10 @@ def test_any_claim_is_refused_naming_the_file_or_loaded(tmp_path, shape, dtype):
     within = min(shape) >= 1 and int(np.prod(shape, dtype=object)) <= LIMIT
     write_claim(path, shape, dtype, data=np.zeros(shape, dtype) if within else None)
     if within:
-        assert check_volume(path, role="label", max_voxels=LIMIT).shape == shape
+        assert check_volume(path, role="label", label_table=LABEL_TABLE, max_voxels=LIMIT).shape == shape
         return
     with pytest.raises(InputError, match=r"header claims|corrupt header|empty volume") as err:
-        check_volume(path, role="label", max_voxels=LIMIT)
+        check_volume(path, role="label", label_table=LABEL_TABLE, max_voxels=LIMIT)
     _one_line_naming(err.value, path)
     with pytest.raises(InputError):  # the same refusal without voxels: the header alone decides
         check_claimed_size(path, shape, dtype, max_voxels=LIMIT)
@@ -247,4 +248,4 @@ def test_any_claim_is_refused_naming_the_file_or_loaded(tmp_path, shape, dtype):
 def test_datalist_check_refuses_the_bomb(tmp_path, bomb):
     (tmp_path / "dl.json").write_text(json.dumps({"test": [{"mr": bomb.name}]}))
     with pytest.raises(InputError, match=BOMB_CLAIM):
-        nifti.check_datalist(tmp_path / "dl.json", check_volumes=True)
+        nifti.check_datalist(tmp_path / "dl.json", check_volumes=True, label_table=LABEL_TABLE)

@@ -13,7 +13,7 @@ import mtl_med.data.nifti
 from mtl_med.data.nifti import check_case, check_datalist, check_volume
 from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.errors import InputError
-from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, LABEL_TABLE
 from mtl_med.transforms import preprocess_transforms
 
 
@@ -31,7 +31,7 @@ def case(tmp_path):
 def test_good_volume_passes(case):
     img = check_volume(case["mr"], role="mr")
     assert img.shape == (24, 24, 8)
-    check_case(case)
+    check_case(case, label_table=LABEL_TABLE)
 
 
 @pytest.mark.parametrize(
@@ -77,12 +77,23 @@ def test_bad_volumes(tmp_path, case, name, make, role, problem):
     elif make == "labelfrac":
         _save(path, np.full((8, 8, 8), 2.5, np.float32))
     with pytest.raises(InputError, match=problem) as err:
-        check_volume(path, role=role)
+        check_volume(path, role=role, label_table=LABEL_TABLE)
     assert str(err.value).startswith(str(path) + ": ")
     assert err.value.path == str(path)
     # the loading pipeline raises the same error before any processing
     with pytest.raises(InputError, match=problem):
-        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)({**case, role: str(path)})
+        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE)({**case, role: str(path)})
+
+
+def test_label_values_are_checked_against_the_table_the_caller_gives(tmp_path, case):
+    """The generic checks hold no label table: a label is checked against the caller's, and never without one."""
+    path = tmp_path / "lab.nii.gz"
+    _save(path, np.full((8, 8, 8), 7, np.uint8))
+    assert check_volume(path, role="label", label_table={0: "background", 7: "other"}).shape == (8, 8, 8)
+    for check in (lambda: check_volume(path, role="label"), lambda: check_case(case),
+                  lambda: preprocess_transforms(("mr", "label"), n4=False)):
+        with pytest.raises(ValueError, match="label_table"):
+            check()
 
 
 def test_empty_volume(tmp_path):
@@ -99,9 +110,9 @@ def test_no_physical_overlap(tmp_path, case):
     moved = tmp_path / "ct_moved.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), aff), str(moved))
     with pytest.raises(InputError, match=r"ct_moved\.nii\.gz: ct does not overlap mr .*mr\.nii\.gz"):
-        check_case({**case, "ct": str(moved)})
+        check_case({**case, "ct": str(moved)}, label_table=LABEL_TABLE)
     with pytest.raises(InputError, match="does not overlap"):
-        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)({**case, "ct": str(moved)})
+        preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE)({**case, "ct": str(moved)})
 
 
 def test_datalist_checks(tmp_path, case):
@@ -109,7 +120,7 @@ def test_datalist_checks(tmp_path, case):
     dl = {"training": [{"mr": "mr.nii.gz", "ct": "ct.nii.gz", "label": "label.nii.gz"}],
           "test": [{"mr": "mr.nii.gz"}]}
     (root / "dl.json").write_text(json.dumps(dl))
-    out = check_datalist(root / "dl.json", check_volumes=True)
+    out = check_datalist(root / "dl.json", check_volumes=True, label_table=LABEL_TABLE)
     assert out["training"][0]["mr"] == str(root / "mr.nii.gz")  # relative to the datalist's folder
     dl["validation"] = [{"mr": "mr.nii.gz", "label": "gone.nii.gz"}]
     (root / "dl2.json").write_text(json.dumps(dl))

@@ -7,6 +7,7 @@ import pytest
 from data_prep import goldatlas
 from mtl_med.data.nifti import check_case
 from mtl_med.errors import InputError
+from mtl_med.pelvis import LABEL_TABLE
 
 LABELS = {"Femur_Head_L": 1, "Femur_Head_R": 2, "Prostate": 3, "Bladder": 4, "Rectum": 5}
 
@@ -19,7 +20,7 @@ def test_convert_patient_labels_and_geometry(goldatlas_tree, organs, tmp_path):
     items = dl["training"] + dl["validation"] + dl["test"]
     assert items == [{"mr": "1_01_P/mr.nii.gz", "ct": "1_01_P/ct.nii.gz", "label": "1_01_P/label.nii.gz"}]
     case = {k: str(out / v) for k, v in items[0].items()}
-    check_case(case)
+    check_case(case, label_table=LABEL_TABLE)
     lab, mr = nib.load(case["label"]), nib.load(case["mr"])
     assert lab.shape == mr.shape == (32, 32, 5)
     assert np.allclose(lab.affine, mr.affine)

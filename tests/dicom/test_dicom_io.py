@@ -187,7 +187,7 @@ def test_mixed_incomplete_and_wrong_series_are_named(tmp_path):
     (tmp_path / "dl.json").write_text(json.dumps(dl))
     assert list_cases(datalist=tmp_path / "dl.json")[0] == {"mr": str(tmp_path / "good"), "name": "good"}
     with pytest.raises(InputError, match="gap: incomplete series"):
-        check_datalist(tmp_path / "dl.json", check_volumes=True)
+        check_datalist(tmp_path / "dl.json", check_volumes=True, label_table=LABEL_TABLE)
 
 
 def test_folder_of_series_folders_runs_each_case_once(env):
@@ -342,10 +342,10 @@ def test_training_loader_reads_series_folders_as_inference_does(env, tmp_path):
     ref = dicom.load_series(folder)
     mr, label = _phantom_mr()
     nib.save(nib.Nifti1Image(label.astype(np.uint8), np.asarray(ref.affine, float)), tmp_path / "label.nii.gz")
-    d = LoadVolumesd(("mr", "label"))({"mr": str(folder), "label": str(tmp_path / "label.nii.gz")})
+    d = LoadVolumesd(("mr", "label"), label_table=LABEL_TABLE)({"mr": str(folder), "label": str(tmp_path / "label.nii.gz")})
     assert torch.equal(d["mr"].as_tensor(), ref.as_tensor()) and np.allclose(d["mr"].affine, ref.affine)
     assert d["label"].shape == d["mr"].shape
     with pytest.raises(InputError, match="label is a folder"):
-        LoadVolumesd(("mr", "label"))({"mr": str(folder), "label": str(folder)})
+        LoadVolumesd(("mr", "label"), label_table=LABEL_TABLE)({"mr": str(folder), "label": str(folder)})
     with pytest.raises(InputError, match="gap"):
         LoadVolumesd(("mr",))({"mr": str(env["root"] / "in" / "gap")})

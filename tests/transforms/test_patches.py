@@ -3,7 +3,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE
+from mtl_med.pelvis import CT_RANGE_HU, CT_SCALE, LABEL_TABLE
 from mtl_med.transforms import train_patch_transforms
 from mtl_med.transforms.histogram import learn_landmarks, save_landmarks
 
@@ -96,7 +96,7 @@ def test_train_loader_batches(phantom_set, tmp_path):
     from mtl_med.transforms import make_dataset, preprocess_transforms
 
     items = check_datalist(out / "datalist.json", sections=("training",))["training"]
-    pre = preprocess_transforms(("mr", "ct", "label"), landmarks=lm, n4_shrink_factor=2, n4_threads=2, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE)
+    pre = preprocess_transforms(("mr", "ct", "label"), landmarks=lm, n4_shrink_factor=2, n4_threads=2, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE)
     loader = DataLoader(make_dataset(items * 4, pre, train_patch_transforms(("mr", "ct", "label"))), batch_size=10, shuffle=True)
     batch = next(iter(loader))
     assert tuple(batch["mr"].shape) == (10, 1, 136, 136)  # A.3: batch of 10
@@ -113,7 +113,7 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_
     cache = tmp_path / "cache"
 
     def load(**kw):
-        ds = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, **kw), cache="disk", cache_dir=cache)
+        ds = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE, **kw), cache="disk", cache_dir=cache)
         return [ds[i] for i in range(len(ds))]
 
     first = load()
@@ -122,10 +122,10 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_
     again = load()  # the same preprocessing rebuilt: the same keys, nothing new written
     assert sorted(cache.iterdir()) == entries
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, again) for k in ("mr", "ct", "label"))
-    memory = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE), cache="memory")
+    memory = make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE), cache="memory")
     assert torch.equal(memory[0]["mr"], first[0]["mr"])
     coarse = load(pixdim=3.0)  # another parameter value must not reuse the 1.46 mm entries
     assert len(list(cache.iterdir())) == 4
     assert coarse[0]["mr"].shape != first[0]["mr"].shape
     with pytest.raises(ValueError, match="cache_dir"):
-        make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE), cache="disk")
+        make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE), cache="disk")

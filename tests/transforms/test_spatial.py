@@ -4,10 +4,11 @@ from monai.transforms import Compose
 
 from mtl_med.pelvis.phantoms import generate_phantom, write_phantom
 from mtl_med.transforms import LoadVolumesd, invert_to_input, resample_transforms
+from mtl_med.pelvis import LABEL_TABLE
 
 
 def _load(paths, keys=("mr", "ct", "label")):
-    return LoadVolumesd(keys)({k: paths[k] for k in keys})
+    return LoadVolumesd(keys, label_table=LABEL_TABLE)({k: paths[k] for k in keys})
 
 
 def test_round_trip_isotropic_is_exact(tmp_path):
