@@ -1,4 +1,4 @@
-"""The pelvis predictor's DICOM outputs for a DICOM MR series input (read by :mod:`mtl_med.data.dicom`): the
+"""The predictor's DICOM outputs for a DICOM MR series input (read by :mod:`mtl_med.data.dicom`): the
 synthetic CT as a CT series, the organs as a DICOM SEG and an RT Structure Set, all in the source's study and
 frame of reference. The CT series needs only pydicom; SEG and RTSTRUCT need the ``dicom`` extra
 (``pip install mtl_med[dicom]``: highdicom, contourpy).
@@ -7,6 +7,11 @@ frame of reference. The CT series needs only pydicom; SEG and RTSTRUCT need the 
     write_ct_series(hu, src, "out/case_sct_dicom")  # hu: (i, j, k) on the series' own grid
     write_seg(labels, src, "out/case_seg.dcm", label_table=table)   # table: label -> organ name
     write_rtstruct(labels, src, "out/case_rtstruct.dcm", label_table=table)
+
+What the outputs call the model (``model_name``), the organs' SNOMED CT codes in the SEG (``organ_codes``) and their
+display colours in the RTSTRUCT (``organ_colours``) are the application's, passed by the caller (the pelvis bundle
+passes ``mtl_med.pelvis.MODEL_NAME``, ``ORGAN_CODES`` and ``ORGAN_COLOURS``); without them every organ is an
+"Anatomical Structure" drawn in :data:`DEFAULT_COLOUR`, made by :data:`DEFAULT_MODEL_NAME`.
 
 Every output is marked research use only (series description, image comments, derivation description): a
 synthetic CT and automatic contours from this package are not a clinical device.
@@ -32,18 +37,17 @@ import numpy as np
 from mtl_med.data.dicom import BODY_PART, MANUFACTURER, SeriesHeaders, _now, _set_plane
 from mtl_med.errors import InputError
 
-__all__ = ["RESEARCH_ONLY", "write_ct_series", "write_seg", "write_rtstruct"]
+__all__ = ["RESEARCH_ONLY", "DEFAULT_MODEL_NAME", "write_ct_series", "write_seg", "write_rtstruct"]
 
 RESEARCH_ONLY = "RESEARCH USE ONLY - NOT FOR CLINICAL USE"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_INTERCEPT = -1024  # stored value 0 is -1024 HU, the bottom of the CT range (A.3)
-MODEL_NAME = "SFG-HighResNet pelvis sCT and organs"
-# display colours (RTSTRUCT) and SNOMED CT codes (SEG) of the label table's organs
-ORGAN_COLOURS = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 255, 0), 5: (180, 90, 40)}
-# (the segment label says left / right: SNOMED CT has one concept for both femoral heads)
-ORGAN_CODES = {1: ("2812003", "Femoral head"), 2: ("2812003", "Femoral head"), 3: ("41216001", "Prostate"),
-               4: ("89837001", "Bladder"), 5: ("34402009", "Rectum")}
+# what the outputs name as the model that made them, when the caller names none
+DEFAULT_MODEL_NAME = "mtl_med multi-task network"
+# SNOMED CT code (SEG) and display colour (RTSTRUCT) of a label the caller gives none for
+DEFAULT_CODE = ("91723000", "Anatomical Structure")
+DEFAULT_COLOUR = (255, 0, 0)
 # attributes copied from the source series so a planning system files the outputs with the MR; those of type 2
 # in the Patient and General Study modules are written empty when the source lacks them
 PATIENT_STUDY = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -100,7 +104,7 @@ def _weights(ident: Any) -> str:
     return f"weights MD5 {ident.weights_md5}" if ident.weights_md5 else "weights not from a file"
 
 
-def _contributing_equipment(ident: Any, what: str) -> Any:
+def _contributing_equipment(ident: Any, what: str, model_name: str) -> Any:
     """One Contributing Equipment Sequence item (SOP Common module): this package as the processing equipment
     that made ``what`` from the source series, with the model and the weights' MD5."""
     from pydicom.dataset import Dataset
@@ -113,7 +117,7 @@ def _contributing_equipment(ident: Any, what: str) -> Any:
     eq.DeviceSerialNumber = ident.weights_md5 or "none"
     eq.SoftwareVersions = ident.software_versions()
     eq.ContributionDateTime = datetime.datetime.now().strftime("%Y%m%d%H%M%S")
-    eq.ContributionDescription = (f"{what} by {MODEL_NAME} ({ident.model}, mtl_med {ident.package_version}, "
+    eq.ContributionDescription = (f"{what} by {model_name} ({ident.model}, mtl_med {ident.package_version}, "
                                   f"{_weights(ident)}); {RESEARCH_ONLY}")
     eq.PurposeOfReferenceCodeSequence = [code]
     return eq
@@ -134,11 +138,13 @@ def _copy_body_part(ds: Any, src: Any) -> None:
 
 
 def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLike, *, series_number: int | None = None,
-                    description: str = "Synthetic CT from MR", provenance: Any = None) -> list[Path]:
+                    description: str = "Synthetic CT from MR", provenance: Any = None,
+                    model_name: str = DEFAULT_MODEL_NAME) -> list[Path]:
     """The synthetic CT as a CT series, one file per slice of the source grid (same positions, orientation and
     spacing), stored as unsigned 16 bit with Rescale Slope 1 and Intercept -1024 (HU = stored - 1024; HU are
     rounded to integers), in the source's patient, study and frame of reference, each slice referencing its MR
-    slice (Source Image Sequence). New Series and SOP Instance UIDs."""
+    slice (Source Image Sequence). New Series and SOP Instance UIDs. ``model_name``: the manufacturer's model
+    name and the maker named in the derivation description."""
     import pydicom
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
@@ -147,7 +153,7 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
 
     hu = _check_grid(hu, src, "synthetic CT")
     ident = _identity(provenance)
-    equipment = _contributing_equipment(ident, "Synthetic CT predicted from the MR series")
+    equipment = _contributing_equipment(ident, "Synthetic CT predicted from the MR series", model_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stored = np.clip(np.rint(hu) - CT_INTERCEPT, 0, np.iinfo(np.uint16).max).astype(np.uint16)
@@ -162,12 +168,12 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
         ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, number, k + 1
         ds.SeriesDescription = f"{description} - {RESEARCH_ONLY}"[:64]
         ds.ImageComments = f"{RESEARCH_ONLY}: synthetic CT computed from MR series {mr.SeriesInstanceUID}"
-        ds.DerivationDescription = (f"Synthetic CT predicted by {MODEL_NAME} ({MANUFACTURER} {ident.package_version}, "
+        ds.DerivationDescription = (f"Synthetic CT predicted by {model_name} ({MANUFACTURER} {ident.package_version}, "
                                     f"{ident.model}, {_weights(ident)}); {RESEARCH_ONLY}")
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.SeriesDate = ds.ContentDate = date
         ds.SeriesTime = ds.ContentTime = time
-        ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
+        ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, model_name, __version__
         ds.ContributingEquipmentSequence = [equipment]
         if "PatientPosition" in mr:
             ds.PatientPosition = mr.PatientPosition
@@ -197,9 +203,13 @@ def _label_slices(labels: np.ndarray, src: SeriesHeaders) -> np.ndarray:
 
 
 def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
-              label_table: Mapping[int, str], series_number: int | None = None, provenance: Any = None) -> Path:
-    """The label map as a binary DICOM SEG (highdicom), one segment per organ of ``label_table`` (SNOMED CT
-    codes), frames referencing the source MR slices."""
+              label_table: Mapping[int, str], series_number: int | None = None, provenance: Any = None,
+              model_name: str = DEFAULT_MODEL_NAME,
+              organ_codes: Mapping[int, tuple[str, str]] | None = None) -> Path:
+    """The label map as a binary DICOM SEG (highdicom), one segment per organ of ``label_table``, frames
+    referencing the source MR slices. ``organ_codes``: label -> SNOMED CT (code value, meaning) of its segment's
+    property type (a label without one: :data:`DEFAULT_CODE`); ``model_name``: the algorithm's and the
+    manufacturer's model name."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
@@ -211,11 +221,11 @@ def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *
     organs = [lab for lab in sorted(label_table) if lab > 0]
     ident = _identity(provenance)
     params = {"mtl_med": ident.package_version, "model": ident.model, "weights_md5": ident.weights_md5 or "none"}
-    algo = hd.AlgorithmIdentificationSequence(name=MODEL_NAME, version=f"{ident.model} (mtl_med {ident.package_version})"[:64],
+    algo = hd.AlgorithmIdentificationSequence(name=model_name, version=f"{ident.model} (mtl_med {ident.package_version})"[:64],
                                               family=codes.cid7162.ArtificialIntelligence, parameters=params)
     descs = []
     for n, lab in enumerate(organs, start=1):
-        value, meaning = ORGAN_CODES.get(lab, ("91723000", "Anatomical Structure"))
+        value, meaning = (organ_codes or {}).get(lab, DEFAULT_CODE)
         descs.append(hd.seg.SegmentDescription(
             segment_number=n, segment_label=label_table[lab][:64],
             segmented_property_category=codes.SCT.AnatomicalStructure,
@@ -231,13 +241,14 @@ def write_seg(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *
         source_images=list(src.datasets), pixel_array=remap[frames], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descs, series_instance_uid=generate_uid(), series_number=number,
         sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
-        manufacturer_model_name=MODEL_NAME, software_versions=__version__, device_serial_number=ident.weights_md5 or "none",
+        manufacturer_model_name=model_name, software_versions=__version__, device_serial_number=ident.weights_md5 or "none",
         series_description=f"Organs - {RESEARCH_ONLY}"[:64], content_label="ORGANS",
         content_description=RESEARCH_ONLY[:64], omit_empty_frames=False,
     )
     seg.ImageComments = f"{RESEARCH_ONLY}: automatic segmentation of MR series {first.SeriesInstanceUID}"
     seg.ContributingEquipmentSequence = [*seg.get("ContributingEquipmentSequence", []),
-                                         _contributing_equipment(ident, "Organ segmentation predicted from the MR series")]
+                                         _contributing_equipment(ident, "Organ segmentation predicted from the MR series",
+                                                                 model_name)]
     path = Path(path)
     seg.save_as(path)
     return path
@@ -257,9 +268,11 @@ def _contours(mask: np.ndarray) -> list[np.ndarray]:
 
 def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLike, *,
                    label_table: Mapping[int, str], series_number: int | None = None,
-                   provenance: Any = None) -> Path:
+                   provenance: Any = None, model_name: str = DEFAULT_MODEL_NAME,
+                   organ_colours: Mapping[int, tuple[int, int, int]] | None = None) -> Path:
     """The label map as an RT Structure Set: one ROI per organ of ``label_table``, closed planar contours per
-    slice in patient coordinates, each referencing its MR slice.
+    slice in patient coordinates, each referencing its MR slice. ``organ_colours``: label -> ROI display colour
+    (RGB; a label without one: :data:`DEFAULT_COLOUR`); ``model_name``: the manufacturer's model name.
 
     Written with pydicom: highdicom has no RT Structure Set writer, and rt-utils traces contours through the
     boundary voxels' centres with the GUI build of OpenCV (needs libGL on a server). Contours here are
@@ -286,8 +299,9 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
     ds.StructureSetDescription = f"{RESEARCH_ONLY}: automatic contours of MR series {first.SeriesInstanceUID}"
     ds.StructureSetDate = ds.SeriesDate = date
     ds.StructureSetTime = ds.SeriesTime = time
-    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, MODEL_NAME, __version__
-    ds.ContributingEquipmentSequence = [_contributing_equipment(ident, "Organ contours predicted from the MR series")]
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = MANUFACTURER, model_name, __version__
+    ds.ContributingEquipmentSequence = [_contributing_equipment(ident, "Organ contours predicted from the MR series",
+                                                                model_name)]
     ds.OperatorsName = ""
     ds.ApprovalStatus = "UNAPPROVED"
 
@@ -313,11 +327,11 @@ def write_rtstruct(labels: np.ndarray, src: SeriesHeaders, path: str | os.PathLi
         roi = Dataset()
         roi.ROINumber, roi.ReferencedFrameOfReferenceUID = n, first.FrameOfReferenceUID
         roi.ROIName, roi.ROIGenerationAlgorithm = label_table[lab], "AUTOMATIC"
-        roi.ROIGenerationDescription = f"{MODEL_NAME}; {RESEARCH_ONLY}"[:64]
+        roi.ROIGenerationDescription = f"{model_name}; {RESEARCH_ONLY}"[:64]
         ds.StructureSetROISequence.append(roi)
         rc = Dataset()
         rc.ReferencedROINumber = n
-        rc.ROIDisplayColor = list(ORGAN_COLOURS.get(lab, (255, 0, 0)))
+        rc.ROIDisplayColor = list((organ_colours or {}).get(lab, DEFAULT_COLOUR))
         contours = []
         for k, mr in enumerate(src.datasets):
             if not (frames[k] == lab).any():

@@ -8,7 +8,7 @@ slice in the radiological convention: anterior at the top, the patient's right o
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,11 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from mtl_med.io import atomic_write
 
-__all__ = ["save_overview", "axial_view", "to_ras"]
+__all__ = ["save_overview", "label_colours_for", "axial_view", "to_ras"]
 
 # window of the CT panels (HU): soft tissue to bone
 CT_WINDOW = (-400.0, 1200.0)
-LABEL_COLOURS = ["black", "gold", "orange", "red", "deepskyblue", "limegreen"]
+
 # where each orientation marker sits on a displayed axial panel (axes fraction); see axial_view
 _MARKERS = {"R": (0.03, 0.5), "L": (0.97, 0.5), "A": (0.5, 0.97), "P": (0.5, 0.03)}
 
@@ -45,7 +45,18 @@ def axial_view(vol: np.ndarray, affine: np.ndarray | None = None, k: int | None 
     return _display(ras, ras.shape[2] // 2 if k is None else k)
 
 
-def _build_figure(mr, sct, seg, uncertainty, *, label_table, affine=None, sct_std=None, ct=None, label=None,
+def label_colours_for(label_table: Mapping[int, str], label_colours: Sequence[str] | None = None) -> list[str]:
+    """One matplotlib colour per label of ``label_table`` (0, 1, ...): ``label_colours`` (the application's, at
+    least one per label), or black for the background and matplotlib's colour cycle ("C0", "C1", ...) for the others."""
+    n_labels = len(label_table)
+    if label_colours is None:
+        return ["black", *(f"C{i % 10}" for i in range(n_labels - 1))]
+    if len(label_colours) < n_labels:
+        raise ValueError(f"label_colours has {len(label_colours)} colours for the {n_labels} labels of the label table")
+    return list(label_colours)[:n_labels]
+
+
+def _build_figure(mr, sct, seg, uncertainty, *, label_table, label_colours=None, affine=None, sct_std=None, ct=None, label=None,
                   slice_index=None, title="", metrics=None, uncertainty_name="disagreement"):
     """The overview figure (not saved), so tests can read its legends and title."""
     import matplotlib
@@ -78,7 +89,8 @@ def _build_figure(mr, sct, seg, uncertainty, *, label_table, affine=None, sct_st
     z_mm = (ras_affine @ np.array([(ref.shape[0] - 1) / 2, (ref.shape[1] - 1) / 2, k, 1.0]))[2]
 
     n_labels = len(label_table)
-    cmap = ListedColormap(LABEL_COLOURS[:n_labels])
+    colours = label_colours_for(label_table, label_colours)
+    cmap = ListedColormap(colours)
     ct_kw = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1]}
     label_kw = {"cmap": cmap, "vmin": 0, "vmax": n_labels - 1, "interpolation": "nearest"}
     panels: list[tuple[str, np.ndarray | None, dict]] = [("MR", mr, {"cmap": "gray"})]
@@ -94,7 +106,7 @@ def _build_figure(mr, sct, seg, uncertainty, *, label_table, affine=None, sct_st
     for ax in axes.ravel():
         ax.axis("off")
     outline = [pe.withStroke(linewidth=2, foreground="black")]  # readable on bright and dark pixels alike
-    handles = [Patch(facecolor=LABEL_COLOURS[i], edgecolor="white", label=label_table[i]) for i in range(1, n_labels)]
+    handles = [Patch(facecolor=colours[i], edgecolor="white", label=label_table[i]) for i in range(1, n_labels)]
     for ax, (name, vol, kw) in zip(axes.ravel(), panels):
         # aspect: displayed rows run along RAS y, columns along RAS x, so anisotropic voxels keep their true shape
         im = ax.imshow(_display(ras(vol), k), aspect=spacing[1] / spacing[0], **kw)
@@ -126,6 +138,7 @@ def save_overview(
     uncertainty: np.ndarray,
     *,
     label_table: Mapping[int, str],
+    label_colours: Sequence[str] | None = None,
     affine: np.ndarray | None = None,
     sct_std: np.ndarray | None = None,
     ct: np.ndarray | None = None,
@@ -138,14 +151,16 @@ def save_overview(
     """Write the overview of one axial slice atomically.
 
     All arrays lie on one voxel grid whose voxel-to-world RAS+ mm ``affine`` (nibabel convention) is given (None:
-    identity, i.e. RAS storage). ``label_table``: label -> organ name of the legend (background 0 included).
+    identity, i.e. RAS storage). ``label_table``: label -> organ name of the legend (background 0 included);
+    ``label_colours``: a matplotlib colour per label (see :func:`label_colours_for`).
     ``slice_index`` counts along the reoriented inferior->superior axis; default: the
     slice with most labelled voxels (``label`` if given, else ``seg``).
     """
     import matplotlib.pyplot as plt
 
-    fig = _build_figure(mr, sct, seg, uncertainty, label_table=label_table, affine=affine, sct_std=sct_std, ct=ct, label=label,
-                        slice_index=slice_index, title=title, metrics=metrics, uncertainty_name=uncertainty_name)
+    fig = _build_figure(mr, sct, seg, uncertainty, label_table=label_table, label_colours=label_colours, affine=affine,
+                        sct_std=sct_std, ct=ct, label=label, slice_index=slice_index, title=title, metrics=metrics,
+                        uncertainty_name=uncertainty_name)
     path = Path(path)
     try:
         with atomic_write(path) as tmp:

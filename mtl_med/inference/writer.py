@@ -87,12 +87,26 @@ class CaseWriter:
     name kept whole: ``FolderLayout`` would cut it at its first dot), the overview (``save_png``) and the DICOM
     outputs (``dicom_outputs``, :func:`check_dicom_outputs`), each checked to lie in the case folder inside
     ``output_dir``; ``label_table`` (label -> organ name) names the organs of the overview and the DICOM SEG /
-    RTSTRUCT, ``uncertainty`` the uncertainty map of the overview."""
+    RTSTRUCT, ``uncertainty`` the uncertainty map of the overview. The application's presentation of its labels:
+    ``label_colours`` (a matplotlib colour per label, for the overview), ``model_name`` (the maker the DICOM outputs
+    name), ``organ_codes`` (label -> SNOMED CT code and meaning, DICOM SEG) and ``organ_colours`` (label -> RGB,
+    RTSTRUCT); left out, the overview and :mod:`~mtl_med.inference.dicom_outputs` use their neutral defaults."""
 
     def __init__(self, label_table: Mapping[int, str], output_dir: str | os.PathLike = "./output",
                  postfixes: Mapping[str, str] | None = None, save_png: bool = True, dicom_outputs: Sequence[str] = (),
-                 uncertainty: str = "disagreement"):
+                 uncertainty: str = "disagreement", label_colours: Sequence[str] | None = None,
+                 model_name: str | None = None, organ_codes: Mapping[int, Sequence[str]] | None = None,
+                 organ_colours: Mapping[int, Sequence[int]] | None = None):
         self.label_table = {int(k): str(v) for k, v in dict(label_table).items()}
+        self.label_colours = list(label_colours) if label_colours is not None else None
+        # what the DICOM writers take beside the label table (absent: their defaults)
+        self.dicom_names: dict[str, Any] = {}
+        if model_name is not None:
+            self.dicom_names["model_name"] = str(model_name)
+        if organ_codes is not None:
+            self.dicom_names["organ_codes"] = {int(k): tuple(v) for k, v in dict(organ_codes).items()}
+        if organ_colours is not None:
+            self.dicom_names["organ_colours"] = {int(k): tuple(v) for k, v in dict(organ_colours).items()}
         self.output_dir = output_dir
         self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
         self.save_png = as_bool(save_png, "save_png")
@@ -133,7 +147,8 @@ class CaseWriter:
             if "overview" in paths:
                 self._write_overview(tmp / paths["overview"].name, case, item, out, geometry, metrics)
             if self.dicom_outputs:
-                write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()}, self.label_table, identity=identity)
+                write_dicom(item, out, {k: tmp / p.name for k, p in paths.items()}, self.label_table, identity=identity,
+                            **self.dicom_names)
             if record is not None:
                 write_run_record(record([p.name for p in paths.values()]), tmp / paths["run_record"].name)
             # DICOM outputs of an earlier run with other settings are ours too: never carried over stale
@@ -166,24 +181,30 @@ class CaseWriter:
         truth = _truth_on_input_grid(item) if geometry.from_file and ("ct" in item or "label" in item) else {}
         save_overview(path, geometry.mr_array(), out["sct"], out["seg"], out["seg_uncertainty"],
                       affine=geometry.affine, sct_std=out["sct_std"], ct=truth.get("ct"), label=truth.get("label"),
-                      title=case, metrics=metrics, uncertainty_name=self.uncertainty, label_table=self.label_table)
+                      title=case, metrics=metrics, uncertainty_name=self.uncertainty, label_table=self.label_table,
+                      label_colours=self.label_colours)
 
 
 def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
-                label_table: Mapping[int, str], identity: Any = None) -> None:
-    """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`; organs named by ``label_table``), each naming
-    the package, model and weights' MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its
-    contributing equipment."""
+                label_table: Mapping[int, str], identity: Any = None, model_name: str | None = None,
+                organ_codes: Mapping[int, tuple[str, str]] | None = None,
+                organ_colours: Mapping[int, tuple[int, int, int]] | None = None) -> None:
+    """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`; organs named by ``label_table``, coded by
+    ``organ_codes`` and drawn in ``organ_colours``), each naming ``model_name`` and the package, model and weights'
+    MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment (None:
+    the defaults of :mod:`~mtl_med.inference.dicom_outputs`)."""
     from mtl_med.inference import dicom_outputs
 
     src = item.get("dicom_mr")
     if src is None:
         raise InputError(item.get("mr", "<MR>"), "DICOM outputs need a DICOM MR series as input")
     seg = np.rint(out["seg"]).astype(np.uint8)
+    named = {"model_name": model_name} if model_name is not None else {}
     if "dicom_ct" in paths:
-        dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=identity)
+        dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=identity, **named)
     if "dicom_seg" in paths:
-        dicom_outputs.write_seg(seg, src, paths["dicom_seg"], label_table=label_table, provenance=identity)
+        dicom_outputs.write_seg(seg, src, paths["dicom_seg"], label_table=label_table, provenance=identity,
+                                organ_codes=organ_codes, **named)
     if "dicom_rtstruct" in paths:
         dicom_outputs.write_rtstruct(seg, src, paths["dicom_rtstruct"], label_table=label_table,
-                                     provenance=identity)
+                                     provenance=identity, organ_colours=organ_colours, **named)

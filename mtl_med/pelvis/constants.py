@@ -1,5 +1,6 @@
 """The pelvis application's values (SFG paper, section 5.2 and appendix A.3): its label table, CT intensity range
-and scale, task names and the organs of its metric tables. (The datalist's image keys and roles are the generic
+and scale, task names, the organs of its metric tables, and how its outputs present the organs (overview colours,
+DICOM model name, SNOMED CT codes and display colours). (The datalist's image keys and roles are the generic
 datalist convention of :mod:`mtl_med.data.nifti`: they name no organ.)
 
 Generic code (NIfTI checks, transforms, metrics, inference) takes these values as arguments; the bundle's configs
@@ -22,6 +23,10 @@ __all__ = [
     "DICE_ORGANS",
     "PSNR_DATA_RANGE_HU",
     "TABLE2_METRICS",
+    "LABEL_COLOURS",
+    "MODEL_NAME",
+    "ORGAN_CODES",
+    "ORGAN_COLOURS",
 ]
 
 # DESIGN.md "Medical data conventions": the SFG paper's organs.
@@ -51,3 +56,15 @@ DICE_ORGANS: dict[str, int] = {name.replace(" ", "_"): idx for idx, name in LABE
 PSNR_DATA_RANGE_HU = CT_RANGE_HU[1] - CT_RANGE_HU[0]
 # the keyword arguments of mtl_med.metrics.medical.case_metrics for Table 2
 TABLE2_METRICS = {"data_range": PSNR_DATA_RANGE_HU, "psnr_organs": PSNR_ORGANS, "dice_organs": DICE_ORGANS}
+
+# the overview figure (mtl_med.inference.overview): a matplotlib colour per label, background first
+LABEL_COLOURS = ("black", "gold", "orange", "red", "deepskyblue", "limegreen")
+# the DICOM outputs (mtl_med.inference.dicom_outputs): the model they name as their maker, the organs' SNOMED CT
+# codes (SEG; the segment label says left / right: SNOMED CT has one concept for both femoral heads) and their
+# display colours (RTSTRUCT)
+MODEL_NAME = "SFG-HighResNet pelvis sCT and organs"
+ORGAN_CODES: dict[int, tuple[str, str]] = {1: ("2812003", "Femoral head"), 2: ("2812003", "Femoral head"),
+                                           3: ("41216001", "Prostate"), 4: ("89837001", "Bladder"),
+                                           5: ("34402009", "Rectum")}
+ORGAN_COLOURS: dict[int, tuple[int, int, int]] = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 255, 0),
+                                                  5: (180, 90, 40)}

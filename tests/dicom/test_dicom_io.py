@@ -298,6 +298,34 @@ def test_writers_keep_every_organ_exactly(tmp_path):
     np.testing.assert_array_equal(seg.get_pixels_by_source_instance(uids, combine_segments=True), expected)
 
 
+def test_organ_codes_colours_and_model_name_are_the_callers(tmp_path):
+    """The DICOM writers hold no organ: SNOMED CT codes, ROI colours and the model name come from the caller (the
+    pelvis bundle passes mtl_med.pelvis's), else every organ is an anatomical structure in the default colour."""
+    from mtl_med.pelvis import MODEL_NAME, ORGAN_CODES, ORGAN_COLOURS
+
+    mr, _ = _phantom_mr()
+    write_mr_series(tmp_path / "mr", mr, STORAGES["oblique"])
+    src = dicom.read_headers(tmp_path / "mr")
+    labels = np.zeros(src.shape, np.uint8)
+    labels[...] = (np.arange(src.shape[0]) % len(LABEL_TABLE))[:, None, None]  # every label present
+    organs = [lab for lab in sorted(LABEL_TABLE) if lab > 0]
+    for name, model, codes, colours in (("pelvis", MODEL_NAME, ORGAN_CODES, ORGAN_COLOURS),
+                                        ("neutral", dicom_outputs.DEFAULT_MODEL_NAME, {}, {})):
+        named = {"model_name": model} if name == "pelvis" else {}
+        seg = pydicom.dcmread(dicom_outputs.write_seg(labels, src, tmp_path / f"{name}_seg.dcm", label_table=LABEL_TABLE,
+                                                      organ_codes=codes or None, **named))
+        rt = pydicom.dcmread(dicom_outputs.write_rtstruct(labels, src, tmp_path / f"{name}_rt.dcm",
+                                                          label_table=LABEL_TABLE, organ_colours=colours or None, **named))
+        ct = pydicom.dcmread(dicom_outputs.write_ct_series(np.zeros(src.shape), src, tmp_path / f"{name}_ct", **named)[0])
+        assert [(s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
+                for s in seg.SegmentSequence] == [codes.get(lab, dicom_outputs.DEFAULT_CODE) for lab in organs]
+        assert [tuple(c.ROIDisplayColor) for c in rt.ROIContourSequence] == [
+            colours.get(lab, dicom_outputs.DEFAULT_COLOUR) for lab in organs]
+        for ds in (seg, rt, ct):
+            assert ds.ManufacturerModelName == model
+            assert model in ds.ContributingEquipmentSequence[-1].ContributionDescription
+
+
 def test_dicom_outputs_need_a_dicom_input_and_known_choices(env, tmp_path):
     mr, _ = _phantom_mr()
     nib.save(nib.Nifti1Image(mr.astype(np.float32), STORAGES["oblique"]), str(tmp_path / "case.nii.gz"))

@@ -102,3 +102,22 @@ def test_slice_index_counts_along_reoriented_axis():
         plt.close(fig)
     with pytest.raises(ValueError, match="slice_index"):
         overview._build_figure(mr, mr, label, mr, label_table=LABEL_TABLE, affine=aff, slice_index=8)
+
+
+def test_legend_colours_are_the_callers_or_neutral():
+    """The overview holds no organ colours: the caller's (the pelvis bundle passes mtl_med.pelvis.LABEL_COLOURS),
+    else black and matplotlib's colour cycle; too few colours for the table is an error."""
+    from matplotlib.colors import to_rgba
+
+    from mtl_med.pelvis import LABEL_COLOURS
+
+    mr, label, aff = _storages()["ras"]
+    for given, expected in ((LABEL_COLOURS, list(LABEL_COLOURS)), (None, ["black", "C0", "C1", "C2", "C3", "C4"])):
+        fig = overview._build_figure(mr, mr, label, mr, label_table=LABEL_TABLE, label_colours=given, affine=aff)
+        try:
+            (leg,) = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+            assert [tuple(p.get_facecolor()) for p in leg.get_patches()] == [to_rgba(c) for c in expected[1:]]
+        finally:
+            plt.close(fig)
+    with pytest.raises(ValueError, match="label_colours"):
+        overview.label_colours_for(LABEL_TABLE, ["black", "red"])

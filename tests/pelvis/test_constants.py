@@ -44,8 +44,23 @@ def test_constants_and_the_defaults_that_use_them():
     for name in ("inference.json", "evaluate.json"):  # the bundle's CT scaling is the pelvis range and scale
         pre = json.loads((BUNDLE / name).read_text())["volume_preprocessing"]
         assert pre["ct_clip"] == "$mtl_med.pelvis.CT_RANGE_HU" and pre["ct_scale"] == "$mtl_med.pelvis.CT_SCALE"
+        assert pre["label_table"] == "$mtl_med.pelvis.LABEL_TABLE"
     train = json.loads((BUNDLE / "train.json").read_text())["preprocessing"]
-    assert "ct_clip=mtl_med.pelvis.CT_RANGE_HU, ct_scale=mtl_med.pelvis.CT_SCALE" in train
+    assert ("ct_clip=mtl_med.pelvis.CT_RANGE_HU, ct_scale=mtl_med.pelvis.CT_SCALE, label_table=mtl_med.pelvis.LABEL_TABLE"
+            in train)
     assert PSNR_DATA_RANGE_HU == pelvis.CT_RANGE_HU[1] - pelvis.CT_RANGE_HU[0]
     row = case_metrics(seg=[[0, 1]], label=[[0, 1]], **pelvis.TABLE2_METRICS)
     assert set(row) == {f"dice_{k}" for k in pelvis.DICE_ORGANS} | {"dice_mean"}
+
+
+def test_the_bundle_presents_the_organs_with_the_pelvis_colours_codes_and_model_name():
+    """The overview and DICOM writers hold no organ: the bundle's writer passes the pelvis presentation."""
+    for name in ("inference.json", "evaluate.json"):
+        writer = json.loads((BUNDLE / name).read_text())["predictor"]["writer"]
+        assert {k: writer[k] for k in ("label_table", "label_colours", "model_name", "organ_codes", "organ_colours")} == {
+            k: f"$mtl_med.pelvis.{v}" for k, v in (("label_table", "LABEL_TABLE"), ("label_colours", "LABEL_COLOURS"),
+                                                  ("model_name", "MODEL_NAME"), ("organ_codes", "ORGAN_CODES"),
+                                                  ("organ_colours", "ORGAN_COLOURS"))}
+    organs = set(pelvis.LABEL_TABLE) - {0}
+    assert set(pelvis.ORGAN_CODES) == set(pelvis.ORGAN_COLOURS) == organs
+    assert len(pelvis.LABEL_COLOURS) == pelvis.NUM_LABELS and pelvis.LABEL_COLOURS[0] == "black"
