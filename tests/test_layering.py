@@ -12,6 +12,10 @@ Within mtl_med, the errors and the atomic writers are leaves: importing one of t
 imports no other module of the package, so any module can use them without an import cycle (the writers raise
 the errors' classes, imported where they raise: a leaf may use another leaf).
 
+The pelvis application (mtl_med/pelvis/: its constants, phantoms, presentation values) sits above the generic layers:
+no module of mtl_med outside that package imports it (function bodies included), but the entry points that use the
+application (:data:`PELVIS_ENTRY_POINTS`); the bundle configs and the command-line tools use it too.
+
 Sharing methods stay in their packages: no module outside mtl_med/sharing/ but the registry (mtl_med/build.py)
 imports a method's module, the engines never import mtl_med.sharing at all (a method's needs reach them through
 the network's hooks), and mtl_med's top-level packages import one another in no circle (function bodies included).
@@ -30,6 +34,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = "data_prep"
 LEAVES = ("mtl_med.errors", "mtl_med.io")
+PELVIS = "mtl_med.pelvis"
+# top-level entry points that may use the pelvis application (python -m mtl_med.demo makes a pelvis phantom)
+PELVIS_ENTRY_POINTS = ("mtl_med/demo.py",)
 
 _CHILD = textwrap.dedent(
     """
@@ -150,13 +157,18 @@ def test_leaf_modules_import_nothing_else_from_the_package():
 # ---- sharing methods stay in their packages ---------------------------------------------------------------------------
 def _imports_of(path: Path) -> set[str]:
     """Every module an ``import`` statement of ``path`` names (function bodies included, relative imports resolved,
-    ``from X import y`` counted as ``X`` and ``X.y``)."""
+    ``from X import y`` counted as ``X`` and ``X.y``, ``importlib.import_module("X")`` as ``X``)."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
     package = parts if parts[-1] == "__init__" else parts[:-1]
     package = [p for p in package if p != "__init__"]
+    return _imports_in(ast.parse(path.read_text(), str(path)), package)
+
+
+def _imports_in(tree: ast.AST, package: list[str]) -> set[str]:
+    """The modules the import statements of ``tree`` name, relative ones resolved against ``package``."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -164,12 +176,42 @@ def _imports_of(path: Path) -> set[str]:
             mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
             out.add(mod)
             out.update(f"{mod}.{a.name}" for a in node.names)
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")):
+            out.add(node.args[0].value)
     return out
 
 
 def _sources():
     for path in sorted((ROOT / "mtl_med").rglob("*.py")):
         yield path.relative_to(ROOT).as_posix(), _imports_of(path)
+
+
+def _pelvis_imports(mods: set[str]) -> list[str]:
+    return sorted(m for m in mods if m == PELVIS or m.startswith(PELVIS + "."))
+
+
+def test_generic_modules_never_import_the_pelvis_application():
+    bad = {}
+    for rel, mods in _sources():
+        if rel.startswith("mtl_med/pelvis/") or rel in PELVIS_ENTRY_POINTS:
+            continue
+        if _pelvis_imports(mods):
+            bad[rel] = _pelvis_imports(mods)
+    assert not bad, f"generic modules import the pelvis application (module: imports): {bad}"
+    assert (ROOT / "mtl_med" / "pelvis" / "__init__.py").exists()
+    # the package itself uses the generic layers, never the entry points
+    inside = {rel: mods for rel, mods in _sources() if rel.startswith("mtl_med/pelvis/")}
+    assert inside and not [m for mods in inside.values() for m in mods
+                           if m.removeprefix("mtl_med.").split(".")[0] in ("demo", "cli", "serve")]
+
+
+def test_the_pelvis_check_sees_imports_in_function_bodies_and_relative_ones():
+    src = ("import numpy\ndef f():\n    from mtl_med.pelvis import LABEL_TABLE\n    import mtl_med.pelvis.phantoms\n"
+           "from .. import pelvis\nimportlib.import_module('mtl_med.pelvis.constants')\n")
+    assert _pelvis_imports(_imports_in(ast.parse(src), ["mtl_med", "data"])) == [
+        "mtl_med.pelvis", "mtl_med.pelvis.LABEL_TABLE", "mtl_med.pelvis.constants", "mtl_med.pelvis.phantoms"]
 
 
 def test_no_module_outside_sharing_imports_a_method_package_and_engines_never_import_sharing():
