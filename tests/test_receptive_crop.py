@@ -22,29 +22,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _randomise(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.uniform_(0.0, 0.5, generator=g)
-    return net.eval()
-
-
 def _inner(x, crop):
     crop = crop if isinstance(crop, tuple) else (crop,) * (x.ndim - 2)
     return x[(slice(None), slice(None), *(slice(c, s - c) for c, s in zip(crop, x.shape[2:])))]
 
 
-def _sfg(spatial_dims, grouping="sfg", features=(4, 8, 8), **kw):
-    torch.manual_seed(spatial_dims)
-    return _randomise(build_network("highresnet", "sfg", ("sct", "seg"), (1, 3), spatial_dims=spatial_dims, features=features,
-                                    grouping=grouping, per_example=True, **kw))
+@pytest.fixture
+def sfg(randomise_statistics):
+    """``sfg(spatial_dims, grouping="sfg", features=(4, 8, 8), **kw)``: a per-example SFG-HighResNet with
+    non-trivial batch-norm statistics, its weights seeded by ``spatial_dims``."""
+
+    def make(spatial_dims, grouping="sfg", features=(4, 8, 8), **kw):
+        torch.manual_seed(spatial_dims)
+        return randomise_statistics(build_network("highresnet", "sfg", ("sct", "seg"), (1, 3), spatial_dims=spatial_dims,
+                                                  features=features, grouping=grouping, per_example=True, **kw))
+
+    return make
 
 
 # crops below, at and above the radius (33 in 2D; 3D at the paper's dilations needs big frames, so smaller crops),
@@ -54,10 +47,10 @@ CASES = [(2, (72, 69), 33), (2, (72, 69), 34), (2, (40, 37), 10), (2, (40, 37), 
 
 @pytest.mark.parametrize("spatial_dims, size, crop", CASES)
 @pytest.mark.parametrize("grouping", ["sfg", "constant_p", "constant_mask"])
-def test_sfg_cropped_passes_equal_the_full_pass_cropped(spatial_dims, size, crop, grouping):
+def test_sfg_cropped_passes_equal_the_full_pass_cropped(spatial_dims, size, crop, grouping, sfg):
     """Same draws: the compacted and the dense pass on their regions equal the full dense pass on the frame,
     cropped, within 1e-5 (float32)."""
-    net = _sfg(spatial_dims, grouping)
+    net = sfg(spatial_dims, grouping)
     x = torch.randn(2, 1, *size)
     full = net(x.repeat(2, *[1] * (spatial_dims + 1)), generator=torch.Generator().manual_seed(5))
     engine = CompactSFG(net)
@@ -72,9 +65,9 @@ def test_sfg_cropped_passes_equal_the_full_pass_cropped(spatial_dims, size, crop
 
 @pytest.mark.parametrize("method", ["hard_sharing", "single_task"])
 @pytest.mark.parametrize("spatial_dims, size, crop", [CASES[0], CASES[3], CASES[5]])
-def test_plain_highresnet_networks_crop_exactly(method, spatial_dims, size, crop):
+def test_plain_highresnet_networks_crop_exactly(method, spatial_dims, size, crop, randomise_statistics):
     torch.manual_seed(0)
-    net = _randomise(build_network("highresnet", method, ("sct", "seg"), (1, 3), spatial_dims=spatial_dims, features=(4, 8, 8)))
+    net = randomise_statistics(build_network("highresnet", method, ("sct", "seg"), (1, 3), spatial_dims=spatial_dims, features=(4, 8, 8)))
     assert crop_unsupported(net) is None
     x = torch.randn(2, 1, *size)
     full, cropped = net(x), cropped_forward(net, x, crop)
@@ -82,8 +75,8 @@ def test_plain_highresnet_networks_crop_exactly(method, spatial_dims, size, crop
         torch.testing.assert_close(cropped[k], _inner(full[k], crop), rtol=1e-5, atol=1e-5)
 
 
-def test_geometry_radius_macs_and_refusals():
-    net = _sfg(2, features=(16, 32, 64))
+def test_geometry_radius_macs_and_refusals(sfg):
+    net = sfg(2, features=(16, 32, 64))
     assert plan_crop(net, 0).radius == (33, 33)  # 1 + 4 + 1 + 8 + 1 + 16 + 1 + 1: the bundle's margin
     plain = build_network("highresnet", "hard_sharing", ("sct", "seg"), (1, 6), features=(16, 32, 64)).eval()
     # the trunk's chain: conv, 4 convs at d=1, conv, 4 at d=2, conv, 4 at d=4, 2 convs (the 1x1 heads apart)
@@ -111,10 +104,10 @@ def test_geometry_radius_macs_and_refusals():
 
 @pytest.mark.parametrize("engine", ["dense", "compact"])
 @pytest.mark.parametrize("spatial_dims, size, margin, ratio", [(2, (20, 18), 33, 0.7), (3, (6, 5, 4), 6, 0.95)])
-def test_sampler_with_a_margin_crops_its_passes_and_matches_the_uncropped_run(engine, spatial_dims, size, margin, ratio, monkeypatch):
+def test_sampler_with_a_margin_crops_its_passes_and_matches_the_uncropped_run(engine, spatial_dims, size, margin, ratio, monkeypatch, sfg):
     """2D at the bundle's margin (= the radius: no zero padding anywhere); 3D with a margin under the radius
     (the early layers' regions reach past the frame and are zero-padded there)."""
-    net = _sfg(spatial_dims, "constant_p")
+    net = sfg(spatial_dims, "constant_p")
     x = torch.randn(2, 1, *size)
 
     def run(crop):

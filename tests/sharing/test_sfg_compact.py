@@ -21,21 +21,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _randomise_statistics(net, seed=0):
-    """Non-trivial batch-norm statistics and PReLU slopes, so folding them is tested."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-                m.bias.copy_(0.3 * torch.randn(m.num_features, generator=g))
-            elif isinstance(m, torch.nn.PReLU):
-                m.weight.uniform_(0.0, 0.5, generator=g)
-    return net.eval()
-
-
 def _highresnet(tasks, spatial_dims, grouping, **kw):
     out = [1] * (len(tasks) - 1) + [3]
     return build_network("highresnet", "sfg", tasks, out, spatial_dims=spatial_dims, features=(6, 12, 12), grouping=grouping, per_example=True, **kw)
@@ -44,11 +29,11 @@ def _highresnet(tasks, spatial_dims, grouping, **kw):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("num_tasks", [2, 3])
 @pytest.mark.parametrize("grouping", SHARING_MODES)
-def test_compact_equals_dense_for_per_example_assignments(spatial_dims, num_tasks, grouping):
+def test_compact_equals_dense_for_per_example_assignments(spatial_dims, num_tasks, grouping, randomise_statistics):
     """Same generator, same draws: the compacted outputs of B images x k copies (each its own assignment)
     equal the dense forward of the repeated batch to float32 rounding."""
     torch.manual_seed(num_tasks)
-    net = _randomise_statistics(_highresnet([f"t{i}" for i in range(num_tasks)], spatial_dims, grouping))
+    net = randomise_statistics(_highresnet([f"t{i}" for i in range(num_tasks)], spatial_dims, grouping))
     x = torch.randn(2, 1, *([7] * spatial_dims))
     dense = net(x.repeat(2, *[1] * spatial_dims, 1), generator=torch.Generator().manual_seed(5))
     compact = CompactSFG(net)(x, torch.Generator().manual_seed(5), copies=2)
@@ -58,8 +43,8 @@ def test_compact_equals_dense_for_per_example_assignments(spatial_dims, num_task
 
 
 @pytest.mark.parametrize("backbone, kw, size, cin", [("vgg11_bn", {"width": 1 / 16}, 32, 3), ("mnist_cnn", {}, 28, 1)])
-def test_compact_equals_dense_with_pooling_and_pooled_heads(backbone, kw, size, cin):
-    net = _randomise_statistics(build_network(backbone, "sfg", ("a", "b"), (1, 2), in_channels=cin, grouping="constant_p", per_example=True, **kw))
+def test_compact_equals_dense_with_pooling_and_pooled_heads(backbone, kw, size, cin, randomise_statistics):
+    net = randomise_statistics(build_network(backbone, "sfg", ("a", "b"), (1, 2), in_channels=cin, grouping="constant_p", per_example=True, **kw))
     x = torch.randn(2, cin, size, size)
     dense = net(x, generator=torch.Generator().manual_seed(1))
     compact = CompactSFG(net)(x, torch.Generator().manual_seed(1))
@@ -84,9 +69,9 @@ def test_compact_cost_hard_sharing_is_a_plain_network_and_sfg_about_half_the_den
     assert compact < 0.6 * dense
 
 
-def test_sampler_compact_and_dense_engines_agree_and_empty_groups_skip_their_towers():
+def test_sampler_compact_and_dense_engines_agree_and_empty_groups_skip_their_towers(randomise_statistics):
     torch.manual_seed(0)
-    net = _randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
+    net = randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
     x = torch.randn(3, 1, 12, 12)
     run = lambda engine: sample_posterior(net, x, num_samples=5, samples_per_batch=2, regression=("sct",), labels={"seg": 3},  # noqa: E731
                                           generator=torch.Generator().manual_seed(2), engine=engine, margin=2, dtype="float32")
@@ -105,9 +90,9 @@ def test_sampler_compact_and_dense_engines_agree_and_empty_groups_skip_their_tow
     assert not calls
 
 
-def test_sliding_window_3d_patches_run_compacted_unchanged():
+def test_sliding_window_3d_patches_run_compacted_unchanged(randomise_statistics):
     torch.manual_seed(0)
-    net = _randomise_statistics(_highresnet(["sct", "seg"], 3, "sfg"))
+    net = randomise_statistics(_highresnet(["sct", "seg"], 3, "sfg"))
     vol = torch.randn(1, 1, 10, 8, 6)
     inferer = SlidingWindowInferer(roi_size=(6, 6, 6), sw_batch_size=2, overlap=0.25, progress=False)
     maps = {e: PosteriorSampler(net, 3, max_batch=4, regression=("sct",), labels={"seg": 3}, engine=e, dtype="float32").run(inferer, vol, generator=torch.Generator().manual_seed(0))
@@ -132,9 +117,9 @@ def test_what_cannot_run_compacted_runs_dense_or_says_why():
         PosteriorSampler(net, 2, engine="fast")
 
 
-def test_bfloat16_channels_last_is_close_to_float32():
+def test_bfloat16_channels_last_is_close_to_float32(randomise_statistics):
     torch.manual_seed(0)
-    net = _randomise_statistics(_highresnet(["sct", "seg"], 2, "sfg"))
+    net = randomise_statistics(_highresnet(["sct", "seg"], 2, "sfg"))
     x = torch.randn(2, 1, 12, 12)
     ref = CompactSFG(net)(x, torch.Generator().manual_seed(0))
     low = CompactSFG(net, dtype=torch.bfloat16, channels_last=True)(x, torch.Generator().manual_seed(0))
@@ -143,14 +128,14 @@ def test_bfloat16_channels_last_is_close_to_float32():
     assert 0 < err < 0.05
 
 
-def test_auto_pass_count_stops_early_without_spread_and_runs_to_the_maximum_with_it():
+def test_auto_pass_count_stops_early_without_spread_and_runs_to_the_maximum_with_it(randomise_statistics):
     x = torch.randn(2, 1, 8, 8)
     hard = build_network("highresnet", "hard_sharing", ("sct", "seg"), (1, 6), features=(4, 8, 8))  # deterministic
     sampler = PosteriorSampler(hard, "auto", max_batch=8, regression=("sct",), labels={"seg": 6}, min_samples=4,
                                max_samples=12, regression_tol=30.0 / 1024.0)
     sampler.run(SimpleInferer(), x)
     assert sampler.passes == [4] and sampler.num_samples == 12  # no spread: settled at the minimum
-    noisy = _randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
+    noisy = randomise_statistics(_highresnet(["sct", "seg"], 2, "constant_p"))
     sampler = PosteriorSampler(noisy, "auto", max_batch=8, regression=("sct",), labels={"seg": 3}, min_samples=4, max_samples=8, regression_tol=1e-6, label_tol=0.0)
     sampler.run(SimpleInferer(), x)
     assert sampler.passes_used() == {"batches": 1, "mean": 8.0, "min": 8, "max": 8}
