@@ -61,7 +61,7 @@ def tensor_hash(tensors) -> str:
 
 def phantoms(work: Path, cases: int, seed: int, preset: str, shape=None) -> Path:
     """The phantoms' datalist, generated once under ``work``."""
-    from mtl_med.data.phantoms import generate_dataset
+    from mtl_med.pelvis.phantoms import generate_dataset
 
     out = work / f"phantoms_{preset if shape is None else 'x'.join(map(str, shape))}_{cases}_seed{seed}"
     if not (out / "datalist.json").is_file():
@@ -248,7 +248,7 @@ def parse_args(argv=None):
     p.add_argument("--max_epochs", type=int, default=8, help="accuracy: epochs of each run")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--data_seed", type=int, default=0)
-    p.add_argument("--preset", default="medium", help="phantom size (mtl_med.data.phantoms.PRESETS)")
+    p.add_argument("--preset", default="medium", help="phantom size (mtl_med.pelvis.phantoms.PRESETS)")
     p.add_argument("--shape", type=int, nargs=3, default=None, help="phantom shape, instead of --preset's")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="ID=JSON",
                    help="a train.json config id and its value as JSON, e.g. --set num_workers=2 (repeatable)")
