@@ -34,7 +34,7 @@ RECORD = REPO / "results" / "flagship" / "training.json"
 
 # the cohort: medium phantoms varied per case; 3 of 20 validate
 DATA = {"preset": "medium", "cases": 20, "seed": 300, "val_fraction": 0.15, "varied": True}
-VAL_TAGS = ("val_dice", "val_psnr", "val_mae")
+VAL_TAGS = ("val_dice", "val_psnr_hu", "val_mae_hu")  # train.json's validation metrics as TensorBoard names them
 
 
 def make_data(work: Path, data: dict) -> Path:
@@ -48,15 +48,22 @@ def make_data(work: Path, data: dict) -> Path:
     return datalist
 
 
-def final_epoch(models: Path) -> int:
-    """The epoch ``checkpoint_final.pt`` ends at (0 when there is none)."""
+def _epoch(checkpoint: Path) -> int:
     import torch
 
-    final = models / "checkpoint_final.pt"
-    if not final.is_file():
-        return 0
-    state = torch.load(final, map_location="cpu", weights_only=False)["trainer"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["trainer"]
     return int(state["iteration"]) // max(1, int(state["epoch_length"]))
+
+
+def latest_checkpoint(models: Path) -> tuple[Path | None, int]:
+    """The checkpoint with the most epochs behind it and that epoch: ``checkpoint_final.pt`` of a finished chunk
+    or the ``checkpoint_epoch=N.pt`` train.json saves at every validation, so a stopped chunk resumes from its
+    last validation instead of its start."""
+    found = [(_epoch(c), c.name == "checkpoint_final.pt", c) for c in models.glob("checkpoint*.pt")] if models.is_dir() else []
+    if not found:
+        return None, 0
+    epoch, _, path = max(found)
+    return path, epoch
 
 
 def validation_curve(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -89,11 +96,24 @@ def train_chunk(work: Path, datalist: Path, to_epoch: int, args) -> None:
            str([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")]),
            "--logging_file", str(CONFIGS / "logging.conf"), "--bundle_root", str(work), "--datalist", str(datalist),
            "--max_epochs", str(to_epoch), "--seed", str(args.seed), "--cache", "memory"]
-    if (models / "checkpoint_final.pt").is_file():
-        cmd += ["--resume_ckpt", str(models / "checkpoint_final.pt")]
+    resume, _ = latest_checkpoint(models)
+    if resume is not None:
+        cmd += ["--resume_ckpt", str(resume)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     with open(work / "train.log", "a") as log:
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def refresh(record: dict, curve: dict[str, list[tuple[int, float]]]) -> None:
+    """Every chunk's validation values from the whole curve (the events hold every run's), so the record always
+    says what the events say."""
+    start = 0
+    for chunk in record["chunks"]:
+        end = chunk["to_epoch"]
+        chunk["val"] = {tag: [v for e, v in curve.get(tag, []) if start < e <= end] for tag in VAL_TAGS}
+        dice = [v for e, v in curve.get("val_dice", []) if e <= end]
+        chunk["best_val_dice"] = max(dice) if dice else None
+        start = end
 
 
 def load_record(path: Path, config: dict) -> dict:
@@ -115,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-gain", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--status", action="store_true", help="print the curve so far and exit")
+    p.add_argument("--status", action="store_true", help="refresh the record from the events, print it and exit")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -128,14 +148,16 @@ def main(argv=None) -> int:
               "command": "python -m monai.bundle run --config_file [train.json, demo.json] --resume_ckpt ..."}
     record = load_record(args.record, config)
     if args.status:
+        refresh(record, validation_curve(args.work / "runs"))
+        atomic_write_json(json_finite(record), args.record)
         for c in record["chunks"]:
-            print(c)
+            print({k: v for k, v in c.items() if k not in ("machine", "revision")})
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     datalist = make_data(args.work, DATA)
     models = args.work / "models" / "demo"
     while True:
-        done = final_epoch(models)
+        _, done = latest_checkpoint(models)
         if done >= args.max_epochs or plateaued(record["chunks"], args.patience, args.min_gain):
             record["stopped"] = "max_epochs" if done >= args.max_epochs else "plateau"
             atomic_write_json(json_finite(record), args.record)
@@ -145,13 +167,11 @@ def main(argv=None) -> int:
         t0, c0 = time.perf_counter(), os.times()
         train_chunk(args.work, datalist, to, args)
         c1 = os.times()
-        curve = validation_curve(args.work / "runs")
-        dice = [v for e, v in curve.get("val_dice", []) if e <= to]
-        chunk = {"to_epoch": final_epoch(models), "wall_s": round(time.perf_counter() - t0, 1),
+        chunk = {"to_epoch": latest_checkpoint(models)[1], "wall_s": round(time.perf_counter() - t0, 1),
                  "cpu_s": round((c1.children_user + c1.children_system) - (c0.children_user + c0.children_system), 1),
-                 "val": {tag: [v for e, v in curve.get(tag, []) if done < e <= to] for tag in VAL_TAGS},
-                 "best_val_dice": max(dice) if dice else None, "revision": code_revision(), "machine": machine()}
+                 "revision": code_revision(), "machine": machine()}
         record["chunks"].append(chunk)
+        refresh(record, validation_curve(args.work / "runs"))
         atomic_write_json(json_finite(record), args.record)
         print(f"epoch {chunk['to_epoch']}: val {chunk['val']} best dice {chunk['best_val_dice']} "
               f"({chunk['wall_s']} s)", flush=True)

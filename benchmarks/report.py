@@ -228,6 +228,32 @@ def posterior_paper(results: Path, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def flagship_training(results: Path) -> str:
+    """The flagship weights' training curve (``benchmarks/flagship_training.py``): one row per resumed chunk with
+    the bundle's own validation metrics at the chunk's validations."""
+    recs = load(results, "flagship")
+    if len(recs) != 1:
+        raise ValueError(f"flagship: expected one record, got {len(recs)}")
+    rec = recs[0]
+    cfg, demo = rec["config"], rec["config"]["demo_json"]
+    lines = ["| to epoch | validation Dice | validation PSNR (dB) | validation MAE (HU) | best Dice so far | wall (min) | CPU (min) |",
+             "| ---: | --- | --- | --- | ---: | ---: | ---: |"]
+    for c in rec["chunks"]:
+        val = {k: ", ".join(f"{v:.3f}" if k == "val_dice" else f"{v:.1f}" for v in c["val"].get(k, [])) or "-"
+               for k in ("val_dice", "val_psnr_hu", "val_mae_hu")}
+        best = "-" if c.get("best_val_dice") is None else f"{c['best_val_dice']:.3f}"
+        lines.append(f"| {c['to_epoch']} | {val['val_dice']} | {val['val_psnr_hu']} | {val['val_mae_hu']} | {best} | "
+                     f"{c['wall_s'] / 60:.0f} | {c['cpu_s'] / 60:.0f} |")
+    data = cfg["data"]
+    status = {"plateau": "stopped at a plateau", "max_epochs": "stopped at its epoch limit"}.get(rec.get("stopped"), "still training")
+    lines += ["", f"{len(rec['chunks'])} chunk(s) of {cfg['chunk_epochs']} epochs, {status}; {data['cases']} "
+                  f"{'varied ' if data['varied'] else ''}{data['preset']} phantoms (data seed {data['seed']}, "
+                  f"{data['val_fraction']:.0%} validation), widths {demo['features']}, patches {demo['patch_size']}, "
+                  f"{demo['samples_per_volume']} patches per volume an epoch, training seed {cfg['seed']}. Record: "
+                  f"`results/flagship/training.json`; {machine_line(rec['chunks'])}."]
+    return "\n".join(lines) + "\n"
+
+
 def _pval(p: float) -> str:
     return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
 
@@ -317,6 +343,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "uncertainty": (uncertainty, "results/uncertainty/*.json"),
     "branched_affinity": (branched_affinity, "results/branched_affinity/*.json"),
     "data_loading": (lambda res: pelvis_training(res, "data_loading"), "results/performance/data_loading*.json"),
+    "flagship_training": (flagship_training, "results/flagship/*.json"),
 }
 
 

@@ -54,3 +54,27 @@ def test_record_of_another_protocol_is_refused(driver, tmp_path):
     with pytest.raises(SystemExit, match="another training protocol"):
         driver.load_record(path, {"seed": 1})
     assert driver.load_record(tmp_path / "new.json", {"seed": 1})["chunks"] == []
+
+
+def test_resume_from_the_checkpoint_with_most_epochs(driver, tmp_path):
+    import torch
+
+    def save(name, iteration):
+        torch.save({"trainer": {"iteration": iteration, "epoch_length": 51}}, tmp_path / name)
+
+    assert driver.latest_checkpoint(tmp_path) == (None, 0)
+    save("checkpoint_final.pt", 20 * 51)  # the end of the last finished chunk
+    save("checkpoint_epoch=30.pt", 30 * 51)  # a later chunk stopped after its epoch-30 validation
+    assert driver.latest_checkpoint(tmp_path) == (tmp_path / "checkpoint_epoch=30.pt", 30)
+    save("checkpoint_final.pt", 40 * 51)
+    assert driver.latest_checkpoint(tmp_path) == (tmp_path / "checkpoint_final.pt", 40)
+
+
+def test_refresh_gives_each_chunk_its_own_validations(driver):
+    curve = {"val_dice": [(10, 0.1), (20, 0.3), (30, 0.2), (40, 0.5)], "val_psnr_hu": [(10, 15.0), (30, 18.0)]}
+    record = {"chunks": [{"to_epoch": 20}, {"to_epoch": 40}]}
+    driver.refresh(record, curve)
+    first, second = record["chunks"]
+    assert first["val"]["val_dice"] == [0.1, 0.3] and second["val"]["val_dice"] == [0.2, 0.5]
+    assert first["val"]["val_psnr_hu"] == [15.0] and second["val"]["val_mae_hu"] == []
+    assert (first["best_val_dice"], second["best_val_dice"]) == (0.3, 0.5)
