@@ -69,6 +69,8 @@ RULES: dict[str, list[tuple[str, object]]] = {
                                                 "(tests/bundles/test_pelvis_branched.py runs both on phantoms)"),
         (r"configs/inference\.json", {"cwd": "repo", "set": {"--num_samples": "2", "--n4": "False"}}),
         (r"^mtl-med predict --help$", {"cwd": "repo"}),
+        (r"benchmarks/", "benchmark harness: training to a plateau and a 50-sample held-out evaluation "
+                         "(tests/test_flagship_training.py checks its bookkeeping)"),
         (r".", "not made tiny here: training on phantoms and the mtl-med command line over a 20-case cohort "
                "(tests/bundles/test_pelvis_train.py and tests/test_cli.py run these paths on small phantoms)"),
     ],
