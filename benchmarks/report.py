@@ -343,6 +343,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "uncertainty": (uncertainty, "results/uncertainty/*.json"),
     "branched_affinity": (branched_affinity, "results/branched_affinity/*.json"),
     "data_loading": (lambda res: pelvis_training(res, "data_loading"), "results/performance/data_loading*.json"),
+    "amp_accuracy": (lambda res: pelvis_training(res, "amp_accuracy"), "results/performance/amp_accuracy_seed*.json"),
     "flagship_training": (flagship_training, "results/flagship/*.json"),
 }
 
