@@ -29,7 +29,10 @@ class MaskedRMSELoss(nn.Module):
         self.eps = eps
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        target = target.to(input.dtype).reshape(input.shape)
+        # in float32 at least: under bf16 autocast the prediction is bf16, and casting the target down to it would
+        # round CT to 8-16 HU steps before the error is taken
+        dtype = torch.promote_types(input.dtype, torch.float32)
+        input, target = input.to(dtype), target.to(dtype).reshape(input.shape)
         return (_masked_mean((input - target) ** 2, mask) + self.eps).sqrt()
 
 

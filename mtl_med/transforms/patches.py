@@ -283,7 +283,9 @@ def make_dataset(
         transform.set_random_state(state=patches.R)
     data = [dict(x) for x in items]
     if cache == "memory":
-        return CacheDataset(data, transform, num_workers=num_workers or None, progress=False)
+        # hash_as_key: an item repeated (train.json lists each volume samples_per_volume times) is preprocessed
+        # and held once, not once per repeat; every draw of it still gets its own random patch
+        return CacheDataset(data, transform, num_workers=num_workers or None, progress=False, hash_as_key=True)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError('cache="disk" needs cache_dir')

@@ -43,3 +43,14 @@ def test_multitask_loss_weights_regularizer_and_missing_tasks():
     assert total.item() == pytest.approx(1.0) and set(terms) == {"a"}
     with pytest.raises(ValueError):
         MultiTaskLoss({"a": MaskedRMSELoss()}, weights={"c": 1.0})
+
+
+def test_rmse_of_a_bf16_prediction_is_taken_in_float32():
+    """Under bf16 autocast the sCT prediction is bf16; its error against the float32 CT target must not round the
+    target to bf16 (8-16 HU steps at network scale CT / 1024 + 1)."""
+    target = torch.tensor([[[[1.0 + 1000.0 / 1024, 1.0 + 1500.0 / 1024]]]])
+    pred = torch.tensor([[[[1.0 + 1000.0 / 1024, 1.0 + 1500.0 / 1024]]]]).to(torch.bfloat16)
+    loss = MaskedRMSELoss()(pred, target)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, MaskedRMSELoss()(pred.float(), target), rtol=0, atol=1e-7)
+    assert float(loss) > 0.0  # the prediction's own bf16 rounding is an error the loss sees

@@ -129,3 +129,20 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing_parameters(phantom_
     assert coarse[0]["mr"].shape != first[0]["mr"].shape
     with pytest.raises(ValueError, match="cache_dir"):
         make_dataset(items, preprocess_transforms(n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE), cache="disk")
+
+
+
+def test_repeated_items_are_preprocessed_and_held_once(phantom_set):
+    """train.json lists each volume samples_per_volume times: the memory cache keeps one preprocessed copy per
+    volume (not one per repeat), and each draw of a repeat is still its own random patch."""
+    from mtl_med.data.nifti import check_datalist
+    from mtl_med.transforms import make_dataset, preprocess_transforms
+
+    out, _ = phantom_set
+    items = check_datalist(out / "datalist.json", sections=("training",))["training"][:2]
+    pre = preprocess_transforms(("mr", "ct", "label"), n4=False, ct_clip=CT_RANGE_HU, ct_scale=CT_SCALE, label_table=LABEL_TABLE)
+    ds = make_dataset(items * 6, pre, train_patch_transforms(("mr", "ct", "label"), patch_size=(16, 16), padded_size=(20, 20)))
+    assert len(ds) == 12
+    assert len(ds._cache) == 2  # one preprocessed volume per distinct item
+    draws = [ds[i]["mr"] for i in range(0, 12, 2)]  # the six repeats of the first item
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
