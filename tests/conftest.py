@@ -1,7 +1,10 @@
 """Test-wide settings and shared fixtures: in CI (``CI`` set) hypothesis draws the same examples on every run, so a
 red build is reproducible; elsewhere each run explores new examples."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +34,26 @@ def randomise_statistics():
     """``randomise_statistics(net, seed=0)``: non-trivial batch-norm statistics and affine parameters and PReLU
     slopes (from ``seed``), in eval mode, so that folding or cropping them is tested; returns ``net``."""
     return _randomise_statistics
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load_benchmark(name, register=False):
+    """The script ``benchmarks/<name>.py`` as a module, with its folder on ``sys.path`` as when it runs as a script
+    (the scripts import one another by name, some inside functions); ``register`` also puts it in ``sys.modules``
+    (for its pickles and for scripts that import it)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark(name, register=False)``: a script of ``benchmarks/`` as a module."""
+    return _load_benchmark

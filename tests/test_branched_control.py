@@ -3,7 +3,6 @@ each task's network is compared with the same task's network of the other seed o
 distinct-task affinities; a network compared with itself has affinity 1 at every block; the records name their
 seeds; the rendered table's numbers are the records' numbers."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,25 +13,18 @@ import torch
 
 from mtl_med.metrics import stats
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+@pytest.fixture(scope="module")
+def branched(load_benchmark):
+    return load_benchmark("branched_digits")
 
 
-def _load(name):
-    sys.path.insert(0, str(BENCH))  # the benchmarks import each other by module name
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+@pytest.fixture(scope="module")
+def report(load_benchmark):
+    return load_benchmark("report")
 
 
-branched = _load("branched_digits")
-report = _load("report")
-
-
-def test_control_metrics_compare_each_task_with_itself_across_seeds():
+def test_control_metrics_compare_each_task_with_itself_across_seeds(branched):
     """Rows of every (task, seed) network; the same-task entries are task t of one seed against task t of the other,
     never another task nor the same seed."""
     tasks, seeds = ["a", "b", "c"], [4, 9]
@@ -53,7 +45,7 @@ def test_control_metrics_compare_each_task_with_itself_across_seeds():
     assert own["affinity"].shape == (2, 3, 3)
 
 
-def test_the_control_run_records_each_pair_with_its_seeds_and_a_network_against_itself_scores_one(tmp_path, monkeypatch):
+def test_the_control_run_records_each_pair_with_its_seeds_and_a_network_against_itself_scores_one(tmp_path, monkeypatch, branched):
     """The whole control at a tiny size, with untrained networks in place of the training: ``left`` gets the same
     weights at both seeds (one network, compared with itself: affinity 1 at every block), ``odd`` different
     ones (below 1). The records carry their seeds, and the rows of seed 0 (whose held-out images the control uses) equal that stage's own affinity file."""
@@ -114,7 +106,7 @@ def _records(root, pairs, same_value, distinct_value, tasks=("a", "b", "c")):
               timings={"affinity_cpu_s": 10.0})
 
 
-def test_the_rendered_comparison_is_the_records_numbers(tmp_path):
+def test_the_rendered_comparison_is_the_records_numbers(tmp_path, report):
     pairs = [(0, 1), (2, 3), (4, 5)]
     same_value = lambda s, b: 0.9 - 0.3 * b + 0.01 * s  # noqa: E731
     distinct_value = lambda s, b: 0.8 - 0.4 * b + 0.02 * s  # noqa: E731
@@ -133,7 +125,7 @@ def test_the_rendered_comparison_is_the_records_numbers(tmp_path):
     assert "seeds 0, 1, 2, 3, 4, 5, paired (0, 1), (2, 3), (4, 5)" in text
 
 
-def test_records_of_another_protocol_or_a_missing_seed_are_refused(tmp_path):
+def test_records_of_another_protocol_or_a_missing_seed_are_refused(tmp_path, report):
     _records(tmp_path, [(0, 1), (2, 3)], lambda s, b: 0.5, lambda s, b: 0.4)
     (tmp_path / "branched_affinity" / "distinct_seed3.json").unlink()
     with pytest.raises(ValueError, match=r"seed\(s\) \[3\]"):

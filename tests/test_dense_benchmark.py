@@ -2,7 +2,6 @@
 json layout: it builds ResNet-34 with the 7x7 stride-2 stem and max-pool, crops 321 x 321, trains, and
 evaluates on the test split, end to end (two images, one iteration: the path, not the numbers)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,14 +9,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "dense_scenes.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("dense_scenes", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _nyu_copy(root: Path, n=2, h=40, w=48):
@@ -35,8 +26,8 @@ def _nyu_copy(root: Path, n=2, h=40, w=48):
     (root / "nyu_v2_3task.json").write_text(json.dumps({"train": entries, "test": entries}))
 
 
-def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path):
-    bench = _bench()
+def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path, load_benchmark):
+    bench = load_benchmark("dense_scenes")
     _nyu_copy(tmp_path / "nyu")
     n = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,13 +50,13 @@ def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path):
     assert (tmp_path / "out" / "table.md").read_text().count("| hard_sharing |") == 1
 
 
-def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_state(tmp_path):
+def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_state(tmp_path, load_benchmark):
     """--extend picks a run up where its epoch cap stopped it: Adam's step count carries on (weights and optimizer
     restored, not re-initialised), the epoch count and the best-score bookkeeping continue, and a run whose early
     stopping had already fired is left alone."""
     from data_prep.synthetic_scenes import generate
 
-    bench = _bench()
+    bench = load_benchmark("dense_scenes")
     generate(tmp_path / "scenes", 4, 2, seed=0, height=32, width=32)
     common = ["--data-root", str(tmp_path / "scenes"), "--out", str(tmp_path / "out"), "--variants", "hard_sharing", "--seeds", "0",
               "--width", "0.125", "--head-hidden", "8", "--set", "epoch_length=1", "batch_size=2", "val_batch_size=2"]
@@ -92,8 +83,8 @@ def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_sta
     assert not bench.capped({"variant": "v", "seed": 0, "epochs": 19, "max_epochs": 40, "best_epoch": 14}, Args)
 
 
-def test_extend_names_a_missing_final_checkpoint(tmp_path):
-    bench = _bench()
+def test_extend_names_a_missing_final_checkpoint(tmp_path, load_benchmark):
+    bench = load_benchmark("dense_scenes")
     record = {"variant": "sfg", "seed": 0, "epochs": 40, "max_epochs": 40, "best_val": 0.5, "best_epoch": 39, "train_s": 1.0}
     import pytest
 

@@ -3,21 +3,14 @@ events, the plateau rule that ends training, and a record that refuses to mix tw
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def driver():
-    spec = importlib.util.spec_from_file_location("flagship_training", ROOT / "benchmarks" / "flagship_training.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def driver(load_benchmark):
+    return load_benchmark("flagship_training")
 
 
 def test_validation_curve_reads_every_run_of_the_log_dir(driver, tmp_path):

@@ -3,33 +3,25 @@ learned policy's number of skipped blocks in total and Random #2 each task's (se
 Branched MTN keeps the searched tree's branch count at every block, so it stays within the searched tree's
 parameter budget, and it is a tree (each block's partition refines the one before)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtl_med.sharing.branched import canonical_tree
 from mtl_med.sharing.branched.trees import tree_num_branches, tree_params
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+@pytest.fixture(scope="module")
+def adashare(load_benchmark):
+    return load_benchmark("adashare_digits")
 
 
-def _load(name):
-    sys.path.insert(0, str(BENCH))  # the benchmarks import each other by module name
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+@pytest.fixture(scope="module")
+def branched(load_benchmark):
+    return load_benchmark("branched_digits")
 
-
-adashare = _load("adashare_digits")
-branched = _load("branched_digits")
 
 POLICIES = st.tuples(st.integers(2, 6), st.integers(2, 10)).flatmap(
     lambda s: st.lists(st.booleans(), min_size=s[0] * s[1], max_size=s[0] * s[1]).map(
@@ -38,7 +30,7 @@ POLICIES = st.tuples(st.integers(2, 6), st.integers(2, 10)).flatmap(
 
 @settings(max_examples=80, deadline=None)
 @given(policy=POLICIES, seed=st.integers(0, 2**32 - 1))
-def test_random_policies_keep_the_skipped_block_counts(policy, seed):
+def test_random_policies_keep_the_skipped_block_counts(policy, seed, adashare):
     rng = np.random.default_rng(seed)
     one = adashare.random_policy(policy, False, rng)
     two = adashare.random_policy(policy, True, rng)
@@ -54,7 +46,7 @@ TREES = st.tuples(st.integers(2, 5), st.integers(2, 6)).flatmap(
 
 @settings(max_examples=80, deadline=None)
 @given(tree=TREES, seed=st.integers(0, 2**32 - 1), widths=st.lists(st.integers(1, 1000), min_size=6, max_size=6))
-def test_random_trees_keep_the_branch_counts_and_the_budget(tree, seed, widths):
+def test_random_trees_keep_the_branch_counts_and_the_budget(tree, seed, widths, branched):
     rnd = branched.random_tree(tree, np.random.default_rng(seed))
     assert list(tree_num_branches(rnd)) == list(tree_num_branches(tree))
     block_params = widths[: len(tree)]

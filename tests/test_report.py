@@ -1,7 +1,6 @@
 """benchmarks/report.py: the committed tables are their records' rendering, a changed number is caught
 (and named), and records are written whole."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,20 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
 
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
-
-
-def _copy_repo(tmp_path):
+def _copy_repo(tmp_path, load_benchmark):
     """The docs and the records of the checkout, in a scratch root."""
-    report = _load("report")
+    report = load_benchmark("report")
     for doc in report.doc_files(ROOT):
         dst = tmp_path / doc.relative_to(ROOT)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -41,16 +29,16 @@ def test_committed_tables_match_their_records():
     assert out.returncode == 0, out.stderr + out.stdout
 
 
-def test_every_report_marker_names_a_known_table():
-    report = _load("report")
+def test_every_report_marker_names_a_known_table(load_benchmark):
+    report = load_benchmark("report")
     text = (ROOT / "docs" / "reproduction.md").read_text()
     names = [m.group("name") for m in report.MARKER.finditer(text)]
     assert names and set(names) <= set(report.TABLES)
     assert "adashare_null_short" in names and "uncertainty" in names
 
 
-def test_a_planted_number_fails_the_check_and_names_the_table(tmp_path, capsys):
-    report = _copy_repo(tmp_path)
+def test_a_planted_number_fails_the_check_and_names_the_table(tmp_path, capsys, load_benchmark):
+    report = _copy_repo(tmp_path, load_benchmark)
     assert report.main(["--check", "--root", str(tmp_path)]) == 0
     doc = tmp_path / "docs" / "reproduction.md"
     text = doc.read_text()
@@ -68,8 +56,8 @@ def test_a_planted_number_fails_the_check_and_names_the_table(tmp_path, capsys):
     assert report.main(["--check", "--root", str(tmp_path)]) == 0
 
 
-def test_a_changed_record_fails_the_check(tmp_path, capsys):
-    report = _copy_repo(tmp_path)
+def test_a_changed_record_fails_the_check(tmp_path, capsys, load_benchmark):
+    report = _copy_repo(tmp_path, load_benchmark)
     rec_path = sorted((tmp_path / "results" / "adashare_null").glob("short_distinct_seed*.json"))[0]
     rec = json.loads(rec_path.read_text())
     rec["metrics"]["mean_alpha_task_spread"] += 0.1
@@ -78,8 +66,8 @@ def test_a_changed_record_fails_the_check(tmp_path, capsys):
     assert "adashare_null_short" in capsys.readouterr().err
 
 
-def test_unknown_table_and_missing_records_are_errors(tmp_path, capsys):
-    report = _load("report")
+def test_unknown_table_and_missing_records_are_errors(tmp_path, capsys, load_benchmark):
+    report = load_benchmark("report")
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "reproduction.md").write_text("<!-- report:nope -->\n<!-- /report:nope -->\n"
                                                         "<!-- report:uncertainty -->\n<!-- /report:uncertainty -->\n")
@@ -88,8 +76,8 @@ def test_unknown_table_and_missing_records_are_errors(tmp_path, capsys):
     assert "unknown table 'nope'" in err and "'uncertainty' cannot be rendered" in err
 
 
-def test_write_record_is_whole_and_names_the_machine_and_revision(tmp_path):
-    records = _load("records")
+def test_write_record_is_whole_and_names_the_machine_and_revision(tmp_path, load_benchmark):
+    records = load_benchmark("records")
     path = records.write_record("demo", "run_seed3", config={"lr": 0.1}, seed=3, metrics={"acc": 0.5}, timings={"cpu_s": 1.0},
                                 root=tmp_path)
     assert path == tmp_path / "demo" / "run_seed3.json"
@@ -103,9 +91,9 @@ def test_write_record_is_whole_and_names_the_machine_and_revision(tmp_path):
         records.write_record("demo", "../escape", config={}, seed=None, metrics={}, root=tmp_path)
 
 
-def test_the_null_controls_identical_tasks_are_copies_of_one_task(monkeypatch):
+def test_the_null_controls_identical_tasks_are_copies_of_one_task(monkeypatch, load_benchmark):
     monkeypatch.syspath_prepend(str(BENCH))
-    adashare = _load("adashare_digits")
+    adashare = load_benchmark("adashare_digits")
     from mtl_med.data import vision
 
     adashare.register_identical_digits(3)
@@ -119,8 +107,8 @@ def test_the_null_controls_identical_tasks_are_copies_of_one_task(monkeypatch):
     assert len(ds) == len(ref) and set(ds.task_types.values()) == {"binary"}
 
 
-def test_null_verdict_needs_the_distinct_tasks_to_beat_every_null(tmp_path):
-    report, records = _load("report"), _load("records")
+def test_null_verdict_needs_the_distinct_tasks_to_beat_every_null(tmp_path, load_benchmark):
+    report, records = load_benchmark("report"), load_benchmark("records")
     cfg = {"width": 0.125, "image_size": 8, "warmup_epochs": 1, "policy_epochs": 10, "policy_lr": 0.1, "tau_final": 0.01}
     spreads = {"distinct": [0.40, 0.42, 0.38, 0.41], "identical_digit0": [0.20, 0.21, 0.19, 0.22], "identical_digit8": [0.45, 0.30, 0.44, 0.33]}
     for cond, values in spreads.items():

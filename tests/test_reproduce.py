@@ -1,7 +1,6 @@
 """The reproduction driver: every finding's commands name a script of benchmarks/ and merge every
 per-seed result; the SFG summary compares the starts of p of section 5.4."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,16 +9,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("full", [False, True])
-def test_every_finding_runs_a_benchmark_and_merges_all_its_runs(tmp_path, full):
-    rep = _load("reproduce")
+def test_every_finding_runs_a_benchmark_and_merges_all_its_runs(tmp_path, full, load_benchmark):
+    rep = load_benchmark("reproduce")
     for name in rep.FINDINGS:
         runs, merge = rep.commands(name, full, tmp_path)
         for cmd in runs:
@@ -31,8 +23,8 @@ def test_every_finding_runs_a_benchmark_and_merges_all_its_runs(tmp_path, full):
     assert any("init" in r for r in runs) and all(r[r.index("--max_epochs") + 1] for r in runs)
 
 
-def test_sfg_summary_compares_the_starts_of_p(capsys):
-    sfg = _load("sfg_specialisation")
+def test_sfg_summary_compares_the_starts_of_p(capsys, load_benchmark):
+    sfg = load_benchmark("sfg_specialisation")
 
     def run(exp, init, props, history=None):
         return {"experiment": exp, "init": init, "seed": 0, "iterations": 10, "proportions": props, "entropy": [0.1, 0.5],
@@ -53,11 +45,11 @@ def test_sfg_summary_compares_the_starts_of_p(capsys):
     assert "at iterations 5 10\n  shared vs dirichlet: 0.50 0.10\n" in out
 
 
-def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkeypatch, capsys):
+def test_branched_merge_pairs_searched_and_random_trees_by_seed(tmp_path, monkeypatch, capsys, load_benchmark):
     import json
 
     monkeypatch.syspath_prepend(str(BENCH))  # the script imports its neighbour vision_digits
-    branched = _load("branched_digits")
+    branched = load_benchmark("branched_digits")
 
     def merge(files):
         monkeypatch.setattr(sys, "argv", ["branched_digits.py", "--merge", *files])

@@ -2,7 +2,6 @@
 phantom: its modal network is the bundle's argmax inference, its probabilities of a harmful draw follow from the
 kernels' p, and a mean of one draw is that draw."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,31 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "sfg_highresnet_pelvis"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("sfg_draws", ROOT / "benchmarks" / "sfg_draws.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     paths = write_phantom(generate_phantom(3, shape=(32, 32, 8)), tmp_path_factory.mktemp("case"))
     return {k: paths[k] for k in ("mr", "ct", "label", "bone")}
 
 
-def _run(tmp_path, case, *extra):
+def _run(load_benchmark, tmp_path, case, *extra):
     out = tmp_path / "r.json"
     args = [f"--{k}={v}" for k, v in case.items()] + ["--no-progress", "--json", str(out), *extra]
-    assert _load().main(args) == 0
+    assert load_benchmark("sfg_draws").main(args) == 0
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory, case):
+def result(tmp_path_factory, case, load_benchmark):
     """One run: the modal network, every move of the first SFG layer's kernels counted harmful (a threshold below
     any change), one posterior draw, the bundle's sampler with two passes."""
-    return _run(tmp_path_factory.mktemp("run"), case, "--scan", "--layers", "layers.0.groups", "--harm-hu=-1e9", "--draws", "1",
+    return _run(load_benchmark, tmp_path_factory.mktemp("run"), case, "--scan", "--layers", "layers.0.groups", "--harm-hu=-1e9", "--draws", "1",
                 "--slice-draws", "2")
 
 
@@ -78,9 +70,9 @@ def test_mean_of_one_draw_is_that_draw(result):
     assert math.isfinite(r["p_modal_draw"]) and 0.0 <= r["p_modal_draw"] <= 1.0
 
 
-def test_unknown_layer_is_one_clear_error(tmp_path, case, capsys):
+def test_unknown_layer_is_one_clear_error(tmp_path, case, capsys, load_benchmark):
     with pytest.raises(SystemExit):
-        _run(tmp_path, case, "--scan", "--layers", "nope")
+        _run(load_benchmark, tmp_path, case, "--scan", "--layers", "nope")
     assert "nope" in capsys.readouterr().err
 
 
@@ -113,11 +105,11 @@ def test_draws_far_outside_the_ct_range_are_reported(data, pred, caplog):
     assert rec.levelname == "WARNING" and rec.getMessage().startswith("c: ") and "25%" in rec.getMessage()
 
 
-def test_missing_or_corrupt_case_file_is_one_clear_error(tmp_path, case, capsys):
+def test_missing_or_corrupt_case_file_is_one_clear_error(tmp_path, case, capsys, load_benchmark):
     bad = tmp_path / "mr.nii.gz"
     bad.write_bytes(b"not a nifti")
     for mr, problem in ((tmp_path / "none.nii.gz", "does not exist"), (bad, str(bad))):
         with pytest.raises(SystemExit):
-            _run(tmp_path, {**case, "mr": str(mr)})
+            _run(load_benchmark, tmp_path, {**case, "mr": str(mr)})
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert problem in err and "Traceback" not in err

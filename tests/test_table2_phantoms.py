@@ -1,24 +1,15 @@
 """benchmarks/table2_phantoms.py: the paper's Table 2 on phantoms, end to end at tiny size, and its rendering."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def table2():
-    spec = importlib.util.spec_from_file_location("table2_phantoms", ROOT / "benchmarks" / "table2_phantoms.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["table2_phantoms"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def table2(load_benchmark):
+    return load_benchmark("table2_phantoms", register=True)
 
 
 def test_rows_are_the_bundle_variants(table2):
