@@ -28,7 +28,6 @@ __all__ = ["SeriesHeaders", "is_series_folder", "series_folders", "read_headers"
 
 DICOMDIR = "1.2.840.10008.1.3.10"
 MANUFACTURER = "mtl_med"
-BODY_PART = "PELVIS"  # Body Part Examined of outputs whose source names none: what the network is trained on
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -244,7 +243,8 @@ def load_series(folder: str | os.PathLike, *, role: str = "mr", modality: str | 
 
 
 def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: str | os.PathLike, *,
-                    description: str = "Phantom T2", patient_id: str = "PHANTOM") -> list[Path]:
+                    description: str = "Phantom T2", patient_id: str = "PHANTOM",
+                    body_part: str | None = None) -> list[Path]:
     """A volume (i, j, k array, RAS+ ``affine_ras`` as in NIfTI) as an MR series of a made-up patient, one
     int16 file per slice k (column i, row j): phantoms in DICOM, to try the DICOM path without patient data."""
     import pydicom
@@ -270,7 +270,11 @@ def write_mr_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: str | o
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = date, time, "1", "", ""
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, 1, k + 1
-        ds.PatientPosition, ds.PositionReferenceIndicator, ds.BodyPartExamined = "HFS", "", BODY_PART
+        ds.PatientPosition, ds.PositionReferenceIndicator = "HFS", ""
+        if body_part:
+            ds.BodyPartExamined = body_part
+        else:  # no body part (type 3): Laterality (2C) empty, "unknown", since no validator can tell it is unpaired
+            ds.Laterality = ""
         ds.Manufacturer, ds.ImageType = MANUFACTURER, ["DERIVED", "SECONDARY", "OTHER"]
         # a made-up acquisition: research mode, the timing attributes (type 2) empty
         ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "RM", "NONE", "", "2D"

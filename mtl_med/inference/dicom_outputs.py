@@ -8,9 +8,10 @@ frame of reference. The CT series needs only pydicom; SEG and RTSTRUCT need the 
     write_seg(labels, src, "out/case_seg.dcm", label_table=table)   # table: label -> organ name
     write_rtstruct(labels, src, "out/case_rtstruct.dcm", label_table=table)
 
-What the outputs call the model (``model_name``), the organs' SNOMED CT codes in the SEG (``organ_codes``) and their
-display colours in the RTSTRUCT (``organ_colours``) are the application's, passed by the caller (the pelvis bundle
-passes ``mtl_med.pelvis.MODEL_NAME``, ``ORGAN_CODES`` and ``ORGAN_COLOURS``); without them every organ is an
+What the outputs call the model (``model_name``), the organs' SNOMED CT codes in the SEG (``organ_codes``), their
+display colours in the RTSTRUCT (``organ_colours``) and the CT's Body Part Examined where the MR names none
+(``body_part``) are the application's, passed by the caller (the pelvis bundle passes ``mtl_med.pelvis.MODEL_NAME``,
+``ORGAN_CODES``, ``ORGAN_COLOURS`` and ``BODY_PART``); without them every organ is an
 "Anatomical Structure" drawn in :data:`DEFAULT_COLOUR`, made by :data:`DEFAULT_MODEL_NAME`.
 
 Every output is marked research use only (series description, image comments, derivation description): a
@@ -34,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mtl_med.data.dicom import BODY_PART, MANUFACTURER, SeriesHeaders, _now, _set_plane
+from mtl_med.data.dicom import MANUFACTURER, SeriesHeaders, _now, _set_plane
 from mtl_med.errors import InputError
 
 __all__ = ["RESEARCH_ONLY", "DEFAULT_MODEL_NAME", "write_ct_series", "write_seg", "write_rtstruct"]
@@ -123,28 +124,33 @@ def _contributing_equipment(ident: Any, what: str, model_name: str) -> Any:
     return eq
 
 
-def _copy_body_part(ds: Any, src: Any) -> None:
+def _copy_body_part(ds: Any, src: Any, body_part: str | None) -> None:
     """Body Part Examined and Laterality (General Series). Laterality (type 2C) belongs to a paired body part
-    only, and validators judge it by Body Part Examined: so both are copied as the source states them, and a
-    source that names no body part is the pelvis, which has no laterality (empty would mean "unknown")."""
+    only, and validators judge it by Body Part Examined: so both are copied as the source states them; a source
+    that names no body part gets ``body_part`` (the application's: the pelvis bundle passes ``PELVIS``, which
+    has no laterality); with neither, the body part stays absent (type 3) and Laterality is written empty
+    ("unknown"), as the validators ask when they cannot tell whether the part is paired."""
     if getattr(src, "BodyPartExamined", ""):
         ds.BodyPartExamined = src.BodyPartExamined
         if "Laterality" in src:
             ds.Laterality = src.Laterality
-    else:
-        ds.BodyPartExamined = BODY_PART
+    elif body_part:
+        ds.BodyPartExamined = body_part
         if getattr(src, "Laterality", ""):
             ds.Laterality = src.Laterality
+    else:
+        ds.Laterality = getattr(src, "Laterality", "") or ""
 
 
 def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLike, *, series_number: int | None = None,
                     description: str = "Synthetic CT from MR", provenance: Any = None,
-                    model_name: str = DEFAULT_MODEL_NAME) -> list[Path]:
+                    model_name: str = DEFAULT_MODEL_NAME, body_part: str | None = None) -> list[Path]:
     """The synthetic CT as a CT series, one file per slice of the source grid (same positions, orientation and
     spacing), stored as unsigned 16 bit with Rescale Slope 1 and Intercept -1024 (HU = stored - 1024; HU are
     rounded to integers), in the source's patient, study and frame of reference, each slice referencing its MR
     slice (Source Image Sequence). New Series and SOP Instance UIDs. ``model_name``: the manufacturer's model
-    name and the maker named in the derivation description."""
+    name and the maker named in the derivation description; ``body_part``: Body Part Examined where the source
+    names none."""
     import pydicom
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
@@ -177,7 +183,7 @@ def write_ct_series(hu: np.ndarray, src: SeriesHeaders, out_dir: str | os.PathLi
         ds.ContributingEquipmentSequence = [equipment]
         if "PatientPosition" in mr:
             ds.PatientPosition = mr.PatientPosition
-        _copy_body_part(ds, mr)
+        _copy_body_part(ds, mr, body_part)
         ds.KVP = ""
         ds.AcquisitionNumber = ""
         _set_plane(ds, src.affine_lps, k)

@@ -96,7 +96,7 @@ class CaseWriter:
                  postfixes: Mapping[str, str] | None = None, save_png: bool = True, dicom_outputs: Sequence[str] = (),
                  uncertainty: str = "disagreement", label_colours: Sequence[str] | None = None,
                  model_name: str | None = None, organ_codes: Mapping[int, Sequence[str]] | None = None,
-                 organ_colours: Mapping[int, Sequence[int]] | None = None):
+                 organ_colours: Mapping[int, Sequence[int]] | None = None, body_part: str | None = None):
         self.label_table = {int(k): str(v) for k, v in dict(label_table).items()}
         self.label_colours = list(label_colours) if label_colours is not None else None
         # what the DICOM writers take beside the label table (absent: their defaults)
@@ -107,6 +107,8 @@ class CaseWriter:
             self.dicom_names["organ_codes"] = {int(k): tuple(v) for k, v in dict(organ_codes).items()}
         if organ_colours is not None:
             self.dicom_names["organ_colours"] = {int(k): tuple(v) for k, v in dict(organ_colours).items()}
+        if body_part is not None:
+            self.dicom_names["body_part"] = str(body_part)
         self.output_dir = output_dir
         self.postfixes = {**OUTPUT_POSTFIXES, **dict(postfixes or {})}
         self.save_png = as_bool(save_png, "save_png")
@@ -188,7 +190,7 @@ class CaseWriter:
 def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: Mapping[str, Path],
                 label_table: Mapping[int, str], identity: Any = None, model_name: str | None = None,
                 organ_codes: Mapping[int, tuple[str, str]] | None = None,
-                organ_colours: Mapping[int, tuple[int, int, int]] | None = None) -> None:
+                organ_colours: Mapping[int, tuple[int, int, int]] | None = None, body_part: str | None = None) -> None:
     """The DICOM outputs of ``paths`` (keys of :data:`DICOM_OUTPUTS`; organs named by ``label_table``, coded by
     ``organ_codes`` and drawn in ``organ_colours``), each naming ``model_name`` and the package, model and weights'
     MD5 (``identity``, a :class:`~mtl_med.inference.provenance.ModelIdentity`) as its contributing equipment (None:
@@ -201,7 +203,7 @@ def write_dicom(item: Mapping[str, Any], out: Mapping[str, np.ndarray], paths: M
     seg = np.rint(out["seg"]).astype(np.uint8)
     named = {"model_name": model_name} if model_name is not None else {}
     if "dicom_ct" in paths:
-        dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=identity, **named)
+        dicom_outputs.write_ct_series(out["sct"], src, paths["dicom_ct"], provenance=identity, body_part=body_part, **named)
     if "dicom_seg" in paths:
         dicom_outputs.write_seg(seg, src, paths["dicom_seg"], label_table=label_table, provenance=identity,
                                 organ_codes=organ_codes, **named)

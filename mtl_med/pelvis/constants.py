@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_NAME",
     "ORGAN_CODES",
     "ORGAN_COLOURS",
+    "BODY_PART",
 ]
 
 # DESIGN.md "Medical data conventions": the SFG paper's organs.
@@ -68,3 +69,5 @@ ORGAN_CODES: dict[int, tuple[str, str]] = {1: ("2812003", "Femoral head"), 2: ("
                                            5: ("34402009", "Rectum")}
 ORGAN_COLOURS: dict[int, tuple[int, int, int]] = {1: (255, 220, 0), 2: (0, 200, 255), 3: (0, 200, 0), 4: (255, 255, 0),
                                                   5: (180, 90, 40)}
+# DICOM Body Part Examined of a synthetic CT whose MR source names none: what the network is trained on
+BODY_PART = "PELVIS"

@@ -233,6 +233,8 @@ def test_ct_series_headers(env):
         assert ds.SeriesInstanceUID != src[0].SeriesInstanceUID
         assert "RESEARCH USE ONLY" in ds.SeriesDescription and "RESEARCH USE ONLY" in ds.ImageComments
         assert (ds.RescaleSlope, ds.RescaleIntercept) == (1, -1024)
+        assert "BodyPartExamined" not in src[0] and ds.BodyPartExamined == "PELVIS"  # the bundle's, the MR names none
+        assert "Laterality" not in ds  # the pelvis is not a paired part
         ref = by_sop[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]  # the MR slice at the same position
         np.testing.assert_allclose(ds.ImagePositionPatient, ref.ImagePositionPatient, atol=1e-3)
         np.testing.assert_allclose(ds.pixel_array * 1.0 - 1024, ds.pixel_array * ds.RescaleSlope + ds.RescaleIntercept)
@@ -296,6 +298,24 @@ def test_writers_keep_every_organ_exactly(tmp_path):
     seg = hd.seg.segread(tmp_path / "seg.dcm")
     uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in mr_files(tmp_path / "mr")]
     np.testing.assert_array_equal(seg.get_pixels_by_source_instance(uids, combine_segments=True), expected)
+
+
+def test_body_part_is_the_sources_else_the_callers(tmp_path):
+    """Body Part Examined and Laterality as the MR states them; where it names no body part, the caller's
+    ``body_part`` (the pelvis bundle's PELVIS), else none (type 3) with Laterality empty ("unknown"): the writer
+    assumes no anatomy."""
+    mr, _ = _phantom_mr()
+    write_mr_series(tmp_path / "mr", mr, STORAGES["oblique"])
+    src = dicom.read_headers(tmp_path / "mr")
+    knee = dicom.read_headers(tmp_path / "mr")
+    for ds in knee.datasets:
+        ds.BodyPartExamined, ds.Laterality = "KNEE", "L"
+    for name, source, body_part, expect in (("named", knee, "PELVIS", ("KNEE", "L")),
+                                            ("caller", src, "PELVIS", ("PELVIS", None)),
+                                            ("none", src, None, (None, ""))):
+        out = dicom_outputs.write_ct_series(np.zeros(src.shape), source, tmp_path / name, body_part=body_part)
+        ct = pydicom.dcmread(out[0])
+        assert (ct.get("BodyPartExamined"), ct.get("Laterality")) == expect, name
 
 
 def test_organ_codes_colours_and_model_name_are_the_callers(tmp_path):
