@@ -135,6 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--weights", type=Path, default=None,
                    help="a folder with model.pt and landmarks.json (default: the bundle's models/demo)")
     args = p.parse_args(argv)
+    if args.weights is not None:
+        missing = [n for n in ("model.pt", "landmarks.json") if not (args.weights / n).is_file()]
+        if missing:
+            p.error(f"--weights {args.weights}: no {' or '.join(missing)} there")
 
     from mtl_med.inference import Predictor
     from mtl_med.io import atomic_write_json, json_finite

@@ -71,3 +71,15 @@ def test_refresh_gives_each_chunk_its_own_validations(driver):
     assert first["val"]["val_dice"] == [0.1, 0.3] and second["val"]["val_dice"] == [0.2, 0.5]
     assert first["val"]["val_psnr_hu"] == [15.0] and second["val"]["val_mae_hu"] == []
     assert (first["best_val_dice"], second["best_val_dice"]) == (0.3, 0.5)
+
+
+def test_held_out_evaluation_names_a_weights_folder_without_weights(load_benchmark, tmp_path, capsys):
+    """``uncertainty.py --weights DIR`` checks the folder before it makes a phantom or writes its record."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("uncertainty").main(["--weights", str(tmp_path / "w"), "--json", str(tmp_path / "r.json"),
+                                            "--work", str(tmp_path / "work")])
+    assert stop.value.code == 2
+    assert f"--weights {tmp_path / 'w'}: no landmarks.json there" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "work").exists()
