@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--status", action="store_true", help="refresh the record from the events, print it and exit")
     args = p.parse_args(argv)
+    for name in ("max_epochs", "chunk_epochs", "patience", "threads"):
+        if getattr(args, name) < 1:  # a chunk of 0 epochs would train nothing, forever
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from records import code_revision, machine

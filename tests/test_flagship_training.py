@@ -83,3 +83,11 @@ def test_held_out_evaluation_names_a_weights_folder_without_weights(load_benchma
     assert stop.value.code == 2
     assert f"--weights {tmp_path / 'w'}: no landmarks.json there" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("flag", ["--chunk-epochs", "--max-epochs", "--patience", "--threads"])
+def test_counts_below_one_are_refused_before_any_work(driver, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        driver.main(["--work", str(tmp_path / "work"), "--record", str(tmp_path / "r.json"), flag, "0"])
+    assert stop.value.code == 2 and f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists() and not (tmp_path / "r.json").exists()
