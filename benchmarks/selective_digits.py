@@ -6,12 +6,17 @@ Every run goes through the bundle's own configs (bundles/vision_multitask: ``tra
 MNIST set-up for all methods (appendix A.1: the two-layer CNN, 28x28 input, SGD lr 0.02,
 momentum 0.5, batch 64, 30 epochs, no early stopping; the validation-best checkpoint is tested):
 
-- ``stl``: ten independent networks (``single_task`` columns of the MNIST CNN, pooled heads with a
-  100-unit hidden layer);
-- ``hard``: the MNIST CNN shared, per-task heads as ``stl`` (hard parameter sharing);
-- ``cross_stitch``: ten columns joined by cross-stitch units;
+- ``stl``: ten independent networks (``single_task`` columns of the MNIST CNN, each with its own head);
+- ``hard``: the MNIST CNN shared, a head per task (hard parameter sharing of the convolutions);
+- ``cross_stitch``: ten columns joined by cross-stitch units, a head per task;
 - ``branches``: the paper's MTL baseline, the Selective Sharing network that never merges (shared
   FC 640, ten branches FC 100 -> 50 -> 1);
+
+One head design for every method (section 4.2's MNIST head): the 40 x 4 x 4 = 640 features flattened
+into FC 640 -> FC 100 -> FC 50 -> the task's output. ``stl``, ``hard`` and ``cross_stitch`` hold all
+four layers per task (``head_hidden`` (640, 100, 50), ``head_pooled_size`` 4); ``branches`` and
+Selective Sharing share the FC 640 layer, as the paper's MTL network does, and differ from ``hard``
+only in that.
 - ``similarity`` / ``dissimilarity`` / ``variance`` / ``random``: Selective Sharing under each
   sharing condition of appendix A.2.
 
@@ -42,6 +47,8 @@ from vision_digits import run_bundle
 CONDITIONS = ("similarity", "dissimilarity", "variance", "random")
 METHODS = ("hard", *CONDITIONS, "cross_stitch", "stl", "branches")
 PLAIN = {"stl": "single_task", "hard": "hard_sharing", "cross_stitch": "cross_stitch"}
+#: the plain methods' head: section 4.2's FC 640 -> 100 -> 50 on the flattened 640 features, per task
+HEAD_HIDDEN, HEAD_POOLED_SIZE = (640, 100, 50), 4
 
 
 def settings(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str], dict]:
@@ -51,7 +58,7 @@ def settings(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str
     if method in PLAIN:
         return ["train.json"], dict(
             common, backbone="mnist_cnn", sharing=PLAIN[method], variant=method,
-            **{"network_def#head_hidden": 100,
+            **{"network_def#head_hidden": list(HEAD_HIDDEN), "network_def#head_pooled_size": HEAD_POOLED_SIZE,
                "optimizer": {"_target_": "torch.optim.SGD", "params": "$@network.parameters()", "lr": "@learning_rate",
                              "momentum": 0.5, "weight_decay": "@weight_decay"}})
     condition = "similarity" if method == "branches" else method
@@ -60,12 +67,16 @@ def settings(method: str, seed: int, args: argparse.Namespace) -> tuple[list[str
         common, variant=method, selective_condition=condition, selective_start_epoch=start)
 
 
+HEAD = "flattened 640 features -> FC 640 -> FC 100 -> FC 50 -> output (section 4.2), every method"
+
+
 def plain_parameters(method: str) -> int:
     """Parameters of a plain method's network on the ten digit tasks (all of them are active)."""
     from mtl_med.build import build_network
 
     names = [f"digit_{d}" for d in range(10)]
-    net = build_network("mnist_cnn", PLAIN[method], names, {t: 2 for t in names}, in_channels=1, head_hidden=100)
+    net = build_network("mnist_cnn", PLAIN[method], names, {t: 2 for t in names}, in_channels=1,
+                        head_hidden=list(HEAD_HIDDEN), head_pooled_size=HEAD_POOLED_SIZE)
     return sum(p.numel() for p in net.parameters())
 
 
@@ -112,7 +123,7 @@ def main() -> None:
                 r.update(active_parameters=plain_parameters(m))
             results[m][seed] = r
             if args.record:
-                write_record("selective", tagged(args, f"{m}_seed{seed}"), config=run_config(args, method=m), seed=seed,
+                write_record("selective", tagged(args, f"{m}_seed{seed}"), config=run_config(args, method=m, head=HEAD), seed=seed,
                              metrics={k: v for k, v in r.items() if k not in ("cpu_s", "wall_s")}, timings={"cpu_s": cpu, "wall_s": wall})
             print(f"{m:13s} seed {seed}: accuracy {100 * r['accuracy']:.2f}%  groups {r.get('groups', '-')}  "
                   f"lock epoch {r.get('lock_epoch', '-')}  {cpu:.0f} CPU-s ({wall:.0f} s wall)", flush=True)

@@ -49,6 +49,7 @@ def build_network(
     head: str | None = None,
     head_hidden: int | None = None,
     head_act: str | tuple = "relu",
+    head_pooled_size: int = 1,
     sharing_args: Mapping[str, Mapping] | None = None,
     **kwargs,
 ) -> nn.Module:
@@ -65,7 +66,10 @@ def build_network(
             input's resolution (HighResNet), pooled otherwise. ``"aspp"`` or ``"fcn"``: dense
             prediction heads upsampled to the input's size (:mod:`~mtl_med.networks.dense_heads`).
         head_hidden, head_act: the pooled heads' hidden width (default: the backbone's) and activation;
-            ``head_hidden`` is also the ASPP / FCN heads' width.
+            ``head_hidden`` is also the ASPP / FCN heads' width. A sequence of widths gives the pooled heads
+            one hidden layer each.
+        head_pooled_size: positions per spatial side the pooled heads keep and flatten (1: global average
+            pooling; 4 on the MNIST CNN: its 640 flattened features, Selective Sharing's head for every method).
         kwargs: the backbone's arguments (e.g. ``in_channels``, ``width``, ``features``,
             ``conv1_t_size``) and the method's (e.g. ``sigma`` and ``seed`` for routing,
             ``grouping``/``shared_init``/``lambda1`` for SFG, ``tau``/``policy`` for AdaShare,
@@ -80,7 +84,8 @@ def build_network(
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
     build_args = dict(backbone=backbone, sharing=sharing, task_names=list(task_names), out_channels=out_channels,
-                      spatial_dims=spatial_dims, head=head, head_hidden=head_hidden, head_act=head_act, **kwargs)
+                      spatial_dims=spatial_dims, head=head, head_hidden=head_hidden, head_act=head_act,
+                      head_pooled_size=head_pooled_size, **kwargs)
     if sharing_args:
         build_args["sharing_args"] = sharing_args
         names = {str(k).lower(): v for k, v in dict(sharing_args).items()}
@@ -111,8 +116,8 @@ def build_network(
     if head == "dense":
         heads = HEADS["dense"](spatial_dims, spec.out_channels, outs)
     elif head == "pooled":
-        hidden = spec.head_hidden if head_hidden is None else int(head_hidden)
-        heads = HEADS["pooled"](spatial_dims, spec.out_channels, outs, hidden=hidden, act=head_act)
+        hidden = spec.head_hidden if head_hidden is None else head_hidden
+        heads = HEADS["pooled"](spatial_dims, spec.out_channels, outs, hidden=hidden, act=head_act, pooled_size=head_pooled_size)
     elif head in DENSE_HEADS:  # upsampled to the input's size (dense_heads.py)
         heads = DENSE_HEADS[head](spatial_dims, spec.out_channels, outs, **({} if head_hidden is None else {"hidden": int(head_hidden)}))
     else:

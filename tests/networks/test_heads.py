@@ -80,3 +80,39 @@ def test_empty_or_zero_outputs_are_refused():
         for outs in ([], [1, 0]):
             with pytest.raises(ValueError, match="at least one"):
                 cls(2, 4, outs)
+
+
+@pytest.mark.parametrize("act", ["relu", "prelu"])
+def test_flattening_heads_with_several_hidden_layers_are_per_task_mlps(act):
+    """pooled_size 4 on a 4 x 4 map flattens the 640 features (Selective Sharing's MNIST head for every
+    method); each task's output is its own MLP 640 -> 64 -> 8 -> out on them, computed here by hand."""
+    heads = PooledHeads(2, 40, OUTS, hidden=(64, 8), act=act, pooled_size=4)
+    assert [tuple(w.shape) for w in heads.weights] == [(3, 64, 640), (3, 8, 64), (3, 3, 8)]
+    x = torch.randn(2, 40, 4, 4)
+    for k, c in enumerate(OUTS):
+        h = x.flatten(1)  # no averaging at pooled_size = the map's size: position-specific weights
+        for i, (w, b) in enumerate(zip(heads.weights, heads.biases)):
+            if i:
+                h = torch.nn.functional.prelu(h, heads.slopes[k, i - 1 : i]) if act == "prelu" else h.relu()
+            h = h @ w[k].T + b[k]
+        torch.testing.assert_close(heads(x, k), h[:, :c])
+    if act == "prelu":
+        assert heads.slopes.shape == (3, 2)  # one slope per task and hidden layer
+
+
+def test_flattening_heads_refuse_impossible_sizes():
+    with pytest.raises(ValueError, match="pooled_size"):
+        PooledHeads(2, 4, OUTS, pooled_size=0)
+
+
+def test_build_network_gives_every_method_the_flattening_head():
+    from mtl_med.build import build_network
+
+    names = [f"digit_{d}" for d in range(3)]
+    for sharing in ("hard_sharing", "single_task", "cross_stitch"):
+        net = build_network("mnist_cnn", sharing, names, 2, in_channels=1, head_hidden=[640, 100, 50], head_pooled_size=4)
+        heads = [m for m in net.modules() if isinstance(m, PooledHeads)]
+        assert heads and all([tuple(w.shape[1:]) for w in h.weights] == [(640, 640), (100, 640), (50, 100), (2, 50)] for h in heads)
+        out = net(torch.randn(2, 1, 28, 28))
+        assert all(out[t].shape == (2, 2) for t in names)
+        assert net.rebuild().build_args["head_pooled_size"] == 4
