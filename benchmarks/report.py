@@ -324,6 +324,12 @@ def branched_affinity(results: Path) -> str:
     return branched_affinity_table(load(results, "branched_affinity"))
 
 
+def selective(results: Path) -> str:
+    import selective_digits
+
+    return selective_digits.render(results)
+
+
 def pelvis_training(results: Path, table: str) -> str:
     """The pelvis bundle's short training runs (``benchmarks/pelvis_training.py``): fp32 against bf16 autocast,
     and one epoch's time waiting on the data loader."""
@@ -345,6 +351,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "data_loading": (lambda res: pelvis_training(res, "data_loading"), "results/performance/data_loading*.json"),
     "amp_accuracy": (lambda res: pelvis_training(res, "amp_accuracy"), "results/performance/amp_accuracy_seed*.json"),
     "flagship_training": (flagship_training, "results/flagship/*.json"),
+    "selective": (selective, "results/selective/*.json"),
 }
 
 

@@ -153,5 +153,62 @@ def print_table(results: dict[str, dict]) -> None:
         print(f"| {m} | {100 * acc.mean():.2f} ± {100 * sd:.2f} % | {groups} | {lock} | {params} | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
 
 
+#: the comparisons the report tests, a minus b paired by seed: Table 1's claims and A.2's
+COMPARISONS = (("similarity", "branches"), ("similarity", "stl"), ("similarity", "cross_stitch"), ("similarity", "hard"),
+               ("stl", "branches"), ("cross_stitch", "stl"), ("branches", "hard"),
+               ("similarity", "dissimilarity"), ("similarity", "variance"), ("similarity", "random"))
+SHARES = {"stl": "nothing", "hard": "convolutions", "cross_stitch": "convolutions, mixed by cross-stitch units",
+          "branches": "convolutions and FC 640", "similarity": "convolutions, FC 640 and the merged branches"}
+
+
+def render(results: Path) -> str:
+    """The table of ``docs/reproduction.md`` from the records ``results/selective/*.json`` (``--record``):
+    accuracy per method over seeds, groups and lock epochs, active parameters, training CPU time, and the
+    paired comparisons of :data:`COMPARISONS` (``mtl_med.metrics.stats.paired_comparison``)."""
+    from report import load, machine_line, revisions
+
+    from mtl_med.metrics.stats import format_mean_std, paired_comparison
+
+    recs = load(results, "selective")
+    by: dict[str, dict[int, dict]] = {}
+    for r in recs:
+        by.setdefault(r["config"]["method"], {})[r["seed"]] = r
+    protocol = ("max_epochs", "head")
+    cfg = recs[0]["config"]
+    for r in recs:
+        differ = [k for k in protocol if r["config"].get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"selective: {r['name']} differs from {recs[0]['name']} in {differ}")
+    methods = [m for m in METHODS if m in by]
+    acc = {m: {s: r["metrics"]["accuracy"] for s, r in by[m].items()} for m in methods}
+    ref = np.mean([r["timings"]["cpu_s"] for r in by["hard"].values()]) if "hard" in by else float("nan")
+    lines = ["| method | shares | seeds | mean accuracy (mean ± std) | groups formed (per seed) | first grouped / lock epoch | "
+             "active parameters | training CPU time vs hard |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in methods:
+        rs = [by[m][s] for s in sorted(by[m])]
+        grouped = all("groups" in r["metrics"] for r in rs)
+        groups = "; ".join(_groups(r["metrics"]["groups"]) for r in rs) if grouped else "-"
+        lock = "; ".join(f"{r['metrics'].get('first_grouped')}/{r['metrics'].get('lock_epoch')}" for r in rs) if grouped else "-"
+        params = "/".join(str(r["metrics"].get("active_parameters")) for r in rs)
+        cpu = np.mean([r["timings"]["cpu_s"] for r in rs])
+        shares = SHARES.get(m, SHARES["similarity"])
+        lines.append(f"| {m} | {shares} | {len(rs)} | {format_mean_std([r['metrics']['accuracy'] for r in rs], 100.0, unit=' %')} | "
+                     f"{groups} | {lock} | {params} | {cpu / ref:.2f}x ({cpu:.0f} CPU-s) |")
+    lines += ["", "| a - b (accuracy, points) | paired by seed | mean difference (95 % CI) | seeds a won / tied / lost | paired t p |",
+              "| --- | --- | --- | --- | --- |"]
+    for a, b in COMPARISONS:
+        if a in acc and b in acc:
+            seeds = sorted(set(acc[a]) & set(acc[b]))
+            t = paired_comparison([100 * acc[a][s] for s in seeds], [100 * acc[b][s] for s in seeds])
+            ci = f"{t.ci_low:+.2f} to {t.ci_high:+.2f}" if np.isfinite(t.ci_low) else "no CI"
+            p = "n/a" if not np.isfinite(t.t_p) else (f"{t.t_p:.2g}" if t.t_p < 0.01 else f"{t.t_p:.2f}")
+            lines.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | {t.mean_diff:+.2f} ({ci}) | {t.wins} / {t.ties} / {t.losses} | {p} |")
+    lines += ["", f"Digits, ten one-vs-all tasks, appendix A.1's optimiser (SGD lr 0.02, momentum 0.5, batch 64), "
+              f"{cfg['max_epochs']} epochs, the validation-best checkpoint tested; head: {cfg.get('head', 'unknown')}. "
+              f"Mean ± sample std over seeds. Records: `results/selective/*.json`; one torch thread, {machine_line(recs)}; "
+              f"code {revisions(recs)}."]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     main()
