@@ -330,6 +330,12 @@ def selective(results: Path) -> str:
     return selective_digits.render(results)
 
 
+def sfg_specialisation(results: Path, tag: str) -> str:
+    import sfg_specialisation as sfg
+
+    return sfg.render(results, tag)
+
+
 def pelvis_training(results: Path, table: str) -> str:
     """The pelvis bundle's short training runs (``benchmarks/pelvis_training.py``): fp32 against bf16 autocast,
     and one epoch's time waiting on the data loader."""
@@ -352,6 +358,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "amp_accuracy": (lambda res: pelvis_training(res, "amp_accuracy"), "results/performance/amp_accuracy_seed*.json"),
     "flagship_training": (flagship_training, "results/flagship/*.json"),
     "selective": (selective, "results/selective/*.json"),
+    "sfg_fig6_cpu100": (lambda res: sfg_specialisation(res, "cpu100"), "results/sfg_specialisation/cpu100_*.json"),
 }
 
 

@@ -186,6 +186,77 @@ def summary(results: list[dict], args: argparse.Namespace) -> None:
                     print(f"  {a} vs {b}: " + " ".join(f"{np.abs(hist[a][it] - hist[b][it]).max():.2f}" for it in its))
 
 
+def _rho(values: np.ndarray) -> float:
+    """Spearman rho of one run's per-layer values against depth (0 where the values do not vary)."""
+    return float(spearmanr(np.arange(values.size), values).statistic) if np.ptp(values) > 0 else 0.0
+
+
+def render(results: Path, tag: str) -> str:
+    """The fig. 6 / appendix E table of ``docs/reproduction.md`` from the records ``results/sfg_specialisation/
+    {tag}_*.json`` (``--record --record_tag tag``): per experiment and SFG layer, the shared share by section 5.3's
+    measure (class-wise probabilities summed per group) with the argmax counts beside it, over seeds; then the
+    unrelated pair against its null control, the duplicate pair, paired by seed (``paired_comparison``)."""
+    from report import load, machine_line, revisions
+
+    from mtl_med.metrics.stats import format_mean_std, paired_comparison
+
+    recs = [r for r in load(results, "sfg_specialisation") if r["name"].startswith(f"{tag}_")]
+    if not recs:
+        raise FileNotFoundError(f"no sfg_specialisation records named {tag}_*")
+    protocol = ("max_epochs", "width", "batch_size", "grouping_lr_scale", "tau_rate", "lambda2")
+    cfg = recs[0]["config"]
+    for r in recs:
+        differ = [k for k in protocol if r["config"].get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"sfg_specialisation {tag}: {r['name']} differs from {recs[0]['name']} in {differ}")
+    by: dict[str, dict[int, dict]] = {}
+    for r in recs:
+        if r["config"]["experiment"] in PAIRS:
+            by.setdefault(r["config"]["experiment"], {})[r["seed"]] = r["metrics"]
+    if "unrelated" not in by:
+        raise ValueError(f"sfg_specialisation {tag}: no 'unrelated' records")
+    layers = len(next(iter(by["unrelated"].values()))["probability_sums"])
+    head = " | ".join(f"layer {k + 1}" for k in range(layers))
+    lines = [f"| experiment (tasks) | seeds | measure | {head} | shared vs depth (Spearman rho) | last-layer task 1 / task 2 | validation score |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in range(layers)) + " | --- | --- | --- |"]
+    shared = {}
+    for exp in [e for e in PAIRS if e in by]:
+        runs = by[exp]
+        seeds = sorted(runs)
+        for measure, key in (("shared, probability sum (5.3)", "probability_sums"), ("shared, argmax count", "proportions")):
+            P = np.array([runs[s][key] for s in seeds])  # (seeds, layers, [t1, s, t2])
+            shared[(exp, key)] = {s: P[i, :, 1] for i, s in enumerate(seeds)}
+            cells = " | ".join(format_mean_std(P[:, k, 1]) for k in range(layers))
+            rho = format_mean_std([_rho(P[i, :, 1]) for i in range(len(seeds))])
+            last = f"{format_mean_std(P[:, -1, 0])} / {format_mean_std(P[:, -1, 2])}"
+            val = format_mean_std([runs[s]["val_score"] for s in seeds], digits=3) if key == "probability_sums" else ""
+            tasks = " + ".join(f"`{t}`" for t in PAIRS[exp])
+            lines.append(f"| {exp} ({tasks}) | {', '.join(map(str, seeds))} | {measure} | {cells} | {rho} | {last} | {val} |")
+    if "duplicate" in by:
+        lines += ["", "| unrelated - duplicate (the null control), paired by seed | seeds | " + head + " | shared vs depth (rho) |",
+                  "| --- | --- | " + " | ".join("---" for _ in range(layers)) + " | --- |"]
+        for measure, key in (("probability sum (5.3)", "probability_sums"), ("argmax count", "proportions")):
+            u, d = shared[("unrelated", key)], shared[("duplicate", key)]
+            seeds = sorted(set(u) & set(d))
+            cells = []
+            for k in range(layers):
+                t = paired_comparison([u[s][k] for s in seeds], [d[s][k] for s in seeds])
+                cells.append(f"{t.mean_diff:+.2f} (p {_p(t.t_p)})")
+            t = paired_comparison([_rho(u[s]) for s in seeds], [_rho(d[s]) for s in seeds])
+            lines.append(f"| shared, {measure} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + f" | {t.mean_diff:+.2f} (p {_p(t.t_p)}) |")
+    its = sorted({r["metrics"]["iterations"] for r in recs})
+    lines += ["", f"SFG-VGG11 width x{cfg['width']}, placed digits 16 x 16, batch {cfg['batch_size']}, {cfg['max_epochs']} epochs "
+              f"({', '.join(map(str, its))} iterations; A.1: {PAPER['iterations']}), grouping_lr_scale {cfg['grouping_lr_scale']:g} "
+              f"(A.1: {PAPER['grouping_lr_scale']}), tau decay {cfg['tau_rate']:g} per iteration (A.1: {PAPER['tau_rate']:g}), lambda2 "
+              f"{cfg['lambda2']:g}, start p = [0.2, 0.6, 0.2]. Mean ± sample std over seeds; differences: paired t-test p. "
+              f"Records: `results/sfg_specialisation/{tag}_*.json`; one torch thread, {machine_line(recs)}; code {revisions(recs)}."]
+    return "\n".join(lines) + "\n"
+
+
+def _p(p: float) -> str:
+    return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
+
+
 def figure(results: list[dict], path: str) -> None:
     """Fig. 6-style stacked bars: per SFG layer the proportions of task-1, shared and task-2 kernels."""
     import matplotlib
