@@ -336,6 +336,12 @@ def sfg_specialisation(results: Path, tag: str) -> str:
     return sfg.render(results, tag)
 
 
+def dense_scenes(results: Path) -> str:
+    import dense_scenes as ds
+
+    return ds.render(results)
+
+
 def pelvis_training(results: Path, table: str) -> str:
     """The pelvis bundle's short training runs (``benchmarks/pelvis_training.py``): fp32 against bf16 autocast,
     and one epoch's time waiting on the data loader."""
@@ -359,6 +365,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "flagship_training": (flagship_training, "results/flagship/*.json"),
     "selective": (selective, "results/selective/*.json"),
     "sfg_fig6_cpu100": (lambda res: sfg_specialisation(res, "cpu100"), "results/sfg_specialisation/cpu100_*.json"),
+    "dense_scenes": (dense_scenes, "results/dense_scenes/*.json"),
 }
 
 

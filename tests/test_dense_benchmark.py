@@ -1,11 +1,13 @@
-"""benchmarks/dense_scenes.py's --gpu mode (AdaShare's NYU v2 3-task set-up) on a miniature copy of AdaShare's
-json layout: it builds ResNet-34 with the 7x7 stride-2 stem and max-pool, crops 321 x 321, trains, and
-evaluates on the test split, end to end (two images, one iteration: the path, not the numbers)."""
+"""benchmarks/dense_scenes.py: the --gpu mode (AdaShare's NYU v2 3-task set-up) on a miniature copy of AdaShare's
+json layout (ResNet-34 with the 7x7 stride-2 stem and max-pool, 321 x 321 crops, the test split; two images, one
+iteration: the path, not the numbers), --extend, and the evaluation protocol: both batch-norm modes for every row,
+delta-m per task, SFG's grouping rate."""
 
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -38,8 +40,8 @@ def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path, load_benchmark):
     finally:
         torch.set_num_threads(n)
     r = json.loads((tmp_path / "out" / "results.json").read_text())["hard_sharing/seed0"]
-    assert r["epochs"] == 1 and set(r["tasks"]) == {"seg", "depth", "normal"}
-    m = json.loads((tmp_path / "out" / "hard_sharing" / "seed0" / "eval" / "metrics.json").read_text())
+    assert r["epochs"] == 1 and all(set(r["modes"][mode]["tasks"]) == {"seg", "depth", "normal"} for mode in ("population", "batch"))
+    m = json.loads((tmp_path / "out" / "hard_sharing" / "seed0" / "eval" / "population" / "metrics.json").read_text())
     assert m["split"] == "test" and m["backbone"] == "resnet34" and m["dataset"] == "adashare_nyuv2"
     from mtl_med.build import build_network
 
@@ -47,7 +49,7 @@ def test_gpu_mode_runs_adashare_nyu_setup_end_to_end(tmp_path, load_benchmark):
     net = build_network("resnet34", "hard_sharing", ["seg", "depth", "normal"], [40, 1, 3], head="aspp", head_hidden=256,
                         conv1_t_size=7, conv1_t_stride=2, no_max_pool=False)
     assert r["parameters"] == sum(p.numel() for p in net.parameters())
-    assert (tmp_path / "out" / "table.md").read_text().count("| hard_sharing |") == 1
+    assert (tmp_path / "out" / "table.md").read_text().count("| hard_sharing |") == 2  # one row per batch-norm mode
 
 
 def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_state(tmp_path, load_benchmark):
@@ -86,7 +88,77 @@ def test_extend_continues_a_capped_run_with_its_optimizer_and_early_stopping_sta
 def test_extend_names_a_missing_final_checkpoint(tmp_path, load_benchmark):
     bench = load_benchmark("dense_scenes")
     record = {"variant": "sfg", "seed": 0, "epochs": 40, "max_epochs": 40, "best_val": 0.5, "best_epoch": 39, "train_s": 1.0}
-    import pytest
-
     with pytest.raises(SystemExit, match="model_final.pt is missing"):
         bench.extend(tmp_path / "sfg" / "seed0", record, {"max_epochs": 100})
+
+
+def _hand_delta_m(tasks: dict, single: dict) -> float:
+    """eq. 1 per task (mean signed relative difference of the task's metrics; errors and angles negated), then the
+    mean over tasks; a metric the baseline scored 0 or NaN on is left out, as the evaluation does."""
+    lower = ("abs_err", "rel_err", "rmse", "mean_error", "median_error")
+    terms = []
+    for t, ms in tasks.items():
+        d = [(-1 if m in lower else 1) * (v - single[t][m]) / single[t][m] for m, v in ms.items()
+             if np.isfinite(v) and np.isfinite(single[t][m]) and single[t][m] != 0]
+        if d:
+            terms.append(sum(d) / len(d))
+    return sum(terms) / len(terms)
+
+
+def test_every_row_is_evaluated_in_both_batch_norm_modes_and_sfg_trains_at_the_benchmark_grouping_rate(tmp_path, load_benchmark,
+                                                                                                      monkeypatch):
+    """One protocol for every row: each run's best checkpoint is tested with running and with test-batch batch-norm
+    statistics, delta-m in each mode is the per-task mean against the single-task networks in that same mode, and
+    both modes reach the table and the records. SFG trains with the grouping logits at 100x the weights' rate and
+    records how far p moved."""
+    from data_prep.synthetic_scenes import generate
+
+    bench = load_benchmark("dense_scenes")
+    import records
+
+    monkeypatch.setattr(records, "RESULTS", tmp_path / "results")
+    generate(tmp_path / "scenes", 4, 2, seed=0, height=32, width=32)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert bench.main(["--data-root", str(tmp_path / "scenes"), "--out", str(tmp_path / "out"), "--variants", "hard_sharing", "sfg",
+                           "single_task", "--seeds", "0", "--width", "0.125", "--head-hidden", "8", "--max-epochs", "1", "--record",
+                           "--set", "epoch_length=1", "batch_size=2", "val_batch_size=2"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    single = results["single_task/seed0"]["modes"]
+    for v in ("single_task", "hard_sharing", "sfg"):
+        r = results[f"{v}/seed0"]
+        assert set(r["modes"]) == {"population", "batch"}, v
+        for mode, m in r["modes"].items():
+            assert set(m["tasks"]) == {"seg", "depth", "normal"}
+            if v == "single_task":
+                assert m["delta_m"] is None
+                continue
+            assert m["delta_m"] == pytest.approx(_hand_delta_m(m["tasks"], single[mode]["tasks"]), rel=1e-9), (v, mode)
+            saved = json.loads((tmp_path / "out" / v / "seed0" / "eval" / mode / "metrics.json").read_text())
+            assert Path(saved["baseline_file"]).parent.name == mode
+        # the mode reaches the network: running and test-batch statistics give different predictions
+        assert r["modes"]["population"]["tasks"] != r["modes"]["batch"]["tasks"], v
+    assert results["hard_sharing/seed0"]["selection_bn"] == "population" and results["sfg/seed0"]["selection_bn"] == "batch"
+
+    g = results["sfg/seed0"]["grouping"]
+    assert g["grouping_lr_scale"] == 100.0 and g["tau_rate"] == 1e-3
+    assert g["mean_abs_dp"] > 0 and len(g["shared_sum_start"]) == len(g["shared_sum_end"]) == len(g["layers"]) > 0
+    assert g["shared_sum_start"] == pytest.approx([0.6] * len(g["layers"]))
+    adam = torch.load(tmp_path / "out" / "sfg" / "seed0" / "models" / "model_final.pt", weights_only=True)["optimizer"]
+    assert sorted({group["lr"] for group in adam["param_groups"]}) == pytest.approx([1e-3, 0.1])  # weights, grouping logits
+
+    text = (tmp_path / "out" / "table.md").read_text()
+    for mode in ("population", "batch"):
+        section = text.split(f"(`{mode}`)")[1].split("(`")[0]
+        assert all(section.count(f"| {v} |") == 1 for v in ("single_task", "hard_sharing", "sfg")), mode
+    assert "mean |p - p_start|" in text and "grouping lr x100" in text
+
+    recs = records.read_records("dense_scenes", tmp_path / "results")
+    assert sorted(r["name"] for r in recs) == ["hard_sharing_seed0", "sfg_seed0", "single_task_seed0"]
+    assert all(set(r["metrics"]["modes"]) == {"population", "batch"} for r in recs)
+    rendered = bench.render(tmp_path / "results")
+    assert rendered.startswith(bench.table(results)) and "results/dense_scenes/*.json" in rendered
+
