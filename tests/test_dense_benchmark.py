@@ -162,3 +162,39 @@ def test_every_row_is_evaluated_in_both_batch_norm_modes_and_sfg_trains_at_the_b
     rendered = bench.render(tmp_path / "results")
     assert rendered.startswith(bench.table(results)) and "results/dense_scenes/*.json" in rendered
 
+
+def test_delta_m_of_an_evaluation_is_the_mean_over_tasks_of_each_tasks_mean(tmp_path):
+    """A hand-computed example through the evaluation's report (what each run's metrics.json and the table hold):
+    seg has two metrics, depth three, normals one, so the mean over the six metrics (-0.1 / 6) differs from the
+    mean over tasks (-0.1 / 3)."""
+    from types import SimpleNamespace
+
+    from mtl_med.engines.dense import DenseReport
+
+    single = {"seg": {"miou": 0.5, "pixel_acc": 0.8}, "depth": {"abs_err": 0.4, "rel_err": 0.1, "delta1": 0.5},
+              "normal": {"mean_error": 20.0}}
+    multi = {"seg/miou": 0.6, "seg/pixel_acc": 0.8,                        # +0.2, 0      -> task term +0.1
+             "depth/abs_err": 0.4, "depth/rel_err": 0.1, "depth/delta1": 0.5,  # 0, 0, 0  -> 0
+             "normal/mean_error": 22.0}                                      # -0.1        -> -0.1
+    (tmp_path / "single.json").write_text(json.dumps({"tasks": single}))
+    report = DenseReport(tmp_path, baseline_file=tmp_path / "single.json")
+    report(SimpleNamespace(state=SimpleNamespace(metrics={**multi, "val_score": 0.0})))
+    assert report.summary["delta_m"] == pytest.approx((0.1 + 0.0 - 0.1) / 3)  # 0, not (0.2 - 0.1) / 6
+    multi["normal/mean_error"] = 24.0  # normal's term -0.2
+    report(SimpleNamespace(state=SimpleNamespace(metrics={**multi, "val_score": 0.0})))
+    assert report.summary["delta_m"] == pytest.approx((0.1 + 0.0 - 0.2) / 3)
+
+
+def test_the_table_shows_every_row_in_both_modes_with_that_modes_delta_m(load_benchmark):
+    bench = load_benchmark("dense_scenes")
+
+    def run(v, dm_pop, dm_batch, seed=0):
+        tasks = {"seg": {"miou": 0.5}, "depth": {"abs_err": 0.4}, "normal": {"mean_error": 20.0}}
+        return {"variant": v, "seed": seed, "parameters": 10, "train_s": 1.0, "epochs": 3, "selection_bn": "population",
+                "modes": {"population": {"tasks": tasks, "delta_m": dm_pop}, "batch": {"tasks": tasks, "delta_m": dm_batch}}}
+
+    text = bench.table({"a": run("hard_sharing", -0.0123, 0.0456), "b": run("task_routing", -0.0789, 0.0321)})
+    pop, batch = text.split("(`batch`)")
+    assert "| hard_sharing |" in pop and "| task_routing |" in pop and "| hard_sharing |" in batch and "| task_routing |" in batch
+    assert pop.count("-1.23 |") == 1 and pop.count("-7.89 |") == 1 and "4.56 |" not in pop
+    assert batch.count("4.56 |") == 1 and batch.count("3.21 |") == 1 and "-1.23" not in batch
