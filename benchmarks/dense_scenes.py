@@ -393,8 +393,8 @@ def table(results: dict) -> str:
     return "\n\n".join(out)
 
 
-#: settings every record of one table must share
-PROTOCOL = ("data_root", "test_root", "max_epochs", "patience", "width", "head_hidden", "batch_size", "warmup_epochs", "policy_epochs",
+#: settings every record of one table must share (not ``max_epochs``: ``--extend`` raises the cap of some runs only)
+PROTOCOL = ("data_root", "test_root", "patience", "width", "head_hidden", "batch_size", "warmup_epochs", "policy_epochs",
             "budget_fraction", "sfg_grouping_lr_scale", "sfg_tau_rate", "gpu", "adashare_compat", "set")
 
 
@@ -410,8 +410,9 @@ def render(results: Path) -> str:
         if differ:
             raise ValueError(f"dense_scenes: {r['name']} differs from {recs[0]['name']} in {differ}")
     runs = {r["name"]: {"variant": r["config"]["variant"], "seed": r["seed"], **r["metrics"], **r["timings"]} for r in recs}
+    cap = max(r["config"]["max_epochs"] for r in recs)
     return (table(runs) + f"\n\nTest-set metrics of the best validation checkpoint, mean ± sample std over seeds; at most "
-            f"{cfg['max_epochs']} epochs, patience {cfg['patience']}. Records: `results/dense_scenes/*.json`; {machine_line(recs)}; "
+            f"{cap} epochs, patience {cfg['patience']}. Records: `results/dense_scenes/*.json`; {machine_line(recs)}; "
             f"code {revisions(recs)}.\n")
 
 
