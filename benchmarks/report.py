@@ -336,6 +336,12 @@ def sfg_specialisation(results: Path, tag: str) -> str:
     return sfg.render(results, tag)
 
 
+def adashare_tables(results: Path) -> str:
+    import adashare_digits
+
+    return adashare_digits.render(results)
+
+
 def dense_scenes(results: Path) -> str:
     import dense_scenes as ds
 
@@ -366,6 +372,7 @@ TABLES: dict[str, tuple[Callable[[Path], str], str]] = {
     "selective": (selective, "results/selective/*.json"),
     "sfg_fig6_cpu100": (lambda res: sfg_specialisation(res, "cpu100"), "results/sfg_specialisation/cpu100_*.json"),
     "dense_scenes": (dense_scenes, "results/dense_scenes/*.json"),
+    "adashare_tables": (adashare_tables, "results/adashare_tables/*.json"),
 }
 
 
