@@ -177,7 +177,7 @@ def existing_record(args: argparse.Namespace, run: str, seed: int, config: dict)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--random", type=int, default=3, help="random policies of each kind per seed (the paper: 8, best reported)")
+    p.add_argument("--random", type=int, default=8, help="random policies of each kind per seed (the paper: 8, best reported)")
     p.add_argument("--warmup_epochs", type=int, default=None, help="default: the variant's")
     p.add_argument("--policy_epochs", type=int, default=None, help="default: the variant's")
     p.add_argument("--curriculum_speed", type=int, default=None, help="default: the variant's")

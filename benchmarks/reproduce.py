@@ -73,9 +73,9 @@ FINDINGS = {
                                      "--seeds", *map(str, range(12, 40))]),
     # AdaShare: learned policy against Random #1 / #2 (Tables 5/6)
     "adashare": ("adashare_digits.py", [0, 1, 2],
-                 ["--random", "2", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8", "--max_epochs", "100",
-                  "--patience", "15"],
-                 ["--random", "8", "--max_epochs", "100", "--patience", "15"]),
+                 ["--random", "8", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8", "--max_epochs", "100",
+                  "--patience", "15", "--record"],
+                 ["--random", "8", "--max_epochs", "100", "--patience", "15", "--record"]),
     # AdaShare's identical-task null control: the search on ten distinct tasks and on ten copies of one task, each
     # of three digits (how far copies spread depends on the task copied), each writing one record per seed to
     # results/adashare_null/ (the audit's short schedule; --full: the variant's 10 + 40)
