@@ -379,7 +379,7 @@ def draw_counts(runs: dict[int, dict[str, dict]]) -> str:
 def table_lines(runs: dict[int, dict[str, dict]]) -> list[str]:
     """The Markdown table of the rows (mean ± sample std over seeds per batch-norm protocol) and of the
     paired comparisons by seed (``mtl_med.metrics.stats.paired_comparison``, ``seeds_needed``)."""
-    from mtl_med.metrics.stats import format_mean_std, paired_comparison, seeds_needed
+    from mtl_med.metrics.stats import format_mean_std, format_p, paired_comparison, seeds_needed
 
     values = row_values(runs)
     lines = ["| policy | seeds | " + " | ".join(f"test accuracy, {BN_LABEL[bn]} (mean ± std)" for bn in BN) + " |",
@@ -402,11 +402,10 @@ def table_lines(runs: dict[int, dict[str, dict]]) -> list[str]:
                 continue
             t = paired_comparison([100 * values[a][bn][s] for s in seeds], [100 * values[b][bn][s] for s in seeds])
             ci = f"{t.ci_low:+.2f} to {t.ci_high:+.2f}" if np.isfinite(t.ci_low) else "no CI"
-            p = {k: "n/a" if not np.isfinite(v) else (f"{v:.2g}" if v < 0.01 else f"{v:.2f}") for k, v in (("t", t.t_p), ("w", t.wilcoxon_p))}
             need = (str(seeds_needed(abs(t.mean_diff), t.std_diff)) if t.mean_diff != 0 and np.isfinite(t.std_diff) and t.std_diff > 0
                     else "n/a")
             lines.append(f"| {label[a]} - {label[b]} | {BN_LABEL[bn]} | {', '.join(map(str, seeds))} | {t.mean_diff:+.2f} ({ci}) | "
-                         f"{t.wins} / {t.ties} / {t.losses} | {p['t']} | {p['w']} | {need} |")
+                         f"{t.wins} / {t.ties} / {t.losses} | {format_p(t.t_p)} | {format_p(t.wilcoxon_p)} | {need} |")
     return lines
 
 

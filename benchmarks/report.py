@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mtl_med.metrics.stats import format_mean_std, mean_ci, paired_comparison  # noqa: E402
+from mtl_med.metrics.stats import format_mean_std, format_p, mean_ci, paired_comparison  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("docs/reproduction.md", "docs/performance.md", "bundles/*/docs/*.md")
@@ -254,10 +254,6 @@ def flagship_training(results: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pval(p: float) -> str:
-    return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
-
-
 def branched_affinity_table(recs: list[dict]) -> str:
     """Branched MTN's task affinity per block against its noise ceiling (``branched_digits.py
     --same-task-control``): distinct tasks within a seed against the same task trained with the other seed
@@ -291,8 +287,8 @@ def branched_affinity_table(recs: list[dict]) -> str:
         x = [r["metrics"]["mean_distinct_other_seed"][b] for r in same]
         a, c = paired_comparison(d, t), paired_comparison(x, t)
         lines.append(f"| {block} | {format_mean_std([dist[s][b] for s in seeds], digits=3)} | {format_mean_std(t, digits=3)} | "
-                     f"{a.mean_diff:+.3f} ({a.ci_low:+.3f} to {a.ci_high:+.3f}) | {_pval(a.t_p)} | {format_mean_std(x, digits=3)} | "
-                     f"{c.mean_diff:+.3f} ({c.ci_low:+.3f} to {c.ci_high:+.3f}) | {_pval(c.t_p)} |")
+                     f"{a.mean_diff:+.3f} ({a.ci_low:+.3f} to {a.ci_high:+.3f}) | {format_p(a.t_p)} | {format_mean_std(x, digits=3)} | "
+                     f"{c.mean_diff:+.3f} ({c.ci_low:+.3f} to {c.ci_high:+.3f}) | {format_p(c.t_p)} |")
     per_task = np.array([r["metrics"]["same_task"] for r in same])  # (pairs, D, N)
     low, high = per_task.mean(axis=0).min(axis=1), per_task.mean(axis=0).max(axis=1)
     own = max(float(np.abs(np.array(distinct[s]["metrics"]["stage_affinity"]) - np.array(distinct[s]["metrics"]["affinity"])).max())

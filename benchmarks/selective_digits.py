@@ -167,7 +167,7 @@ def render(results: Path) -> str:
     paired comparisons of :data:`COMPARISONS` (``mtl_med.metrics.stats.paired_comparison``)."""
     from report import load, machine_line, revisions
 
-    from mtl_med.metrics.stats import format_mean_std, paired_comparison
+    from mtl_med.metrics.stats import format_mean_std, format_p, paired_comparison
 
     recs = load(results, "selective")
     by: dict[str, dict[int, dict]] = {}
@@ -201,8 +201,7 @@ def render(results: Path) -> str:
             seeds = sorted(set(acc[a]) & set(acc[b]))
             t = paired_comparison([100 * acc[a][s] for s in seeds], [100 * acc[b][s] for s in seeds])
             ci = f"{t.ci_low:+.2f} to {t.ci_high:+.2f}" if np.isfinite(t.ci_low) else "no CI"
-            p = "n/a" if not np.isfinite(t.t_p) else (f"{t.t_p:.2g}" if t.t_p < 0.01 else f"{t.t_p:.2f}")
-            lines.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | {t.mean_diff:+.2f} ({ci}) | {t.wins} / {t.ties} / {t.losses} | {p} |")
+            lines.append(f"| {a} - {b} | {', '.join(map(str, seeds))} | {t.mean_diff:+.2f} ({ci}) | {t.wins} / {t.ties} / {t.losses} | {format_p(t.t_p)} |")
     lines += ["", f"Digits, ten one-vs-all tasks, appendix A.1's optimiser (SGD lr 0.02, momentum 0.5, batch 64), "
               f"{cfg['max_epochs']} epochs, the validation-best checkpoint tested; head: {cfg.get('head', 'unknown')}. "
               f"Mean ± sample std over seeds. Records: `results/selective/*.json`; one torch thread, {machine_line(recs)}; "

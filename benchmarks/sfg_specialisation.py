@@ -198,7 +198,7 @@ def render(results: Path, tag: str) -> str:
     unrelated pair against its null control, the duplicate pair, paired by seed (``paired_comparison``)."""
     from report import load, machine_line, revisions
 
-    from mtl_med.metrics.stats import format_mean_std, paired_comparison
+    from mtl_med.metrics.stats import format_mean_std, format_p, paired_comparison
 
     recs = [r for r in load(results, "sfg_specialisation") if r["name"].startswith(f"{tag}_")]
     if not recs:
@@ -241,9 +241,9 @@ def render(results: Path, tag: str) -> str:
             cells = []
             for k in range(layers):
                 t = paired_comparison([u[s][k] for s in seeds], [d[s][k] for s in seeds])
-                cells.append(f"{t.mean_diff:+.2f} (p {_p(t.t_p)})")
+                cells.append(f"{t.mean_diff:+.2f} (p {format_p(t.t_p)})")
             t = paired_comparison([_rho(u[s]) for s in seeds], [_rho(d[s]) for s in seeds])
-            lines.append(f"| shared, {measure} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + f" | {t.mean_diff:+.2f} (p {_p(t.t_p)}) |")
+            lines.append(f"| shared, {measure} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + f" | {t.mean_diff:+.2f} (p {format_p(t.t_p)}) |")
     its = sorted({r["metrics"]["iterations"] for r in recs})
     lines += ["", f"SFG-VGG11 width x{cfg['width']}, placed digits 16 x 16, batch {cfg['batch_size']}, {cfg['max_epochs']} epochs "
               f"({', '.join(map(str, its))} iterations; A.1: {PAPER['iterations']}), grouping_lr_scale {cfg['grouping_lr_scale']:g} "
@@ -251,10 +251,6 @@ def render(results: Path, tag: str) -> str:
               f"{cfg['lambda2']:g}, start p = [0.2, 0.6, 0.2]. Mean ± sample std over seeds; differences: paired t-test p. "
               f"Records: `results/sfg_specialisation/{tag}_*.json`; one torch thread, {machine_line(recs)}; code {revisions(recs)}."]
     return "\n".join(lines) + "\n"
-
-
-def _p(p: float) -> str:
-    return "n/a" if not np.isfinite(p) else (f"{p:.2g}" if p < 0.01 else f"{p:.2f}")
 
 
 def figure(results: list[dict], path: str) -> None:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["sample_std", "MeanCI", "mean_ci", "PairedTest", "paired_comparison", "seeds_needed", "format_mean_std"]
+__all__ = ["sample_std", "MeanCI", "mean_ci", "PairedTest", "paired_comparison", "seeds_needed", "format_mean_std", "format_p"]
 
 
 def _values(x: Sequence[float]) -> np.ndarray:
@@ -93,10 +93,12 @@ class PairedTest:
         ci = (f"{int(round(100 * self.level))} % CI {f.format(self.ci_low)} to {f.format(self.ci_high)}"
               if np.isfinite(self.ci_low) else "no CI")
         return (f"{f.format(self.mean_diff)}{unit} ({ci}), {self.wins} won, {self.ties} tied, {self.losses} lost; "
-                f"paired t p = {_p(self.t_p)}, Wilcoxon p = {_p(self.wilcoxon_p)}; n = {self.n} seeds")
+                f"paired t p = {format_p(self.t_p)}, Wilcoxon p = {format_p(self.wilcoxon_p)}; n = {self.n} seeds")
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value as the tables print it: two significant digits below 0.01, two decimals above, ``n/a`` where the
+    test could not be run."""
     if not np.isfinite(p):
         return "n/a"
     return f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
