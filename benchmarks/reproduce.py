@@ -89,7 +89,7 @@ FINDINGS = {
     # Branched MTN: affinity falls with depth (fig. 2a); searched vs random trees
     "branched": ("branched_digits.py", None, [], ["--max_epochs", "100", "--patience", "15"]),
     # Selective Sharing: groups form; Table 1 ordering
-    "selective": ("selective_digits.py", [0, 1, 2], ["--max_epochs", "20"], ["--max_epochs", "30"]),
+    "selective": ("selective_digits.py", [0, 1, 2], ["--max_epochs", "20", "--record"], ["--max_epochs", "30", "--record"]),
     # one protocol: every method under both batch-norm protocols, two single-task baselines
     "protocol": ("vision_digits.py", [0, 1, 2],
                  ["--methods", "single_task", "single_task_full", "hard_sharing", "cross_stitch", "tr_sigma0.8", "sfg",
