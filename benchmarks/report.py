@@ -109,11 +109,11 @@ def _verdict(tests) -> tuple[bool, str]:
     shown = all(t.mean_diff > 0 and t.significant() for _, _, t in tests)
     beaten = [_copy(c) for c, _, t in tests if t.mean_diff > 0 and t.significant()]
     if shown:
-        return True, "task-specificity shown at p < 0.05 against every identical-task null run"
+        return True, "task-specificity shown at p < 0.05 (paired t-test) against every identical-task null run"
     if beaten:
         return False, (f"task-specificity not shown: distinct tasks beat the copies of {', '.join(beaten)} at p < 0.05 "
-                       f"but not every identical-task null run")
-    return False, "task-specificity not shown at p < 0.05"
+                       "(paired t-test) but not every identical-task null run")
+    return False, "task-specificity not shown at p < 0.05 (paired t-test)"
 
 
 def adashare_null_summary(results: Path, tag: str) -> str:

@@ -117,7 +117,7 @@ def test_null_verdict_needs_the_distinct_tasks_to_beat_every_null(tmp_path, load
                                  metrics={"mean_alpha_task_spread": v}, timings={"search_cpu_s": 35.0}, root=tmp_path)
     table = report.adashare_null(tmp_path, "short")
     assert "ten copies of `digit_8`" in table and "| 0 | 0.400 | 0.200 | 0.450 |" in table
-    assert "not shown: distinct tasks beat the copies of `digit_0` at p < 0.05 but not every identical-task null run" in table
+    assert "not shown: distinct tasks beat the copies of `digit_0` at p < 0.05 (paired t-test) but not every identical-task null run" in table
     for seed in range(4):  # without the second null, the first alone is beaten
         (tmp_path / "adashare_null" / f"short_identical_digit8_seed{seed}.json").unlink()
-    assert "shown at p < 0.05 against every identical-task null run" in report.adashare_null_summary(tmp_path, "short")
+    assert "shown at p < 0.05 (paired t-test) against every identical-task null run" in report.adashare_null_summary(tmp_path, "short")
