@@ -32,7 +32,7 @@ TR_CURVE_WW = [f"tr_sigma{s}" for s in ("0", "0.25", "0.5", "0.75", "1")] + [f"t
 #: finding -> (script, seeds, CPU-sized arguments, the papers' schedules for --full)
 FINDINGS = {
     # SFG fig. 6, appendix E, section 5.4 (the other starts of p run seed 0; A.1's start is the unrelated seed-0 run)
-    "sfg": ("sfg_specialisation.py", [0, 1, 2], ["--max_epochs", "60"],
+    "sfg": ("sfg_specialisation.py", [0, 1, 2], ["--max_epochs", "60", "--record", "--record_tag", "cpu100"],
             ["--max_epochs", "5000", "--grouping_lr_scale", "1", "--tau_rate", "1e-5"]),
     # fig. 6 and appendix E at a grouping rate 10x the weights' (not 100x) for 20,000 iterations, a tenth of A.1's schedule
     "sfg_slow": ("sfg_specialisation.py", [0, 1, 2],
@@ -78,7 +78,7 @@ FINDINGS = {
                  ["--random", "8", "--max_epochs", "100", "--patience", "15", "--record"]),
     # AdaShare's identical-task null control: the search on ten distinct tasks and on ten copies of one task, each
     # of three digits (how far copies spread depends on the task copied), each writing one record per seed to
-    # results/adashare_null/ (the audit's short schedule; --full: the variant's 10 + 40)
+    # results/adashare_null/ (a short schedule; --full: the variant's 10 + 40)
     **{name: ("adashare_digits.py", None,
               [*extra, "--search_only", "--record", "--record_tag", "short", "--seeds", *map(str, range(10)), "--warmup_epochs", "1",
                "--policy_epochs", "10", "--policy_lr", "0.1", "--tau_final", "0.01", "--image_size", "8"],
