@@ -375,6 +375,7 @@ def table(results: dict) -> str:
             row.append(_ms([r["modes"][mode]["delta_m"] for r in rs], 100.0))
             lines.append("| " + " | ".join(row) + " |")
         out.append("\n".join(lines))
+        out.append(paired_delta_m(by, mode))
     sfg = [r for r in by.get("sfg", []) if "grouping" in r]
     if sfg:
         g = [r["grouping"] for r in sfg]
@@ -391,6 +392,32 @@ def table(results: dict) -> str:
                    f"whose most probable group is the shared one (what the argmax evaluation uses), start "
                    f"{per_layer('shared_argmax_start')} -> end {per_layer('shared_argmax_end')}")
     return "\n\n".join(out)
+
+
+#: the paired comparisons of the tables: each variant against hard sharing on its backbone (SFG's is HighResNet)
+REFERENCES = {v: "hard_sharing_highresnet" if v == "sfg" else "hard_sharing" for v in VARIANTS if not v.startswith("hard_sharing")}
+
+
+def paired_delta_m(by: dict, mode: str) -> str:
+    """delta-m (points) of each variant minus its hard-sharing reference in ``mode``, paired by seed."""
+    from mtl_med.metrics.stats import format_p, paired_comparison
+
+    lines = [f"| delta-m minus the reference, paired by seed, {mode} statistics | reference | seeds | mean difference, points (95 % CI) | "
+             "seeds won / tied / lost | paired t p |", "|---|---|---|---|---|---|"]
+    def dm(r):  # the single-task networks are the baseline: delta-m 0 by definition
+        return 0.0 if r["variant"] == "single_task" else r["modes"][mode]["delta_m"]
+
+    for v, ref in REFERENCES.items():
+        a = {r["seed"]: dm(r) for r in by.get(v, []) if mode in r.get("modes", {}) and dm(r) is not None}
+        b = {r["seed"]: dm(r) for r in by.get(ref, []) if mode in r.get("modes", {}) and dm(r) is not None}
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+        t = paired_comparison([100 * a[k] for k in seeds], [100 * b[k] for k in seeds])
+        ci = f"{t.ci_low:+.1f} to {t.ci_high:+.1f}" if np.isfinite(t.ci_low) else "no CI"
+        lines.append(f"| {v} | {ref} | {', '.join(map(str, seeds))} | {t.mean_diff:+.1f} ({ci}) | {t.wins} / {t.ties} / {t.losses} | "
+                     f"{format_p(t.t_p)} |")
+    return "\n".join(lines)
 
 
 #: settings every record of one table must share (not ``max_epochs``: ``--extend`` raises the cap of some runs only)

@@ -198,3 +198,26 @@ def test_the_table_shows_every_row_in_both_modes_with_that_modes_delta_m(load_be
     assert "| hard_sharing |" in pop and "| task_routing |" in pop and "| hard_sharing |" in batch and "| task_routing |" in batch
     assert pop.count("-1.23 |") == 1 and pop.count("-7.89 |") == 1 and "4.56 |" not in pop
     assert batch.count("4.56 |") == 1 and batch.count("3.21 |") == 1 and "-1.23" not in batch
+
+
+def test_the_paired_comparisons_pair_by_seed_against_each_rows_own_reference(load_benchmark):
+    """Each variant against hard sharing on its own backbone (SFG against hard sharing on HighResNet), seed with
+    seed; the single-task networks count as delta-m 0 (they are the baseline)."""
+    bench = load_benchmark("dense_scenes")
+
+    def run(v, seed, dm):
+        return {"variant": v, "seed": seed, "parameters": 10, "train_s": 1.0, "epochs": 3, "selection_bn": "population",
+                "modes": {m: {"tasks": {}, "delta_m": None if v == "single_task" else dm} for m in bench.BN_MODES}}
+
+    hard = {0: -0.02, 1: -0.05, 2: 0.01}
+    ref = {0: 0.20, 1: 0.10, 2: 0.30}
+    sfg = {0: 0.10, 1: 0.15, 2: 0.20}
+    rows = [run("hard_sharing", s, d) for s, d in hard.items()] + [run("hard_sharing_highresnet", s, d) for s, d in ref.items()]
+    rows += [run("sfg", s, d) for s, d in sfg.items()] + [run("single_task", s, None) for s in hard]
+    text = bench.table({str(i): r for i, r in enumerate(rows)})
+    pop = text.split("(`batch`)")[0]
+    sfg_row = next(line for line in pop.splitlines() if line.startswith("| sfg | hard_sharing_highresnet |"))
+    d = 100 * (np.array([sfg[s] for s in (0, 1, 2)]) - np.array([ref[s] for s in (0, 1, 2)]))
+    assert f"{d.mean():+.1f} (" in sfg_row and "| 1 / 0 / 2 |" in sfg_row, sfg_row
+    stl = next(line for line in pop.splitlines() if line.startswith("| single_task | hard_sharing |"))
+    assert f"{-100 * np.mean(list(hard.values())):+.1f} (" in stl, stl
