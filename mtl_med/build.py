@@ -113,6 +113,8 @@ def build_network(
     task_names = [str(t) for t in task_names]
     outs = _outs(out_channels, task_names)
     head = head or ("dense" if spec.dense else "pooled")
+    if head_pooled_size != 1 and head != "pooled":
+        raise ValueError(f"head_pooled_size={head_pooled_size} applies to pooled heads only, not head {head!r}")
     if head == "dense":
         heads = HEADS["dense"](spatial_dims, spec.out_channels, outs)
     elif head == "pooled":

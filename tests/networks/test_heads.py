@@ -116,3 +116,10 @@ def test_build_network_gives_every_method_the_flattening_head():
         out = net(torch.randn(2, 1, 28, 28))
         assert all(out[t].shape == (2, 2) for t in names)
         assert net.rebuild().build_args["head_pooled_size"] == 4
+
+
+def test_a_pooled_size_for_heads_that_do_not_pool_is_refused():
+    from mtl_med.build import build_network
+
+    with pytest.raises(ValueError, match="pooled heads only"):
+        build_network("highresnet", "hard_sharing", ["a", "b"], 1, head_pooled_size=4, features=(4, 4, 4))
